@@ -1,0 +1,1 @@
+"""Built-in passes, one per file; each registers through the `qcompiler` entry-point group."""

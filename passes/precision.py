@@ -1,0 +1,159 @@
+"""Precision assignment: which weights get the primary format, which the backup, which stay float.
+
+NNCF's rules, data-free:
+- INT8 modes: every weight (MatMul, Gather, Convolution) per-channel in that mode.
+- 4-bit modes: the ratio-defining weights are the MatMul weights except the last MatMul's
+  (embeddings and the last MatMul join with `all_layers`; convolutions never do). Every other
+  weight takes the backup mode (per-channel INT8, or float with backup NONE).
+- Group size: a ratio-defining weight whose K the group size does not divide follows the
+  fallback policy: ADJUST takes the largest power of two dividing K if it is >= 32 (NNCF's rule;
+  it also suits the ONNX and torch int4 kernels), else backup; IGNORE sends it to backup; ERROR fails.
+- ratio < 1: each weight's score is 1 / (backup int8 error + eps), error = max over output channels
+  of the mean squared int8 error; weights in ascending score order go primary while the primary
+  share of ratio-defining parameters stays below `ratio` (the loop stops at the first that would not).
+Results go to the weight Constant's meta: "format" (WeightFormat or None = float) and "role".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode
+from qcompiler.errors import QCompilerError
+from qcompiler.hookspecs import hookimpl
+from qcompiler.ir import Graph, Node
+from qcompiler.passmanager import Pass, PassContext, PassResult
+from qcompiler.quant import EPS, matrix_view, quantization_error
+
+MIN_ADJUSTED_GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    mode: Mode
+    group_size: int
+
+    def __str__(self) -> str:
+        return f"{self.mode}/{'per-channel' if self.group_size == -1 else f'g{self.group_size}'}"
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    mode: Mode
+    group_size: int
+    ratio: float
+    backup: Mode | None
+    all_layers: bool
+    fallback: GroupSizeFallback
+
+
+class PrecisionAssignment(Pass):
+    name = "precision"
+    Options = PrecisionOptions
+
+    @classmethod
+    def options_from(cls, config: CompressionConfig):
+        return PrecisionOptions(
+            config.mode, config.group_size, config.ratio, config.backup_mode.mode,
+            config.all_layers, config.group_size_fallback,
+        )
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o: PrecisionOptions = self.options
+        uses = graph.weight_uses()
+        by_const: dict[Node, list] = {}
+        for use in uses:
+            by_const.setdefault(use.const, []).append(use)
+        float_consts = [c for c, us in by_const.items() if _ignored(c, us)]
+        consts = [c for c in by_const if c not in float_consts]
+        for c in float_consts:
+            _assign(c, None, "ignored")
+
+        if o.mode.bits == 8:
+            for c in consts:
+                _assign(c, WeightFormat(o.mode, -1), "primary")
+            return PassResult(True, {"primary": len(consts), "backup": 0, "float": len(float_consts)})
+
+        last_matmul = next((u.op for u in reversed(uses) if u.op.op == "MatMul"), None)
+        defining = [c for c in consts if _is_ratio_defining(by_const[c], last_matmul, o.all_layers)]
+        group_sizes, adjusted, fallen_back = self._group_sizes(graph, defining, by_const)
+        defining = [c for c in defining if c in group_sizes]
+        for c in defining:
+            c.meta["ratio_defining"] = True
+        primary = self._select(graph, defining, by_const) if o.ratio < 1.0 else defining
+
+        backup = WeightFormat(o.backup, -1) if o.backup else None
+        for c in consts:
+            if c in primary:
+                _assign(c, WeightFormat(o.mode, group_sizes[c]), "primary")
+            else:
+                _assign(c, backup, "backup")
+        return PassResult(True, {
+            "primary": len(primary), "backup": len(consts) - len(primary), "float": len(float_consts),
+            "ratio_defining": len(defining) + len(fallen_back),
+            "adjusted_group_size": adjusted, "group_size_fallback_to_backup": fallen_back,
+        })
+
+    def _group_sizes(self, graph, defining, by_const):
+        o: PrecisionOptions = self.options
+        sizes, adjusted, fallen_back, bad = {}, {}, [], []
+        for c in defining:
+            k = matrix_view(graph.weight(c), by_const[c][0].reduction_axes)[0].shape[1]
+            if o.group_size == -1 or k % o.group_size == 0:
+                sizes[c] = o.group_size
+                continue
+            power_of_two = k & -k
+            if o.fallback is GroupSizeFallback.ADJUST and o.mode is not Mode.MXFP4 and (
+                power_of_two >= MIN_ADJUSTED_GROUP_SIZE
+            ):
+                sizes[c] = adjusted[c.name] = power_of_two
+            elif o.fallback is GroupSizeFallback.ERROR:
+                bad.append(f"{c.name} (K={k})")
+            else:
+                fallen_back.append(c.name)
+        if bad:
+            raise QCompilerError(
+                f"group size {o.group_size} does not divide the input channels of {len(bad)} layers "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): pick a group size that divides them, "
+                "or use --group-size-fallback adjust (or ignore)"
+            )
+        return sizes, adjusted, fallen_back
+
+    def _select(self, graph, defining, by_const) -> list[Node]:
+        o: PrecisionOptions = self.options
+        error_mode = o.backup or Mode.INT8_ASYM
+        scores = []
+        for c in defining:
+            err = quantization_error(graph.weight(c), by_const[c][0].reduction_axes, error_mode, -1)
+            scores.append(1.0 / (err + EPS))
+        total = sum(graph.weight(c).numel() for c in defining)
+        chosen, in_primary = [], 0
+        for i in sorted(range(len(defining)), key=lambda i: scores[i]):
+            size = graph.weight(defining[i]).numel()
+            if (in_primary + size) / total >= o.ratio:
+                break
+            chosen.append(defining[i])
+            in_primary += size
+        return chosen
+
+
+def _ignored(const: Node, uses) -> bool:
+    return "ignored" in const.meta or any("ignored" in u.op.meta for u in uses)
+
+
+def _is_ratio_defining(uses, last_matmul, all_layers: bool) -> bool:
+    if any(u.op.op == "Convolution" for u in uses):
+        return False
+    if all_layers:
+        return True
+    return all(u.op.op == "MatMul" and u.op is not last_matmul for u in uses)
+
+
+def _assign(const: Node, fmt: WeightFormat | None, role: str) -> None:
+    const.meta["format"] = fmt
+    const.meta["role"] = role
+
+
+@hookimpl
+def qcompiler_register_passes():
+    return [PrecisionAssignment]

@@ -1,0 +1,35 @@
+"""Weight rewriting by round-to-nearest: every weight with a format gets codes and scales.
+
+The math for each format is in `qcompiler.quant`. The compressed weight is stored in the weight
+Constant's meta as "compressed"; the float tensor is left as it is (backends decide what to emit).
+Shared weights (a tied embedding and lm_head) are compressed once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from qcompiler.hookspecs import hookimpl
+from qcompiler.ir import Graph
+from qcompiler.passmanager import Pass, PassContext, PassResult
+from qcompiler.quant import quantize
+
+
+class RoundToNearest(Pass):
+    name = "rtn"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        axes = {u.const: u.reduction_axes for u in graph.weight_uses()}
+        done = Counter()
+        for const, reduction_axes in axes.items():
+            fmt = const.meta.get("format")
+            if fmt is None or "compressed" in const.meta:
+                continue
+            const.meta["compressed"] = quantize(graph.weight(const), reduction_axes, fmt.mode, fmt.group_size)
+            done[str(fmt)] += 1
+        return PassResult(bool(done), {"compressed": dict(done)})
+
+
+@hookimpl
+def qcompiler_register_passes():
+    return [RoundToNearest]

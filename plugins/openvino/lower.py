@@ -1,0 +1,124 @@
+"""Lowering compressed weights into an OpenVINO model.
+
+The float graph comes from `openvino.convert_model` on the source module (weights shared, not
+copied). Each IR weight with codes replaces its OpenVINO Constant by the decompression subgraph
+OpenVINO's CPU plugin fuses into its compressed FullyConnected / Gather kernels:
+
+    Constant(codes: u8|i8|u4|i4|nf4|f4e2m1 [N, K/g, g]) -> Convert(f16)
+      -> [Subtract(Convert(zero point u8|u4 [N, K/g, 1]))] -> Multiply(scale f16 | Convert(f8e8m0))
+      -> [Reshape [N, K]] -> [Transpose] -> Convert(f32)
+
+4-bit codes are packed two per byte, element 2i in the low nibble (OpenVINO's layout).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+from qcompiler.config import Mode
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import Graph
+from qcompiler.quant import CompressedWeight
+
+CODE_TYPES = {
+    Mode.INT8_ASYM: ov.Type.u8, Mode.INT8_SYM: ov.Type.i8, Mode.INT4_ASYM: ov.Type.u4,
+    Mode.INT4_SYM: ov.Type.i4, Mode.NF4: ov.Type.nf4, Mode.MXFP4: ov.Type.f4e2m1,
+}
+
+
+def convert(source) -> ov.Model:
+    example = source.example_input
+    kwargs = {}
+    if not source.is_causal_lm:  # keep the activations' last dimension static so MatMuls fuse
+        kwargs["input"] = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
+    return ov.convert_model(source.model, example_input=example, **kwargs)
+
+
+def apply_weights(model: ov.Model, graph: Graph) -> dict[str, int]:
+    """Replace rewritten weights in `model`; return bytes stored per IR weight."""
+    consts = _constants_by_name(model)
+    stored: dict[str, int] = {}
+    for const in graph.weight_constants():
+        name = const.attrs["weight"]
+        cw: CompressedWeight | None = const.meta.get("compressed")
+        tensor = graph.weight(const)
+        if cw is None and not const.meta.get("rewritten"):
+            stored[name] = tensor.numel() * tensor.element_size()
+            continue
+        target = consts.get(name)
+        if target is None:
+            raise QCompilerError(
+                f"weight {name} was not found in the converted OpenVINO model: this model's conversion "
+                "renames its weights; please report it with the model's name"
+            )
+        if cw is None:
+            new_output, nbytes = _float_constant(tensor.float().numpy(), name), tensor.numel() * 4
+        else:
+            new_output, nbytes = _decompression(cw, name, target.get_element_type())
+        for target_input in list(target.output(0).get_target_inputs()):
+            target_input.replace_source_output(new_output)
+        stored[name] = nbytes
+    model.validate_nodes_and_infer_types()
+    return stored
+
+
+def _constants_by_name(model: ov.Model) -> dict[str, ov.Node]:
+    out = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            name = op.get_friendly_name()
+            out[name[5:] if name.startswith("self.") else name] = op
+    return out
+
+
+def _float_constant(array: np.ndarray, name: str):
+    node = ops.constant(array)
+    node.set_friendly_name(name)
+    return node.output(0)
+
+
+def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type):
+    codes = _constant(cw.codes.numpy(), CODE_TYPES[cw.mode], name)
+    w = ops.convert(codes, ov.Type.f16)
+    nbytes = codes.get_byte_size()
+    if cw.zero_point is not None:
+        zp_type = ov.Type.u8 if cw.mode.bits == 8 else ov.Type.u4
+        zp = _constant(cw.zero_point.numpy(), zp_type, f"{name}/zero_point")
+        w = ops.subtract(w, ops.convert(zp, ov.Type.f16), name=f"{name}/zero_point/subtract")
+        nbytes += zp.get_byte_size()
+    if cw.mode is Mode.MXFP4:
+        scale = _constant(cw.scale.numpy(), ov.Type.f8e8m0, f"{name}/scale")
+        w = ops.multiply(w, ops.convert(scale, ov.Type.f16), name=f"{name}/fq_weights_1")
+    else:
+        scale = ops.constant(cw.scale.numpy(), name=f"{name}/scale")
+        w = ops.multiply(w, scale, name=f"{name}/fq_weights_1")
+    nbytes += scale.get_byte_size()
+    n, k = cw.matrix_shape
+    if cw.codes.dim() == 3:
+        w = ops.reshape(w, ops.constant(np.array([n, k], dtype=np.int64)), special_zero=False)
+    if cw.transposed:
+        w = ops.transpose(w, ops.constant(np.array([1, 0], dtype=np.int64)))
+    elif tuple(cw.shape) != (n, k):
+        w = ops.reshape(w, ops.constant(np.array(cw.shape, dtype=np.int64)), special_zero=False)
+    if out_type != ov.Type.f16:
+        w = ops.convert(w, out_type, name=f"{name}/fq_weights_1/convert")
+    return w.output(0), nbytes
+
+
+def _constant(values: np.ndarray, element_type: ov.Type, name: str) -> ov.Node:
+    """A Constant of `element_type` holding integer codes `values` (one code per numpy element)."""
+    if element_type.bitwidth == 8:
+        tensor = ov.Tensor(element_type, list(values.shape))
+        tensor.data.view(np.uint8).reshape(-1)[:] = values.reshape(-1).view(np.uint8)
+    else:
+        flat = values.reshape(-1).view(np.uint8) & 0x0F
+        if flat.size % 2:
+            flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+        packed = flat[0::2] | (flat[1::2] << 4)
+        tensor = ov.Tensor(element_type, list(values.shape))
+        tensor.data.view(np.uint8).reshape(-1)[:] = packed
+    node = ops.constant(tensor)
+    node.set_friendly_name(name)
+    return node

@@ -1,0 +1,99 @@
+"""The torch frontend: transformers models (folders, GGUF folders, loaded objects) and plain nn.Modules."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qcompiler.errors import QCompilerError
+from qcompiler.hookspecs import hookimpl
+from qcompiler.ir import Graph
+from qcompiler.plugins.torch import hf
+from qcompiler.plugins.torch.trace import trace_module
+
+
+@dataclass
+class TorchSource:
+    model: torch.nn.Module
+    path: Path | None
+    example_input: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    gguf: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return hasattr(self.model, "generation_config") and hasattr(self.model, "config")
+
+
+class TorchFrontend:
+    name = "torch"
+
+    def default_model(self) -> Path:
+        return hf.default_model_path()
+
+    def can_load(self, model: Any) -> bool:
+        if isinstance(model, torch.nn.Module):
+            return True
+        return isinstance(model, (str, Path)) and hf.is_hf_folder(Path(model))
+
+    def load(self, model: Any, *, example_input: Any = None) -> TorchSource:
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+            if hasattr(model, "generation_config"):
+                model.config.use_cache = False
+                return TorchSource(model, None, example_input or hf.example_inputs())
+            if example_input is None:
+                raise QCompilerError(
+                    f"a plain {type(model).__name__} needs an example input to trace: "
+                    "pass example_input=(tensor, ...) or a dict of keyword tensors"
+                )
+            return TorchSource(model, None, _as_kwargs(model, example_input))
+        folder = Path(model)
+        module, tokenizer, gguf = hf.load_causal_lm(folder)
+        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf)
+
+    def trace(self, source: TorchSource) -> Graph:
+        return trace_module(source.model, source.example_input, type(source.model).__name__)
+
+    def runner(self, source: TorchSource):
+        return TorchRunner(source.model)
+
+    def save_companions(self, source: TorchSource, out_dir: Path) -> list[str]:
+        if not source.is_causal_lm:
+            return []
+        return hf.save_companions(source.model, source.tokenizer, out_dir)
+
+
+class TorchRunner:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(ids.shape[1])[None].expand_as(ids),
+        }
+        with torch.no_grad():
+            return self.model(**inputs).logits.float().numpy()
+
+
+def _as_kwargs(module: torch.nn.Module, example_input) -> dict[str, torch.Tensor]:
+    if isinstance(example_input, dict):
+        return dict(example_input)
+    if isinstance(example_input, torch.Tensor):
+        example_input = (example_input,)
+    names = list(inspect.signature(module.forward).parameters)
+    return dict(zip(names, example_input))
+
+
+@hookimpl
+def qcompiler_register_frontends():
+    return [TorchFrontend()]

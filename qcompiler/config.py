@@ -1,0 +1,147 @@
+"""User-facing configuration: plain frozen dataclasses, validated once, before any work is done.
+
+Names and defaults follow NNCF's `compress_weights` and `optimum-cli export openvino`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+
+from qcompiler.errors import QCompilerError
+
+
+class Mode(str, Enum):
+    """A weight format: how one weight matrix is stored."""
+
+    INT8_ASYM = "int8_asym"
+    INT8_SYM = "int8_sym"
+    INT4_SYM = "int4_sym"
+    INT4_ASYM = "int4_asym"
+    NF4 = "nf4"
+    MXFP4 = "mxfp4"
+
+    @property
+    def bits(self) -> int:
+        return 8 if self in (Mode.INT8_ASYM, Mode.INT8_SYM) else 4
+
+    @property
+    def asymmetric(self) -> bool:
+        return self in (Mode.INT8_ASYM, Mode.INT4_ASYM)
+
+    @property
+    def scale_bits(self) -> int:
+        """Bits of one stored scale: f16, or an e8m0 exponent for MX formats."""
+        return 8 if self is Mode.MXFP4 else 16
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BackupMode(str, Enum):
+    """What weights outside the primary precision become."""
+
+    INT8_ASYM = "int8_asym"
+    INT8_SYM = "int8_sym"
+    NONE = "none"
+
+    @property
+    def mode(self) -> Mode | None:
+        return None if self is BackupMode.NONE else Mode(self.value)
+
+
+class GroupSizeFallback(str, Enum):
+    """What to do with a layer whose input channels the group size does not divide."""
+
+    ADJUST = "adjust"
+    IGNORE = "ignore"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    """Every node on a path from one of `inputs` to one of `outputs` (node names)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IgnoredScope:
+    """Nodes to leave in float: exact names, regex patterns, op types and subgraphs."""
+
+    names: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    subgraphs: tuple[Subgraph, ...] = ()
+    validate: bool = True
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.patterns or self.types or self.subgraphs)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What to compress and how; `group_size=None` takes the mode's default (NNCF's defaults)."""
+
+    mode: Mode = Mode.INT8_ASYM
+    group_size: int | None = None
+    ratio: float = 1.0
+    backup_mode: BackupMode = BackupMode.INT8_ASYM
+    all_layers: bool = False
+    ignored_scope: IgnoredScope = field(default_factory=IgnoredScope)
+    group_size_fallback: GroupSizeFallback = GroupSizeFallback.ADJUST
+    awq: bool = False
+    dataset: str | None = None
+    extra_passes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback)):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                object.__setattr__(self, name, parse_enum(enum, value, name))
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", default_group_size(self.mode))
+        self._validate()
+
+    def replace(self, **changes) -> CompressionConfig:
+        return dataclasses.replace(self, **changes)
+
+    def _validate(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise QCompilerError(f"ratio {self.ratio} is outside [0, 1]: pass a fraction such as --ratio 0.8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise QCompilerError(
+                f"group size {self.group_size} is invalid: use a positive group size such as 64 or 128, "
+                "or -1 for one scale per output channel"
+            )
+        if self.mode.bits == 8:
+            if self.ratio != 1.0 or self.group_size != -1 or self.all_layers or self.awq:
+                raise QCompilerError(
+                    f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers "
+                    "and --awq, or pick a 4-bit mode such as int4_sym"
+                )
+        if self.mode is Mode.MXFP4 and self.group_size != 32:
+            raise QCompilerError(
+                f"mxfp4 uses blocks of 32 (OCP MX format), not {self.group_size}: drop --group-size or pass 32"
+            )
+        if self.awq and self.mode is Mode.MXFP4:
+            raise QCompilerError("AWQ is not available for mxfp4: drop --awq or use int4_sym / int4_asym / nf4")
+        if self.dataset is not None:
+            raise QCompilerError(
+                "data-aware compression (--dataset) is not implemented yet: drop --dataset to run the data-free "
+                "algorithms (--awq works without a dataset)"
+            )
+
+
+def default_group_size(mode: Mode) -> int:
+    return {Mode.INT8_ASYM: -1, Mode.INT8_SYM: -1, Mode.MXFP4: 32}.get(mode, 128)
+
+
+def parse_enum(enum: type[Enum], value, what: str):
+    try:
+        return enum(str(value).lower())
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise QCompilerError(f"unknown {what} '{value}': choose one of {choices}") from None

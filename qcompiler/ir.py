@@ -1,0 +1,142 @@
+"""The graph IR: one op vocabulary, nodes as small records, weights as tensors.
+
+A `Node` is op + inputs + attrs + name, plus `meta` for what passes learn. Weights are `Constant`
+nodes whose `attrs["weight"]` names a tensor in `Graph.weights`. Frontends translate their ops into
+`OPS` once; passes and backends never see a framework's op names. Only the Graph is mutated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+OPS = frozenset(
+    {
+        "Parameter", "Constant", "MatMul", "Gather", "Convolution", "Multiply", "Add", "Subtract", "Divide",
+        "Power", "Sqrt", "Rsqrt", "ReduceMean", "Swish", "Gelu", "Relu", "Sigmoid", "Tanh", "Softmax",
+        "ScaledDotProductAttention", "Concat", "Reshape", "Transpose", "Slice", "Convert", "Negative",
+        "GetItem", "Opaque",
+    }
+)
+
+WEIGHTED_OPS = ("MatMul", "Gather", "Convolution")
+
+
+@dataclass(eq=False)
+class Node:
+    op: str
+    inputs: tuple[Node, ...]
+    attrs: dict[str, Any]
+    name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Node({self.op} %{self.name})"
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """A weight-bearing op and its weight, with the weight's layout.
+
+    `reduction_axes` are the input-channel axes (the ones a scale is shared along);
+    for MatMul(x, W) with transpose_b, W is [out, in] and the reduction axis is 1.
+    """
+
+    op: Node
+    const: Node
+    reduction_axes: tuple[int, ...]
+
+
+class Graph:
+    """A topologically ordered list of nodes, named outputs, and the weight tensors."""
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self.nodes: list[Node] = []
+        self.outputs: list[Node] = []
+        self.weights: dict[str, torch.Tensor] = {}
+        self._names: set[str] = set()
+
+    # building -------------------------------------------------------------------------------
+    def add(self, op: str, inputs=(), attrs=None, name: str | None = None, meta=None) -> Node:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; the IR vocabulary is {sorted(OPS)}")
+        node = Node(op, tuple(inputs), dict(attrs or {}), self.unique_name(name or op), dict(meta or {}))
+        self.nodes.append(node)
+        self._names.add(node.name)
+        return node
+
+    def add_weight(self, name: str, tensor: torch.Tensor) -> Node:
+        self.weights[name] = tensor
+        return self.add("Constant", attrs={"weight": name}, name=name, meta={"shape": tuple(tensor.shape)})
+
+    def unique_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    # queries --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def consumers(self) -> dict[Node, list[Node]]:
+        users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i].append(n)
+        return users
+
+    def weight(self, const: Node) -> torch.Tensor:
+        return self.weights[const.attrs["weight"]]
+
+    def set_weight(self, const: Node, tensor: torch.Tensor) -> None:
+        self.weights[const.attrs["weight"]] = tensor
+        const.meta["rewritten"] = True
+
+    def weight_uses(self) -> list[WeightUse]:
+        """Every weight-bearing op whose weight is a Constant, in graph order."""
+        uses = []
+        for n in self.nodes:
+            use = _weight_use(n)
+            if use is not None:
+                uses.append(use)
+        return uses
+
+    def weight_constants(self) -> list[Node]:
+        """Constants used as weights, each once, in order of first use."""
+        seen: dict[Node, None] = {}
+        for use in self.weight_uses():
+            seen.setdefault(use.const)
+        return list(seen)
+
+    # text -------------------------------------------------------------------------------------
+    def to_text(self, meta: tuple[str, ...] = ()) -> str:
+        from qcompiler.ir_text import print_graph
+
+        return print_graph(self, meta)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _weight_use(n: Node) -> WeightUse | None:
+    if n.op == "MatMul" and len(n.inputs) == 2 and n.inputs[1].op == "Constant":
+        rank = len(n.inputs[1].meta.get("shape", (0, 0)))
+        axis = rank - 1 if n.attrs.get("transpose_b") else rank - 2
+        return WeightUse(n, n.inputs[1], (axis,))
+    if n.op == "Gather" and n.inputs and n.inputs[0].op == "Constant" and n.attrs.get("axis", 0) == 0:
+        return WeightUse(n, n.inputs[0], (1,))
+    if n.op == "Convolution" and len(n.inputs) >= 2 and n.inputs[1].op == "Constant":
+        rank = len(n.inputs[1].meta.get("shape", ()))
+        return WeightUse(n, n.inputs[1], tuple(range(1, rank)))
+    return None

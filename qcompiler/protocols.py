@@ -1,0 +1,56 @@
+"""The small protocols a frontend and a backend implement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from qcompiler.ir import Graph
+
+
+class Runner(Protocol):
+    """Something that maps token ids [batch, seq] to logits [batch, seq, vocab]."""
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray: ...
+
+
+class Source(Protocol):
+    """A loaded model as a frontend holds it: the model object and where it came from."""
+
+    model: Any
+    path: Path | None
+
+
+class Frontend(Protocol):
+    name: str
+
+    def can_load(self, model: Any) -> bool:
+        """True if this frontend reads `model` (a path or an object)."""
+
+    def load(self, model: Any, *, example_input: Any = None) -> Source:
+        """Load (or wrap) the model; raise QCompilerError naming the problem on bad input."""
+
+    def trace(self, source: Source) -> Graph:
+        """The model as an IR graph whose weights are the model's tensors (not copies)."""
+
+    def runner(self, source: Source) -> Runner:
+        """Run the original model, for evaluation."""
+
+    def save_companions(self, source: Source, out_dir: Path) -> list[str]:
+        """Write config / tokenizer files next to an artifact; return the file names written."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def lower(self, graph: Graph, source: Source, out_dir: Path) -> dict:
+        """Write the artifact for `graph` into the empty folder `out_dir`; return facts for the report
+        (at least `files` and `weight_bytes`: weight name -> bytes stored)."""
+
+    def can_load(self, path: Path) -> bool:
+        """True if `path` is an artifact folder this backend wrote."""
+
+    def runner(self, path: Path) -> Runner:
+        """Load an artifact folder for running."""

@@ -1,0 +1,209 @@
+"""Weight quantization math, written once on torch tensors; no backend appears here.
+
+A weight is viewed as a matrix W[N, K] (N output channels, K input channels, the reduction axis
+last) and split into groups of g consecutive input channels (g = K: one scale per output channel).
+Per group, with b bits:
+
+- asymmetric (INT8_ASYM, INT4_ASYM): lo = min(W, 0), hi = max(W, 0), s = (hi - lo) / (2^b - 1),
+  z = clip(-round(lo / s), 0, 2^b - 1), q = clip(round(W / s) + z, 0, 2^b - 1), W ~ (q - z) * s.
+- symmetric (INT8_SYM, INT4_SYM): m = the signed value of largest |W|, s = -m / 2^(b-1), so the
+  extreme maps to -2^(b-1) and the codes use the full range [-2^(b-1), 2^(b-1) - 1]; W ~ q * s.
+- NF4: s = max|W|, q = the nearest of the 16 NF4 levels to W / s; W ~ NF4[q] * s.
+- MXFP4 (group 32): s = 2^ceil(log2(max|W| / 6)) stored as an E8M0 exponent, so no value clips;
+  q = the nearest E2M1 value to W / s, ties to the even code; W ~ E2M1[q] * s.
+
+Scales are stored as f16 (E8M0 for MXFP4) and the codes are computed from the stored scale, so
+the decoded weight is exactly what the runtime computes. These are NNCF's formulas
+(`weight_lowering.py`), so the same model compresses to the same codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompiler.config import Mode
+
+EPS = torch.finfo(torch.float32).eps
+
+NF4_VALUES = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0]
+)
+# E2M1 code -> value: bit 3 is the sign, codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_E2M1_SORTED = torch.tensor([-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_SORTED_CODES = torch.tensor([15, 14, 13, 12, 11, 10, 9, 0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.uint8)
+
+
+@dataclass
+class CompressedWeight:
+    """Codes and quantization parameters of one weight, in the [N, K] matrix view.
+
+    codes: [N, K/g, g] when grouped, [N, K] per-channel; int8 for symmetric integer modes, uint8
+    otherwise (4-bit codes unpacked, one per byte). scale: [N, K/g, 1] or [N, 1], f16 (uint8 E8M0
+    exponents, 127 = 2^0, for MXFP4). zero_point: uint8 like scale, asymmetric modes only.
+    `transposed` and `shape` say how to turn the [N, K] matrix back into the original tensor.
+    """
+
+    mode: Mode
+    group_size: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    shape: tuple[int, ...]
+    transposed: bool = False
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        n = self.codes.shape[0]
+        return n, self.codes[0].numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """The decoded weight in its original shape, float32."""
+        values = decode_values(self.mode, self.codes)
+        if self.zero_point is not None:
+            values = values - self.zero_point.float()
+        w = (values * scale_values(self)).reshape(self.matrix_shape)
+        return restore(w, self.shape, self.transposed)
+
+    def storage_bits(self) -> int:
+        """Bits this weight needs in theory: codes, scales and zero points, nothing else."""
+        bits = self.codes.numel() * self.mode.bits + self.scale.numel() * self.mode.scale_bits
+        if self.zero_point is not None:
+            bits += self.zero_point.numel() * self.mode.bits
+        return bits
+
+
+def scale_values(cw: CompressedWeight) -> torch.Tensor:
+    if cw.mode is Mode.MXFP4:
+        return torch.exp2(cw.scale.float() - 127.0)
+    return cw.scale.float()
+
+
+def decode_values(mode: Mode, codes: torch.Tensor) -> torch.Tensor:
+    if mode is Mode.NF4:
+        return NF4_VALUES[codes.long()]
+    if mode is Mode.MXFP4:
+        return E2M1_VALUES[codes.long()]
+    return codes.float()
+
+
+def matrix_view(tensor: torch.Tensor, reduction_axes: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+    """The weight as [N, K] with the reduction axes flattened last; True if it was transposed."""
+    rank = tensor.dim()
+    if rank == 2 and tuple(reduction_axes) == (0,):
+        return tensor.t(), True
+    if tuple(reduction_axes) == tuple(range(rank - len(reduction_axes), rank)):
+        return tensor.reshape(tensor.shape[0] if rank > 1 else 1, -1), False
+    raise ValueError(f"unsupported reduction axes {reduction_axes} for a weight of shape {tuple(tensor.shape)}")
+
+
+def restore(matrix: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
+    return matrix.t().contiguous() if transposed else matrix.reshape(shape)
+
+
+def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> CompressedWeight:
+    """Round-to-nearest quantization of one weight; `group_size` -1 means per output channel."""
+    matrix, transposed = matrix_view(tensor, reduction_axes)
+    w = grouped(matrix.float(), group_size)
+    codes, scale, zero_point = _QUANTIZERS[mode](w, mode)
+    return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
+
+
+def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point):
+    """Codes of grouped weights `w` for a given stored scale (and zero point): the rounding step alone."""
+    s = scale.float() if mode is not Mode.MXFP4 else torch.exp2(scale.float() - 127.0)
+    if mode is Mode.NF4:
+        return torch.bucketize(w / s, _midpoints(NF4_VALUES)).to(torch.uint8)
+    if mode is Mode.MXFP4:
+        return _round_e2m1(w / s)
+    q = torch.round(w / s)
+    if zero_point is not None:
+        return torch.clamp(q + zero_point.float(), 0, 2**mode.bits - 1).to(torch.uint8)
+    half = 2 ** (mode.bits - 1)
+    return torch.clamp(q, -half, half - 1).to(torch.int8)
+
+
+def grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = matrix.shape
+    if group_size == -1 or group_size == k:
+        return matrix
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide {k} input channels")
+    return matrix.reshape(n, k // group_size, group_size)
+
+
+def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(scale.abs() < EPS, torch.full_like(scale, EPS), scale)
+    half = scale.half()
+    tiny = torch.finfo(torch.float16).tiny
+    return torch.where(half == 0, torch.full_like(half, tiny), half)
+
+
+def _asym(w: torch.Tensor, mode: Mode):
+    hi_level = 2**mode.bits - 1
+    lo = torch.clamp(w.amin(dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(w.amax(dim=-1, keepdim=True), min=0.0)
+    scale = _f16_scale((hi - lo) / hi_level)
+    zero_point = torch.clamp(-torch.round(lo / scale.float()), 0, hi_level).to(torch.uint8)
+    return quantize_matrix_with_scale(w, mode, scale, zero_point), scale, zero_point
+
+
+def _sym(w: torch.Tensor, mode: Mode):
+    lo = w.amin(dim=-1, keepdim=True).abs()
+    hi = w.amax(dim=-1, keepdim=True)
+    scale = _f16_scale(torch.where(lo >= hi, lo, -hi) / 2 ** (mode.bits - 1))
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+
+
+def _nf4(w: torch.Tensor, mode: Mode):
+    scale = _f16_scale(w.abs().amax(dim=-1, keepdim=True))
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+
+
+def _mxfp4(w: torch.Tensor, mode: Mode):
+    amax = torch.clamp(w.abs().amax(dim=-1, keepdim=True) / 6.0, min=EPS)
+    exponent = torch.clamp(torch.ceil(torch.log2(amax)), -127, 127)
+    scale = (exponent + 127).to(torch.uint8)
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+
+
+def _midpoints(values: torch.Tensor) -> torch.Tensor:
+    return (values[1:] + values[:-1]) / 2
+
+
+def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    mids = _midpoints(_E2M1_SORTED)
+    idx = torch.bucketize(x, mids)  # a value equal to a midpoint gets the left neighbour
+    tie = (idx < len(mids)) & (x == mids[idx.clamp(max=len(mids) - 1)])
+    idx = torch.where(tie & ((idx + 1) % 2 == 1), idx + 1, idx)  # ties go to the even-mantissa value
+    return _E2M1_SORTED_CODES[idx]
+
+
+_QUANTIZERS = {
+    Mode.INT8_ASYM: _asym,
+    Mode.INT4_ASYM: _asym,
+    Mode.INT8_SYM: _sym,
+    Mode.INT4_SYM: _sym,
+    Mode.NF4: _nf4,
+    Mode.MXFP4: _mxfp4,
+}
+
+
+def quantization_error(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> float:
+    """max over output channels of mean((dequantize(quantize(W)) - W)^2): NNCF's "max_mean"."""
+    matrix, _ = matrix_view(tensor, reduction_axes)
+    cw = quantize(matrix, (1,), mode, group_size)
+    diff = cw.dequantize().reshape(matrix.shape) - matrix.float()
+    return (diff * diff).mean(dim=1).max().item()
+
+
+def theoretical_bits_per_weight(mode: Mode, group_size: int, k: int) -> float:
+    """Bits per weight of a [N, K] matrix in `mode`: codes plus one scale (and zero point) per group."""
+    g = k if group_size == -1 else group_size
+    bits = mode.bits + mode.scale_bits / g
+    return bits + mode.bits / g if mode.asymmetric else bits

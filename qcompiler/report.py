@@ -1,0 +1,113 @@
+"""The compression report: NNCF's bit-width table, output size and bits per weight.
+
+How the numbers are computed (stated in the report's "method"):
+- parameters are counted per weight tensor, once even when shared (a tied embedding / lm_head),
+  as NNCF counts them; "ratio-defining" are the weights the ratio applies to;
+- bits per weight (compressed) = 8 x bytes stored for the compressed weights' codes, scales and zero
+  points / their parameter count; the theoretical figure is b + scale_bits/g (+ b/g for a zero point)
+  per weight, averaged over parameters;
+- bits per weight (all weights) = 8 x bytes stored for every weight-bearing tensor / their parameters
+  (llama.cpp's BPW restricted to weights);
+- output size = the bytes of every file in the artifact folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from qcompiler.quant import matrix_view, theoretical_bits_per_weight
+
+METHOD = __doc__.split("How the numbers are computed (stated in the report's \"method\"):\n", 1)[1].strip()
+
+
+def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict:
+    graph = compressed.graph
+    axes = {u.const: u.reduction_axes for u in graph.weight_uses()}
+    rows = defaultdict(lambda: {"params": 0, "layers": 0, "ratio_params": 0, "ratio_layers": 0})
+    total = comp_params = comp_bytes = all_bytes = 0
+    theory_bits = 0.0
+    for const in graph.weight_constants():
+        numel = graph.weight(const).numel()
+        fmt = const.meta.get("format")
+        row = rows[_label(fmt)]
+        row["params"] += numel
+        row["layers"] += 1
+        if const.meta.get("ratio_defining"):
+            row["ratio_params"] += numel
+            row["ratio_layers"] += 1
+        total += numel
+        stored = lowered["weight_bytes"].get(const.attrs["weight"], 0)
+        all_bytes += stored
+        if fmt is not None:
+            k = matrix_view(graph.weight(const), axes[const])[0].shape[1]
+            theory_bits += theoretical_bits_per_weight(fmt.mode, fmt.group_size, k) * numel
+            comp_params += numel
+            comp_bytes += stored
+    ratio_total = sum(r["ratio_params"] for r in rows.values()) or 1
+    table = [
+        {"format": label, **r, "percent_params": 100 * r["params"] / total,
+         "percent_ratio_params": 100 * r["ratio_params"] / ratio_total}
+        for label, r in sorted(rows.items())
+    ]
+    files = sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    return {
+        "source": str(compressed.source.path) if getattr(compressed.source, "path", None) else None,
+        "backend": backend,
+        "config": _config_dict(compressed.config),
+        "table": table,
+        "weights": {"tensors": len(graph.weight_constants()), "params": total},
+        "output_bytes": sum((out_dir / f).stat().st_size for f in files),
+        "bits_per_weight": {
+            "compressed_measured": 8 * comp_bytes / comp_params if comp_params else None,
+            "compressed_theoretical": theory_bits / comp_params if comp_params else None,
+            "all_weights": 8 * all_bytes / total if total else None,
+        },
+        "passes": {name: r.summary for name, r in compressed.results.items()},
+        "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
+        "files": files,
+        "method": METHOD,
+    }
+
+
+def format_report(report: dict) -> str:
+    head = f"{'Weight compression mode':<28} {'% all parameters (layers)':<28} {'% ratio-defining parameters (layers)'}"
+    lines = [head, "-" * len(head)]
+    total_layers = sum(r["layers"] for r in report["table"])
+    ratio_layers = sum(r["ratio_layers"] for r in report["table"])
+    for r in report["table"]:
+        lines.append(
+            f"{r['format']:<28} {r['percent_params']:>3.0f}% ({r['layers']} / {total_layers})".ljust(57)
+            + f" {r['percent_ratio_params']:>3.0f}% ({r['ratio_layers']} / {ratio_layers})"
+        )
+    bpw = report["bits_per_weight"]
+    lines.append("")
+    lines.append(f"output size: {report['output_bytes'] / 2**20:.1f} MiB ({report['output_bytes']} bytes)")
+    if bpw["compressed_measured"] is not None:
+        lines.append(
+            f"bits per weight, compressed weights: {bpw['compressed_measured']:.3f} "
+            f"(theoretical {bpw['compressed_theoretical']:.3f}); all weights: {bpw['all_weights']:.3f}"
+        )
+    awq = report["passes"].get("awq")
+    if awq is not None:
+        lines.append(f"AWQ: {awq['matched']} patterns matched, {awq['applied']} applied")
+    adjusted = report["passes"].get("precision", {}).get("adjusted_group_size") or {}
+    if adjusted:
+        sizes = sorted(set(adjusted.values()))
+        lines.append(f"group size adjusted for {len(adjusted)} layers (to {', '.join(map(str, sizes))})")
+    fallen = report["passes"].get("precision", {}).get("group_size_fallback_to_backup") or []
+    if fallen:
+        lines.append(f"group size does not divide {len(fallen)} layers: they use the backup precision")
+    return "\n".join(lines)
+
+
+def _label(fmt) -> str:
+    if fmt is None:
+        return "float (not compressed)"
+    return f"{fmt.mode}, " + ("per-channel" if fmt.group_size == -1 else f"group size {fmt.group_size}")
+
+
+def _config_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
