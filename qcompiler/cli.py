@@ -96,14 +96,14 @@ def config_from_args(args) -> CompressionConfig:
 
 def _compress(args) -> int:
     from qcompiler.pipeline import compress
-    from qcompiler.report import format_report
+    from qcompiler.report import REPORT_FILE, format_report
 
     config = config_from_args(args)
     output = args.output or _default_output(args.model, config)
     result = compress(args.model, config, output=output, backend=args.backend,
                       overwrite=args.overwrite, progress=not args.quiet)
     print(format_report(result.report))
-    print(f"written to {output} (report: {Path(output) / 'qcompiler_report.json'})")
+    print(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
 
 
@@ -113,7 +113,7 @@ def _default_output(model, config: CompressionConfig) -> str:
 
 
 def _eval(args) -> int:
-    from qcompiler.pipeline import REPORT_FILE
+    from qcompiler.report import REPORT_FILE
     from qcompiler.evaluate import perplexity, read_text_ids
     from qcompiler.registry import build_registry
 

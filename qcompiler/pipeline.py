@@ -17,10 +17,9 @@ from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
 from qcompiler.registry import Registry, build_registry
-from qcompiler.report import build_report
+from qcompiler.report import REPORT_FILE, build_report
 
 DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "rtn")
-REPORT_FILE = "qcompiler_report.json"
 
 
 @dataclass
@@ -47,7 +46,7 @@ class CompressedModel:
             start = time.perf_counter()
             lowered = lowering.lower(self.graph, self.source, tmp)
             self.seconds["lower"] = time.perf_counter() - start
-            lowered["files"] += self.frontend.save_companions(self.source, tmp)
+            lowered["companions"] = self.frontend.save_companions(self.source, tmp)
             self.report = build_report(self, lowered, tmp, backend)
             (tmp / REPORT_FILE).write_text(json.dumps(self.report, indent=2))
             if out.exists():

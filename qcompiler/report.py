@@ -8,7 +8,8 @@ How the numbers are computed (stated in the report's "method"):
   per weight, averaged over parameters;
 - bits per weight (all weights) = 8 x bytes stored for every weight-bearing tensor / their parameters
   (llama.cpp's BPW restricted to weights);
-- output size = the bytes of every file in the artifact folder.
+- model size = the bytes of the backend's files (for OpenVINO the .xml and .bin: the "IR size");
+  output size = the bytes of every file in the artifact folder but this report.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from qcompiler.quant import matrix_view, theoretical_bits_per_weight
 
+REPORT_FILE = "qcompiler_report.json"
 METHOD = __doc__.split("How the numbers are computed (stated in the report's \"method\"):\n", 1)[1].strip()
 
 
@@ -52,13 +54,14 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
          "percent_ratio_params": 100 * r["ratio_params"] / ratio_total}
         for label, r in sorted(rows.items())
     ]
-    files = sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != REPORT_FILE)
     return {
         "source": str(compressed.source.path) if getattr(compressed.source, "path", None) else None,
         "backend": backend,
         "config": _config_dict(compressed.config),
         "table": table,
         "weights": {"tensors": len(graph.weight_constants()), "params": total},
+        "model_bytes": sum((out_dir / f).stat().st_size for f in lowered["files"]),
         "output_bytes": sum((out_dir / f).stat().st_size for f in files),
         "bits_per_weight": {
             "compressed_measured": 8 * comp_bytes / comp_params if comp_params else None,
@@ -84,7 +87,8 @@ def format_report(report: dict) -> str:
         )
     bpw = report["bits_per_weight"]
     lines.append("")
-    lines.append(f"output size: {report['output_bytes'] / 2**20:.1f} MiB ({report['output_bytes']} bytes)")
+    lines.append(f"model size: {report['model_bytes'] / 2**20:.1f} MiB ({report['model_bytes']} bytes); "
+                 f"with config and tokenizer: {report['output_bytes'] / 2**20:.1f} MiB")
     if bpw["compressed_measured"] is not None:
         lines.append(
             f"bits per weight, compressed weights: {bpw['compressed_measured']:.3f} "

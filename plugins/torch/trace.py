@@ -58,6 +58,8 @@ class _Recorder(TorchFunctionMode):
             return out
         op, attrs = _OPS.get(func, ("Opaque", {"fn": getattr(func, "__name__", str(func))}))
         inputs = [self.value(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func is F.embedding:  # F.embedding(indices, weight) -> Gather(data, indices)
+            inputs[:2] = inputs[1::-1]
         if func is F.linear and len(inputs) == 3:  # bias: MatMul then Add
             node = self.graph.add(op, inputs[:2], attrs, self._name(op), {"shape": tuple(outs[0].shape)})
             node = self.graph.add("Add", [node, inputs[2]], {}, self._name("Add"))
