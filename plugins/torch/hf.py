@@ -46,13 +46,18 @@ def load_causal_lm(folder: Path):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QCompilerError(
             f"cannot load the model in {folder}: {first_line} -- pass a transformers model folder "
             "(config.json and weights) or a folder with a readable .gguf file"
         ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.getLogger("qcompiler").warning(
+            "no usable tokenizer in %s: the artifact will have none (eval and generation need one)", folder)
+        tokenizer = None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, gguf

@@ -1,0 +1,75 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, nothing written."""
+
+import pytest
+
+from qcompiler.cli import main
+
+
+@pytest.fixture
+def gguf_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    return folder
+
+
+CASES = {
+    "missing model": (["compress", "/no/such/model"], "model /no/such/model does not exist"),
+    "unknown mode": (["compress", "--weight-format", "int3"], "invalid choice: 'int3'"),
+    "ratio above 1": (["compress", "--ratio", "1.5"], "ratio 1.5 is outside [0, 1]"),
+    "group size 0": (["compress", "--group-size", "0"], "group size 0 is invalid"),
+    "group size -2": (["compress", "--group-size", "-2"], "group size -2 is invalid"),
+    "int8 with ratio": (["compress", "--weight-format", "int8", "--ratio", "0.5"], "int8_asym is per-channel"),
+    "mxfp4 group": (["compress", "--weight-format", "mxfp4", "--group-size", "64"], "mxfp4 uses blocks of 32"),
+    "unknown backup": (["compress", "--backup-mode", "int2"], "unknown backup_mode 'int2'"),
+    "unknown backend": (["compress", "--backend", "tflite"], "unknown backend 'tflite'"),
+    "dataset": (["compress", "--dataset", "wikitext"], "--dataset) is not implemented yet"),
+    "eval missing": (["eval", "/no/artifact", "--text", "x.txt"], "artifact folder /no/artifact does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_exit_2(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, message = CASES[name]
+    out = tmp_path / "out"
+    if argv[0] == "compress":
+        argv = argv + ["-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("qcompiler: error: ") and message in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compress", "-o", str(out)]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_corrupt_gguf_is_one_line(gguf_folder, tmp_path, capsys):
+    assert main(["compress", str(gguf_folder), "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot load the model in {gguf_folder}" in err
+    assert not (tmp_path / "o").exists()
+    assert not any(p.name.startswith(".o.tmp") for p in tmp_path.iterdir())
+
+
+def test_folder_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["compress", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 2
+    assert "no frontend reads" in capsys.readouterr().err
+
+
+def test_unknown_ignored_name_writes_nothing(tmp_path, capsys):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    argv = ["compress", str(folder), "--ignored-scope-name", "nope", "-o", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
+    assert "ignored scope name 'nope' matched no node" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

