@@ -70,6 +70,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         },
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
+        "backend_seconds": {k: round(v, 3) for k, v in lowered.get("seconds", {}).items()},
         "files": files,
         "method": METHOD,
     }

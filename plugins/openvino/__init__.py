@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,16 @@ class OpenVINOBackend:
 
         from qcompiler.plugins.openvino.lower import apply_weights, convert
 
+        start = time.perf_counter()
         model = convert(source)
+        converted = time.perf_counter()
         weight_bytes = apply_weights(model, graph)
+        applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
-        return {"files": [MODEL_XML, MODEL_XML.replace(".xml", ".bin")], "weight_bytes": weight_bytes}
+        seconds = {"convert": converted - start, "apply_weights": applied - converted,
+                   "save": time.perf_counter() - applied}
+        return {"files": [MODEL_XML, MODEL_XML.replace(".xml", ".bin")], "weight_bytes": weight_bytes,
+                "seconds": seconds}
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / MODEL_XML).is_file()

