@@ -118,12 +118,12 @@ ov.save_model(c, out + "/openvino_model.xml", compress_to_fp16=False); tok.save_
     for mode, cli in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64"]),
                       ("int8_asym", ["--weight-format", "int8"])):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", *cli, "-o", str(work / f"q-{mode}"),
+        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", *cli, "-o", str(work / f"pipeline-q-{mode}"),
                         "--quiet"], check=True, capture_output=True)
         q = time.perf_counter() - start
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", nncf_script, "int8_asym" if mode == "int8_asym" else "int4",
-                        str(work / f"n-{mode}")], check=True, capture_output=True)
+                        str(work / f"pipeline-n-{mode}")], check=True, capture_output=True)
         n = time.perf_counter() - start
         results[mode] = {"qcompiler_seconds": q, "nncf_seconds": n, "speedup": n / q}
     return results

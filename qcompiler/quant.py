@@ -117,15 +117,64 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
 def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point):
     """Codes of grouped weights `w` for a given stored scale (and zero point): the rounding step alone."""
     s = scale.float() if mode is not Mode.MXFP4 else torch.exp2(scale.float() - 127.0)
+    x = w / s
     if mode is Mode.NF4:
-        return torch.bucketize(w / s, _midpoints(NF4_VALUES)).to(torch.uint8)
+        return _NF4_TABLE.index(x).to(torch.uint8)
     if mode is Mode.MXFP4:
-        return _round_e2m1(w / s)
-    q = torch.round(w / s)
+        return torch.take(_E2M1_SORTED_CODES, _E2M1_TABLE.index(x))
+    x.round_()
     if zero_point is not None:
-        return torch.clamp(q + zero_point.float(), 0, 2**mode.bits - 1).to(torch.uint8)
+        return x.add_(zero_point.float()).clamp_(0, 2**mode.bits - 1).to(torch.uint8)
     half = 2 ** (mode.bits - 1)
-    return torch.clamp(q, -half, half - 1).to(torch.int8)
+    return x.clamp_(-half, half - 1).to(torch.int8)
+
+
+BLOCK_ELEMENTS = 1 << 18  # rows are rounded in blocks of about this many weights, so temporaries stay in cache
+
+
+def round_in_blocks(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point) -> torch.Tensor:
+    """`quantize_matrix_with_scale` over blocks of rows: same codes, a fraction of the memory traffic."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
+    if rows >= w.shape[0]:
+        return quantize_matrix_with_scale(w, mode, scale, zero_point)
+    signed = mode in (Mode.INT8_SYM, Mode.INT4_SYM)
+    codes = torch.empty(w.shape, dtype=torch.int8 if signed else torch.uint8)
+    for i in range(0, w.shape[0], rows):
+        zp = None if zero_point is None else zero_point[i:i + rows]
+        codes[i:i + rows] = quantize_matrix_with_scale(w[i:i + rows], mode, scale[i:i + rows], zp)
+    return codes
+
+
+class _LevelTable:
+    """Index of the nearest of the sorted `levels` for each x, as torch.bucketize on the midpoints gives
+    it (the number of midpoints < x; a tie goes left, or with `ties_to_even` to the even index).
+
+    A uniform grid of bins, each holding at most one midpoint and none within 1e-4 of an edge (checked
+    here), turns the search into two gathers and one compare: index = below[bin] + (x > threshold[bin]).
+    """
+
+    def __init__(self, levels: torch.Tensor, bins: int = 32, ties_to_even: bool = False) -> None:
+        mids = ((levels[1:] + levels[:-1]) / 2).double()
+        self.width = (levels[-1].item() - levels[0].item()) / bins
+        self.start = levels[0].item() - self.width / 2
+        self.bins = bins + 1
+        pos = (mids - self.start) / self.width
+        where = pos.floor().long()
+        assert torch.bincount(where).max() <= 1 and (torch.minimum(pos - where, where + 1 - pos) * self.width).min() > 1e-4
+        edges = self.start + self.width * torch.arange(self.bins, dtype=torch.float64)
+        self.below = (mids[None, :] < edges[:, None]).sum(1)
+        # x goes right of the bin's midpoint when x > threshold; a tie going right (to the even index)
+        # becomes x >= mid, i.e. x > the float just below mid
+        self.threshold = torch.full((self.bins,), float("inf"))
+        self.threshold[where] = mids.float()
+        if ties_to_even:
+            up = (self.below % 2 == 0) & torch.isfinite(self.threshold)
+            self.threshold[up] = torch.nextafter(self.threshold[up], torch.tensor(float("-inf")))
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        b = (x - self.start).div_(self.width).floor_().clamp_(0, self.bins - 1).long()
+        # take is several times faster than advanced indexing here
+        return torch.take(self.below, b) + (x > torch.take(self.threshold, b))
 
 
 def grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -146,42 +195,34 @@ def _f16_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def _asym(w: torch.Tensor, mode: Mode):
     hi_level = 2**mode.bits - 1
-    lo = torch.clamp(w.amin(dim=-1, keepdim=True), max=0.0)
-    hi = torch.clamp(w.amax(dim=-1, keepdim=True), min=0.0)
+    lo, hi = torch.aminmax(w, dim=-1, keepdim=True)
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     scale = _f16_scale((hi - lo) / hi_level)
     zero_point = torch.clamp(-torch.round(lo / scale.float()), 0, hi_level).to(torch.uint8)
-    return quantize_matrix_with_scale(w, mode, scale, zero_point), scale, zero_point
+    return round_in_blocks(w, mode, scale, zero_point), scale, zero_point
 
 
 def _sym(w: torch.Tensor, mode: Mode):
-    lo = w.amin(dim=-1, keepdim=True).abs()
-    hi = w.amax(dim=-1, keepdim=True)
+    lo, hi = torch.aminmax(w, dim=-1, keepdim=True)
+    lo = lo.abs()
     scale = _f16_scale(torch.where(lo >= hi, lo, -hi) / 2 ** (mode.bits - 1))
-    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+    return round_in_blocks(w, mode, scale, None), scale, None
 
 
 def _nf4(w: torch.Tensor, mode: Mode):
     scale = _f16_scale(w.abs().amax(dim=-1, keepdim=True))
-    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+    return round_in_blocks(w, mode, scale, None), scale, None
 
 
 def _mxfp4(w: torch.Tensor, mode: Mode):
     amax = torch.clamp(w.abs().amax(dim=-1, keepdim=True) / 6.0, min=EPS)
     exponent = torch.clamp(torch.ceil(torch.log2(amax)), -127, 127)
     scale = (exponent + 127).to(torch.uint8)
-    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
+    return round_in_blocks(w, mode, scale, None), scale, None
 
 
-def _midpoints(values: torch.Tensor) -> torch.Tensor:
-    return (values[1:] + values[:-1]) / 2
-
-
-def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    mids = _midpoints(_E2M1_SORTED)
-    idx = torch.bucketize(x, mids)  # a value equal to a midpoint gets the left neighbour
-    tie = (idx < len(mids)) & (x == mids[idx.clamp(max=len(mids) - 1)])
-    idx = torch.where(tie & ((idx + 1) % 2 == 1), idx + 1, idx)  # ties go to the even-mantissa value
-    return _E2M1_SORTED_CODES[idx]
+_NF4_TABLE = _LevelTable(NF4_VALUES)
+_E2M1_TABLE = _LevelTable(_E2M1_SORTED, ties_to_even=True)
 
 
 _QUANTIZERS = {
@@ -197,9 +238,13 @@ _QUANTIZERS = {
 def quantization_error(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> float:
     """max over output channels of mean((dequantize(quantize(W)) - W)^2): NNCF's "max_mean"."""
     matrix, _ = matrix_view(tensor, reduction_axes)
-    cw = quantize(matrix, (1,), mode, group_size)
-    diff = cw.dequantize().reshape(matrix.shape) - matrix.float()
-    return (diff * diff).mean(dim=1).max().item()
+    rows = max(1, BLOCK_ELEMENTS // matrix.shape[1])
+    worst = 0.0
+    for i in range(0, matrix.shape[0], rows):  # in blocks of rows, so temporaries stay in cache
+        block = matrix[i:i + rows].float()
+        diff = quantize(block, (1,), mode, group_size).dequantize().reshape(block.shape).sub_(block)
+        worst = max(worst, diff.square_().mean(dim=1).max().item())
+    return worst
 
 
 def theoretical_bits_per_weight(mode: Mode, group_size: int, k: int) -> float:

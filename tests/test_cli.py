@@ -73,3 +73,15 @@ def test_unknown_ignored_name_writes_nothing(tmp_path, capsys):
     assert main(argv) == 2
     assert "ignored scope name 'nope' matched no node" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_graph_lists_weight_bearing_nodes(tmp_path, capsys):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["graph", str(folder)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 16
+    assert lines[-1].startswith("lm_head/MatMul") and "weight lm_head.weight [256, 96]" in lines[-1]

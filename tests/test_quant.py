@@ -80,3 +80,18 @@ def test_theoretical_bits():
     assert theoretical_bits_per_weight(Mode.INT4_ASYM, 128, 1536) == 4 + 20 / 128
     assert theoretical_bits_per_weight(Mode.MXFP4, 32, 576) == 4.25
     assert theoretical_bits_per_weight(Mode.INT8_ASYM, -1, 576) == pytest.approx(8 + 24 / 576)
+
+
+def test_level_tables_equal_bucketize_with_ties():
+    from qcompiler.quant import _E2M1_SORTED, _E2M1_TABLE, _NF4_TABLE
+
+    torch.manual_seed(1)
+    nf4_mids = (NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2
+    x = torch.cat([torch.randn(100_000) * 0.5, nf4_mids, torch.tensor([-5.0, 5.0, -1.0, 1.0])])
+    assert torch.equal(_NF4_TABLE.index(x), torch.bucketize(x, nf4_mids))
+    mids = (_E2M1_SORTED[1:] + _E2M1_SORTED[:-1]) / 2
+    y = torch.cat([torch.randn(100_000) * 3, torch.arange(-60, 61) / 8.0])
+    idx = torch.bucketize(y, mids)
+    tie = (idx < len(mids)) & (y == mids[idx.clamp(max=len(mids) - 1)])
+    want = torch.where(tie & (idx % 2 == 0), idx + 1, idx)  # a tie goes to the even-mantissa value
+    assert torch.equal(_E2M1_TABLE.index(y), want)

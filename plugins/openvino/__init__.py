@@ -23,7 +23,8 @@ class OpenVINOBackend:
         start = time.perf_counter()
         model = convert(source)
         converted = time.perf_counter()
-        weight_bytes = apply_weights(model, graph)
+        keep: list = []  # arrays the new constants share memory with
+        weight_bytes = apply_weights(model, graph, keep)
         applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,

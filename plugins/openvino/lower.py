@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+import torch
 
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
@@ -36,8 +37,9 @@ def convert(source) -> ov.Model:
     return ov.convert_model(source.model, example_input=example, **kwargs)
 
 
-def apply_weights(model: ov.Model, graph: Graph) -> dict[str, int]:
-    """Replace rewritten weights in `model`; return bytes stored per IR weight."""
+def apply_weights(model: ov.Model, graph: Graph, keep: list) -> dict[str, int]:
+    """Replace rewritten weights in `model`; return bytes stored per IR weight. The new constants
+    share memory with the arrays appended to `keep`: hold it until the model is saved."""
     consts = _constants_by_name(model)
     stored: dict[str, int] = {}
     for const in graph.weight_constants():
@@ -56,7 +58,7 @@ def apply_weights(model: ov.Model, graph: Graph) -> dict[str, int]:
         if cw is None:
             new_output, nbytes = _float_constant(tensor.float().numpy(), name), tensor.numel() * 4
         else:
-            new_output, nbytes = _decompression(cw, name, target.get_element_type())
+            new_output, nbytes = _decompression(cw, name, target.get_element_type(), keep)
         for target_input in list(target.output(0).get_target_inputs()):
             target_input.replace_source_output(new_output)
         stored[name] = nbytes
@@ -79,17 +81,17 @@ def _float_constant(array: np.ndarray, name: str):
     return node.output(0)
 
 
-def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type):
-    codes = _constant(cw.codes.numpy(), CODE_TYPES[cw.mode], name)
+def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: list):
+    codes = _constant(cw.codes, CODE_TYPES[cw.mode], name, keep)
     w = ops.convert(codes, ov.Type.f16)
     nbytes = codes.get_byte_size()
     if cw.zero_point is not None:
         zp_type = ov.Type.u8 if cw.mode.bits == 8 else ov.Type.u4
-        zp = _constant(cw.zero_point.numpy(), zp_type, f"{name}/zero_point")
+        zp = _constant(cw.zero_point, zp_type, f"{name}/zero_point", keep)
         w = ops.subtract(w, ops.convert(zp, ov.Type.f16), name=f"{name}/zero_point/subtract")
         nbytes += zp.get_byte_size()
     if cw.mode is Mode.MXFP4:
-        scale = _constant(cw.scale.numpy(), ov.Type.f8e8m0, f"{name}/scale")
+        scale = _constant(cw.scale, ov.Type.f8e8m0, f"{name}/scale", keep)
         w = ops.multiply(w, ops.convert(scale, ov.Type.f16), name=f"{name}/fq_weights_1")
     else:
         scale = ops.constant(cw.scale.numpy(), name=f"{name}/scale")
@@ -107,18 +109,20 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type):
     return w.output(0), nbytes
 
 
-def _constant(values: np.ndarray, element_type: ov.Type, name: str) -> ov.Node:
-    """A Constant of `element_type` holding integer codes `values` (one code per numpy element)."""
-    if element_type.bitwidth == 8:
-        tensor = ov.Tensor(element_type, list(values.shape))
-        tensor.data.view(np.uint8).reshape(-1)[:] = values.reshape(-1).view(np.uint8)
-    else:
-        flat = values.reshape(-1).view(np.uint8) & 0x0F
-        if flat.size % 2:
-            flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-        packed = flat[0::2] | (flat[1::2] << 4)
-        tensor = ov.Tensor(element_type, list(values.shape))
-        tensor.data.view(np.uint8).reshape(-1)[:] = packed
-    node = ops.constant(tensor)
+def _constant(values, element_type: ov.Type, name: str, keep: list) -> ov.Node:
+    """A Constant of `element_type` holding the integer codes in torch tensor `values`, one per element.
+
+    4-bit codes are packed with torch (element 2i in the low nibble); the bytes are shared with the
+    Constant, not copied, and `keep` holds them until the model is saved.
+    """
+    raw = values.contiguous().view(torch.uint8).reshape(-1)
+    if element_type.bitwidth == 4:
+        if raw.numel() % 2:
+            raw = torch.cat([raw, raw.new_zeros(1)])
+        pairs = raw.view(torch.int16)  # little-endian: element 2i is the low byte of pair i
+        raw = ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)
+    array = raw.numpy()
+    keep.append(array)
+    node = ops.constant(ov.Tensor(array, ov.Shape(list(values.shape)), element_type), shared_memory=True)
     node.set_friendly_name(name)
     return node
