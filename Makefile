@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qcompiler-installed
 TEXT := ../shared/data/wikitext-2/valid.txt
 
+OPTIMUM_VENV := .venv-optimum
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
+
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.toml
@@ -18,12 +21,22 @@ $(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.t
 
 demo: $(STAMP)
 	$(VENV)/bin/qcompiler compress --weight-format int4 --sym --group-size 64 -o out/demo --overwrite
+	$(VENV)/bin/qcompiler generate out/demo --prompt "The capital of France is" --max-new-tokens 20
 	@if [ -f $(TEXT) ]; then $(VENV)/bin/qcompiler eval out/demo --text $(TEXT) --max-windows 4; fi
 
-test: $(STAMP)
+# optimum-intel pins transformers 5.5.x, so the client test that loads our artifacts with it uses its own venv.
+$(OPTIMUM_STAMP):
+	test -x $(OPTIMUM_VENV)/bin/python || python3 -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0 "optimum-intel[openvino]==2.2.0"
+	# PyPI's torchvision does not import beside the local CPU torch wheel; text models do not need it
+	$(OPTIMUM_VENV)/bin/python -m pip uninstall -q -y torchvision
+	touch $(OPTIMUM_STAMP)
+
+test: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pip install -q "nncf>=3.0"
 	$(PY) benchmarks/compare_nncf.py
 

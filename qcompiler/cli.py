@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     e.set_defaults(func=_eval)
 
+    gen = sub.add_parser("generate", help="generate text with an artifact")
+    gen.add_argument("artifact", help="folder written by `qcompiler compress`")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+
     g = sub.add_parser("graph", help="list the weight-bearing nodes of a model (names for --ignored-scope-*)")
     g.add_argument("model", nargs="?")
     g.add_argument("--full", action="store_true", help="print the whole IR text")
@@ -122,9 +132,7 @@ def _eval(args) -> int:
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
     registry = build_registry()
     backend = registry.backend_for_artifact(artifact)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    tokenizer = _artifact_tokenizer(artifact)
     ids = read_text_ids(tokenizer, args.text)
     opts = {"window": args.window, "stride": args.stride, "max_windows": args.max_windows}
     results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
@@ -144,6 +152,32 @@ def _eval(args) -> int:
         delta = 100 * (results["compressed"]["perplexity"] / results["original"]["perplexity"] - 1)
         print(f"  change      {delta:+.2f}%")
     return 0
+
+
+def _generate(args) -> int:
+    from qcompiler.generate import token_chooser
+    from qcompiler.registry import build_registry
+
+    artifact = Path(args.artifact)
+    if not artifact.is_dir():
+        raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    runner = build_registry().backend_for_artifact(artifact).runner(artifact)
+    tokenizer = _artifact_tokenizer(artifact)
+    ids = tokenizer(args.prompt).input_ids
+    choose = token_chooser(args.sample, args.temperature, args.top_k, args.seed)
+    new = runner.generate(ids, args.max_new_tokens, choose, tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def _artifact_tokenizer(artifact: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(artifact)
+    except (OSError, ValueError) as exc:
+        raise QCompilerError(f"no tokenizer in {artifact} ({type(exc).__name__}): compress from a model folder "
+                             "that has one, or copy its tokenizer files into the artifact") from None
 
 
 def _graph(args) -> int:

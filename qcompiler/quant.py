@@ -110,7 +110,20 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
     """Round-to-nearest quantization of one weight; `group_size` -1 means per output channel."""
     matrix, transposed = matrix_view(tensor, reduction_axes)
     w = grouped(matrix.float(), group_size)
-    codes, scale, zero_point = _QUANTIZERS[mode](w, mode)
+    rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
+    if rows >= w.shape[0]:
+        codes, scale, zero_point = _QUANTIZERS[mode](w, mode)
+    else:  # blocks of rows, each read from memory once: statistics, scale and codes while in cache
+        codes = torch.empty(w.shape, dtype=torch.int8 if mode in (Mode.INT8_SYM, Mode.INT4_SYM) else torch.uint8)
+        scale = zero_point = None
+        for i in range(0, w.shape[0], rows):
+            c, s, z = _QUANTIZERS[mode](w[i:i + rows], mode)
+            if scale is None:
+                scale = s.new_empty((w.shape[0], *s.shape[1:]))
+                zero_point = None if z is None else z.new_empty(scale.shape)
+            codes[i:i + rows], scale[i:i + rows] = c, s
+            if z is not None:
+                zero_point[i:i + rows] = z
     return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
 
 
@@ -129,20 +142,7 @@ def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor,
     return x.clamp_(-half, half - 1).to(torch.int8)
 
 
-BLOCK_ELEMENTS = 1 << 18  # rows are rounded in blocks of about this many weights, so temporaries stay in cache
-
-
-def round_in_blocks(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point) -> torch.Tensor:
-    """`quantize_matrix_with_scale` over blocks of rows: same codes, a fraction of the memory traffic."""
-    rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
-    if rows >= w.shape[0]:
-        return quantize_matrix_with_scale(w, mode, scale, zero_point)
-    signed = mode in (Mode.INT8_SYM, Mode.INT4_SYM)
-    codes = torch.empty(w.shape, dtype=torch.int8 if signed else torch.uint8)
-    for i in range(0, w.shape[0], rows):
-        zp = None if zero_point is None else zero_point[i:i + rows]
-        codes[i:i + rows] = quantize_matrix_with_scale(w[i:i + rows], mode, scale[i:i + rows], zp)
-    return codes
+BLOCK_ELEMENTS = 1 << 18  # weights are quantized in blocks of rows of about this size, to stay in cache
 
 
 class _LevelTable:
@@ -199,26 +199,26 @@ def _asym(w: torch.Tensor, mode: Mode):
     lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     scale = _f16_scale((hi - lo) / hi_level)
     zero_point = torch.clamp(-torch.round(lo / scale.float()), 0, hi_level).to(torch.uint8)
-    return round_in_blocks(w, mode, scale, zero_point), scale, zero_point
+    return quantize_matrix_with_scale(w, mode, scale, zero_point), scale, zero_point
 
 
 def _sym(w: torch.Tensor, mode: Mode):
     lo, hi = torch.aminmax(w, dim=-1, keepdim=True)
     lo = lo.abs()
     scale = _f16_scale(torch.where(lo >= hi, lo, -hi) / 2 ** (mode.bits - 1))
-    return round_in_blocks(w, mode, scale, None), scale, None
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
 
 
 def _nf4(w: torch.Tensor, mode: Mode):
     scale = _f16_scale(w.abs().amax(dim=-1, keepdim=True))
-    return round_in_blocks(w, mode, scale, None), scale, None
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
 
 
 def _mxfp4(w: torch.Tensor, mode: Mode):
     amax = torch.clamp(w.abs().amax(dim=-1, keepdim=True) / 6.0, min=EPS)
     exponent = torch.clamp(torch.ceil(torch.log2(amax)), -127, 127)
     scale = (exponent + 127).to(torch.uint8)
-    return round_in_blocks(w, mode, scale, None), scale, None
+    return quantize_matrix_with_scale(w, mode, scale, None), scale, None
 
 
 _NF4_TABLE = _LevelTable(NF4_VALUES)

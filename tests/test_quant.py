@@ -95,3 +95,17 @@ def test_level_tables_equal_bucketize_with_ties():
     tie = (idx < len(mids)) & (y == mids[idx.clamp(max=len(mids) - 1)])
     want = torch.where(tie & (idx % 2 == 0), idx + 1, idx)  # a tie goes to the even-mantissa value
     assert torch.equal(_E2M1_TABLE.index(y), want)
+
+
+@pytest.mark.parametrize("mode,group", [(Mode.INT8_ASYM, -1), (Mode.INT4_ASYM, 64), (Mode.NF4, 64), (Mode.MXFP4, 32)])
+def test_blocks_of_rows_give_the_same_result(monkeypatch, mode, group):
+    import qcompiler.quant as quant
+
+    w = torch.randn(3000, 576)
+    blocked = quantize(w, (1,), mode, group)
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 1 << 30)
+    whole = quantize(w, (1,), mode, group)
+    assert torch.equal(blocked.codes, whole.codes) and torch.equal(blocked.scale, whole.scale)
+    assert (blocked.zero_point is None) == (whole.zero_point is None)
+    if whole.zero_point is not None:
+        assert torch.equal(blocked.zero_point, whole.zero_point)

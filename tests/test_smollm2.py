@@ -61,24 +61,78 @@ def test_awq_matches_every_mlp(smollm2):
     assert summary["matched"] == 30 and summary["applied"] == 30
 
 
-def test_example_script_and_cli_eval_on_the_default_model(tmp_path):
-    out = tmp_path / "example"
+@pytest.fixture(scope="module")
+def example_artifact(tmp_path_factory):
+    """The Python-API example run on the default model: int4_sym g64 with AWQ, stateful OpenVINO."""
+    out = tmp_path_factory.mktemp("example") / "int4"
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "compress_default_model.py"), str(out)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "int4_sym, group size 64" in run.stdout and "AWQ: 30 patterns matched, 30 applied" in run.stdout
-    assert "generated: The capital of France is" in run.stdout and "Paris" in run.stdout
-    for name in ("openvino_model.xml", "openvino_model.bin", "config.json", "tokenizer.json", "qcompiler_report.json"):
+    return out, run.stdout
+
+
+def test_example_script_compresses_and_generates(example_artifact):
+    out, stdout = example_artifact
+    assert "int4_sym, group size 64" in stdout and "AWQ: 30 patterns matched, 30 applied" in stdout
+    assert "generated: The capital of France is" in stdout and "Paris" in stdout
+    for name in ("openvino_model.xml", "openvino_model.bin", "config.json", "tokenizer.json", "qcompiler_report.json",
+                 "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
         assert (out / name).is_file()
+    assert "n_ctx" not in json.loads((out / "config.json").read_text())
+
+
+def test_saved_tokenizer_round_trips(example_artifact):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(example_artifact[0])
     text = "The capital of France is Paris.  Two spaces, a newline\nand émigré."
     ids = tokenizer(text).input_ids
     assert tokenizer.decode(ids) == text and 0 not in ids
-    assert "n_ctx" not in json.loads((out / "config.json").read_text())
+
+
+def test_cli_eval_and_generate(example_artifact):
+    out = example_artifact[0]
+    run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "generate", str(out), "--prompt",
+                          "The capital of France is", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("The capital of France is") and "Paris" in run.stdout
     if WIKITEXT.is_file():
         run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "eval", str(out), "--text", str(WIKITEXT),
                               "--max-windows", "1"], capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "compressed" in run.stdout and "original" in run.stdout and "change" in run.stdout
+
+
+def test_openvino_genai_generates_what_qcompiler_generates(example_artifact):
+    import openvino_genai
+
+    out = example_artifact[0]
+    pipe = openvino_genai.LLMPipeline(str(out), "CPU")  # needs openvino_tokenizer.xml / detokenizer.xml
+    config = pipe.get_generation_config()
+    config.max_new_tokens, config.apply_chat_template = 10, False  # plain continuation, greedy
+    text = str(pipe.generate("The capital of France is", config))
+    run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "generate", str(out), "--prompt",
+                          "The capital of France is", "--max-new-tokens", "10"], capture_output=True, text=True, timeout=600)
+    assert "Paris" in text and run.stdout.rstrip("\n") == "The capital of France is" + text.rstrip("\n")
+
+
+OPTIMUM_SCRIPT = """
+import sys
+from optimum.intel import OVModelForCausalLM
+from transformers import AutoTokenizer
+model = OVModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+"""
+
+
+def test_optimum_intel_loads_and_generates(example_artifact):
+    python = ROOT / ".venv-optimum" / "bin" / "python"
+    if not python.exists():
+        pytest.fail("optimum-intel's environment is missing: `make test` creates .venv-optimum")
+    run = subprocess.run([str(python), "-c", OPTIMUM_SCRIPT, str(example_artifact[0])],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("The capital of France is") and "Paris" in run.stdout

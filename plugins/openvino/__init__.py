@@ -1,7 +1,13 @@
-"""The OpenVINO backend: lowers to an `.xml`/`.bin` IR that `openvino.Core()` runs without qcompiler."""
+"""The OpenVINO backend: an `.xml`/`.bin` IR that `openvino.Core()` runs without qcompiler.
+
+A causal LM is written as a stateful model with its KV cache, in optimum-intel's folder layout
+(`openvino_model.xml/.bin`, config, tokenizer files, and `openvino_tokenizer.xml` /
+`openvino_detokenizer.xml` for openvino_genai), so it generates token by token.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -10,6 +16,7 @@ import numpy as np
 from qcompiler.hookspecs import hookimpl
 
 MODEL_XML = "openvino_model.xml"
+log = logging.getLogger("qcompiler")
 
 
 class OpenVINOBackend:
@@ -21,16 +28,18 @@ class OpenVINOBackend:
         from qcompiler.plugins.openvino.lower import apply_weights, convert
 
         start = time.perf_counter()
-        model = convert(source)
+        model, prefix = convert(source)
         converted = time.perf_counter()
-        keep: list = []  # arrays the new constants share memory with
-        weight_bytes = apply_weights(model, graph, keep)
+        keep: list = []  # arrays the new constants share memory with, alive until saved
+        weight_bytes = apply_weights(model, graph, keep, prefix)
         applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
                    "save": time.perf_counter() - applied}
-        return {"files": [MODEL_XML, MODEL_XML.replace(".xml", ".bin")], "weight_bytes": weight_bytes,
-                "seconds": seconds}
+        files = [MODEL_XML, MODEL_XML.replace(".xml", ".bin")]
+        if getattr(source, "tokenizer", None) is not None:
+            files += write_tokenizer_models(source.tokenizer, out_dir)
+        return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / MODEL_XML).is_file()
@@ -39,21 +48,66 @@ class OpenVINOBackend:
         return OpenVINORunner(Path(path) / MODEL_XML)
 
 
+def write_tokenizer_models(tokenizer, out_dir: Path) -> list[str]:
+    """openvino_tokenizer.xml / openvino_detokenizer.xml, which openvino_genai needs."""
+    try:
+        import openvino as ov
+        from openvino_tokenizers import convert_tokenizer
+    except ImportError:
+        log.warning("openvino-tokenizers is not installed: no openvino_tokenizer.xml (openvino_genai needs it)")
+        return []
+    tok, detok = convert_tokenizer(tokenizer, with_detokenizer=True)
+    ov.save_model(tok, out_dir / "openvino_tokenizer.xml")
+    ov.save_model(detok, out_dir / "openvino_detokenizer.xml")
+    return ["openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin"]
+
+
 class OpenVINORunner:
+    """Runs an artifact: full-sequence logits (a fresh cache per call) and greedy/sampled generation."""
+
     def __init__(self, xml: Path) -> None:
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(str(xml), "CPU")
         self.input_names = {i.get_any_name() for i in self.compiled.inputs}
+        self.stateful = "beam_idx" in self.input_names
+        self.request = self.compiled.create_infer_request()
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        if self.stateful:
+            self.request.reset_state()
         ids = np.asarray(input_ids, dtype=np.int64)
+        return self._step(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+
+    def _step(self, ids, mask, positions) -> np.ndarray:
         feed = {"input_ids": ids}
         if "attention_mask" in self.input_names:
-            feed["attention_mask"] = np.ones_like(ids)
+            feed["attention_mask"] = mask
         if "position_ids" in self.input_names:
-            feed["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-        return self.compiled(feed)[0]
+            feed["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
+        if self.stateful:
+            feed["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
+        return self.request.infer(feed)[0]
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
+        """Token ids after the prompt; `next_token(logits_row) -> id` chooses each one."""
+        ids = list(input_ids)
+        if not self.stateful:  # a plain forward: recompute the prefix every step
+            for _ in range(max_new_tokens):
+                ids.append(next_token(self.logits(np.array([ids]))[0, -1]))
+                if ids[-1] == eos_token_id:
+                    break
+            return ids[len(input_ids):]
+        self.request.reset_state()
+        new = np.array([ids], dtype=np.int64)
+        for _ in range(max_new_tokens):
+            n = len(ids)
+            logits = self._step(new, np.ones((1, n), np.int64), np.arange(n - new.shape[1], n)[None])
+            ids.append(next_token(logits[0, -1]))
+            if ids[-1] == eos_token_id:
+                break
+            new = np.array([[ids[-1]]], dtype=np.int64)
+        return ids[len(input_ids):]
 
 
 @hookimpl

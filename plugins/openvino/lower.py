@@ -29,18 +29,25 @@ CODE_TYPES = {
 }
 
 
-def convert(source) -> ov.Model:
+def convert(source) -> tuple[ov.Model, str]:
+    """The float OpenVINO model, and the prefix its weight constants carry before the IR's names.
+
+    A causal LM becomes a stateful model with its KV cache (see stateful.py); any other module is
+    converted as it is, with the activations' last dimension static so its MatMuls fuse.
+    """
+    if source.is_causal_lm:
+        from qcompiler.plugins.openvino.stateful import convert_stateful
+
+        return convert_stateful(source.model), "model."
     example = source.example_input
-    kwargs = {}
-    if not source.is_causal_lm:  # keep the activations' last dimension static so MatMuls fuse
-        kwargs["input"] = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
-    return ov.convert_model(source.model, example_input=example, **kwargs)
+    shapes = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
+    return ov.convert_model(source.model, example_input=example, input=shapes), ""
 
 
-def apply_weights(model: ov.Model, graph: Graph, keep: list) -> dict[str, int]:
+def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "") -> dict[str, int]:
     """Replace rewritten weights in `model`; return bytes stored per IR weight. The new constants
     share memory with the arrays appended to `keep`: hold it until the model is saved."""
-    consts = _constants_by_name(model)
+    consts = _constants_by_name(model, "self." + prefix)
     stored: dict[str, int] = {}
     for const in graph.weight_constants():
         name = const.attrs["weight"]
@@ -66,12 +73,12 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list) -> dict[str, int]:
     return stored
 
 
-def _constants_by_name(model: ov.Model) -> dict[str, ov.Node]:
+def _constants_by_name(model: ov.Model, prefix: str) -> dict[str, ov.Node]:
     out = {}
     for op in model.get_ops():
         if op.get_type_name() == "Constant":
             name = op.get_friendly_name()
-            out[name[5:] if name.startswith("self.") else name] = op
+            out[name[len(prefix):] if name.startswith(prefix) else name] = op
     return out
 
 

@@ -1,0 +1,99 @@
+"""A transformers causal LM as a stateful OpenVINO model: the KV cache lives in OpenVINO state.
+
+The layout is the one `optimum-cli export openvino --task text-generation-with-past` writes, so
+optimum-intel's OVModelForCausalLM and openvino_genai's LLMPipeline run it:
+inputs input_ids, attention_mask, position_ids [batch, seq] (i64) and beam_idx [batch] (i32);
+output logits [batch, seq, vocab]; per layer two variables holding past keys and values
+[batch, kv_heads, past, head_dim], read at the start of a call (reordered by beam_idx, zeros of
+length 0 after a reset) and written with the new cache at its end.
+
+The float graph is traced by `openvino.convert_model` through a wrapper whose forward takes the
+past as plain tensors (seeded into a DynamicCache) and returns the present ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import torch
+
+PAST_LEN = 2  # the example's past length; every dimension that varies is declared dynamic
+
+
+class _KVCacheForward(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(cache.layers):
+            # seed each layer with the past directly: its lazy initialization starts from an empty
+            # rank-1 tensor that OpenVINO cannot concatenate on axis -2
+            layer.lazy_initialization(past[2 * i], past[2 * i + 1])
+            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
+def convert_stateful(model: torch.nn.Module) -> ov.Model:
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    ids = torch.tensor([[1, 2]])
+    past = [torch.zeros(1, kv_heads, PAST_LEN, head_dim) for _ in range(2 * layers)]
+    example = (ids, torch.ones(1, PAST_LEN + 2, dtype=torch.long), torch.tensor([[PAST_LEN, PAST_LEN + 1]]), *past)
+    shapes = [ov.PartialShape([-1, -1])] * 3 + [ov.PartialShape([-1, kv_heads, -1, head_dim])] * (2 * layers)
+    ov_model = ov.convert_model(_KVCacheForward(model), example_input=example, input=shapes)
+
+    names = ["input_ids", "attention_mask", "position_ids"]
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    for port, name in zip(ov_model.inputs, names + past_names):
+        port.get_tensor().set_names({name})
+    for port, name in zip(ov_model.outputs, ["logits"] + present_names):
+        port.get_tensor().set_names({name})
+    _add_beam_idx(ov_model, past_names)
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    apply_make_stateful_transformation(ov_model, dict(zip(past_names, present_names)))
+    _zero_initial_state(ov_model)
+    return ov_model
+
+
+def _add_beam_idx(ov_model: ov.Model, past_names: list[str]) -> None:
+    """beam_idx [batch] selects, for each row of the new batch, the cache row it continues."""
+    beam_idx = ops.parameter(ov.PartialShape([-1]), ov.Type.i32, name="beam_idx")
+    beam_idx.output(0).get_tensor().set_names({"beam_idx"})
+    ov_model.add_parameters([beam_idx])
+    for name in past_names:
+        port = ov_model.input(name)
+        consumers = list(port.get_target_inputs())
+        gathered = ops.gather(port, beam_idx, ops.constant(np.int64(0)))
+        for consumer in consumers:
+            consumer.replace_source_output(gathered.output(0))
+    ov_model.validate_nodes_and_infer_types()
+
+
+def _zero_initial_state(ov_model: ov.Model) -> None:
+    """After a reset, each cache variable reads as zeros of shape [batch, kv_heads, 0, head_dim]."""
+    batch = ops.gather(ops.shape_of(ov_model.input("input_ids"), output_type="i64"),
+                       ops.constant(np.array([0], np.int64)), ops.constant(np.int64(0)))
+    for op in ov_model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        dims = [batch] + [ops.constant(np.array([d.get_min_length()], np.int64))
+                          for d in list(op.get_output_partial_shape(0))[1:]]
+        zeros = ops.broadcast(ops.constant(0.0, dtype=op.get_output_element_type(0)), ops.concat(dims, axis=0))
+        op.set_arguments([zeros])
+    ov_model.validate_nodes_and_infer_types()
