@@ -35,7 +35,7 @@ class CompressedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict | None = None
 
-    def save(self, output: str | Path, backend: str = "openvino", overwrite: bool = False) -> Path:
+    def save(self, output: str | Path, backend: str = "openvino", overwrite: bool = False, progress=None) -> Path:
         """Lower to `backend` and write the artifact folder atomically (temporary folder, then rename)."""
         out = check_output(output, overwrite)
         lowering = self.registry.backend(backend)
@@ -44,8 +44,12 @@ class CompressedModel:
         tmp.mkdir(parents=True)
         try:
             start = time.perf_counter()
+            if progress is not None:
+                progress.set_description(f"lower to {backend}")
             lowered = lowering.lower(self.graph, self.source, tmp)
             self.seconds["lower"] = time.perf_counter() - start
+            if progress is not None:
+                progress.update(1)
             lowered["companions"] = self.frontend.save_companions(self.source, tmp)
             self.report = build_report(self, lowered, tmp, backend)
             (tmp / REPORT_FILE).write_text(json.dumps(self.report, indent=2))
@@ -84,7 +88,7 @@ def compress(
     frontend = registry.frontend_for(model)
 
     seconds = {}
-    steps = tqdm(total=2 + len(passes), desc="load", disable=not progress, unit="step")
+    steps = tqdm(total=2 + len(passes) + (output is not None), desc="load", disable=not progress, unit="step")
     start = time.perf_counter()
     source = frontend.load(model, example_input=example_input)
     seconds["load"] = _lap(start, steps, "trace")
@@ -94,11 +98,13 @@ def compress(
     start = time.perf_counter()
     results = PassManager(passes).run(graph, PassContext(config), progress=steps)
     seconds["passes"] = time.perf_counter() - start
-    steps.close()
 
     compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds)
-    if output is not None:
-        compressed.save(output, backend, overwrite)
+    try:
+        if output is not None:
+            compressed.save(output, backend, overwrite, progress=steps)
+    finally:
+        steps.close()
     return compressed
 
 

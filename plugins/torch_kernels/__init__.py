@@ -1,0 +1,147 @@
+"""The torch backend: the same transformers model, its Linears on torch's CPU int kernels.
+
+The artifact folder holds `model.safetensors` (float tensors, and for each compressed weight its
+plain codes, scales and zero points), `qcompiler_torch.json` (which weight is in which format and
+which modules use it) and the model's config and tokenizer. `load_model(folder)` gives back a
+transformers model whose `generate()` works as before, with its KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qcompiler.config import Mode
+from qcompiler.errors import QCompilerError
+from qcompiler.hookspecs import hookimpl
+from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
+from qcompiler.quant import CompressedWeight
+
+LAYOUT = "qcompiler_torch.json"
+WEIGHTS = "model.safetensors"
+KERNEL_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM)
+
+
+class TorchKernelsBackend:
+    name = "torch"
+
+    def lower(self, graph, source, out_dir: Path) -> dict:
+        from safetensors.torch import save_file
+
+        if not getattr(source, "is_causal_lm", False):
+            raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
+        tensors, layout, weight_bytes = {}, {}, {}
+        compressed_names = set()
+        for const, uses in _uses_by_weight(graph).items():
+            name = const.attrs["weight"]
+            cw: CompressedWeight | None = const.meta.get("compressed")
+            if cw is None:
+                continue
+            _check_kernel(name, cw)
+            for key, t in (("codes", cw.codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
+                if t is not None:
+                    tensors[f"{name}::{key}"] = t.contiguous()
+            layout[name] = {"mode": cw.mode.value, "group_size": cw.group_size, "shape": list(cw.shape),
+                            "linears": [u.op.name.split("/")[0] for u in uses if u.op.op == "MatMul"],
+                            "embeddings": [u.op.name.split("/")[0] for u in uses if u.op.op == "Gather"]}
+            weight_bytes[name] = sum(t.numel() * t.element_size() for t in (cw.codes, cw.scale, cw.zero_point)
+                                     if t is not None)
+            compressed_names.add(name)
+        names_by_ptr: dict[int, set[str]] = {}
+        state = source.model.state_dict()
+        for key, t in state.items():
+            names_by_ptr.setdefault(t.data_ptr(), set()).add(key)
+        seen = set()
+        for key, t in state.items():  # float tensors, each once (a tied weight has two names)
+            if names_by_ptr[t.data_ptr()] & compressed_names or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            value = graph.weights.get(key, t)
+            tensors[key] = value.detach().contiguous()
+            weight_bytes[key] = value.numel() * value.element_size()
+        save_file(tensors, str(out_dir / WEIGHTS))
+        (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "weights": layout}, indent=2))
+        return {"files": [WEIGHTS, LAYOUT], "weight_bytes": weight_bytes}
+
+    def can_load(self, path: Path) -> bool:
+        return (Path(path) / LAYOUT).is_file()
+
+    def runner(self, path: Path):
+        return TorchKernelsRunner(load_model(path))
+
+
+def load_model(folder: str | Path):
+    """The transformers model of a torch-backend artifact, its compressed Linears on int kernels."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    layout = json.loads((folder / LAYOUT).read_text())["weights"]
+    tensors = load_file(str(folder / WEIGHTS))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=False)
+    for name, info in layout.items():
+        mode, g = Mode(info["mode"]), info["group_size"]
+        codes, scale = tensors[f"{name}::codes"], tensors[f"{name}::scale"]
+        zero_point = tensors.get(f"{name}::zero_point")
+        for path in info["embeddings"]:  # no int gather kernel: embeddings decode to float once
+            cw = CompressedWeight(mode, g, codes, scale, zero_point, tuple(info["shape"]))
+            model.get_submodule(path).weight = torch.nn.Parameter(cw.dequantize(), requires_grad=False)
+        for path in info["linears"]:
+            parent, _, child = path.rpartition(".")
+            old = model.get_submodule(path)
+            new = (Int4Linear(codes, scale, zero_point, g, old.bias) if mode.bits == 4
+                   else Int8Linear(codes, scale, zero_point, old.bias))
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.eval()
+    return model
+
+
+class TorchKernelsRunner:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        with torch.no_grad():
+            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().numpy()
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
+        ids, cache, new = list(input_ids), None, torch.tensor([input_ids])
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                out = self.model(input_ids=new, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                ids.append(next_token(out.logits[0, -1].float().numpy()))
+                if ids[-1] == eos_token_id:
+                    break
+                new = torch.tensor([[ids[-1]]])
+        return ids[len(input_ids):]
+
+
+def _uses_by_weight(graph) -> dict:
+    out: dict = {}
+    for use in graph.weight_uses():
+        out.setdefault(use.const, []).append(use)
+    return out
+
+
+def _check_kernel(name: str, cw: CompressedWeight) -> None:
+    fix = ("use --weight-format int4 (--sym) with --group-size 32, 64, 128 or 256, or int8, "
+           "or --backend openvino, which runs every mode")
+    if cw.mode not in KERNEL_MODES:
+        raise QCompilerError(f"torch has no CPU kernel for {cw.mode} ({name}): {fix}")
+    n, k = cw.matrix_shape
+    if cw.mode.bits == 4 and (cw.group_size not in INT4_GROUP_SIZES or n % 16 or k % 2):
+        raise QCompilerError(
+            f"torch's int4 CPU kernel takes groups of {INT4_GROUP_SIZES} and layers with a multiple of 16 outputs; "
+            f"{name} ({n}x{k}) has group size {cw.group_size}: {fix}")
+
+
+@hookimpl
+def qcompiler_register_backends():
+    return [TorchKernelsBackend()]
