@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode
+from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode, WeightFormat
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph, Node
@@ -26,15 +26,6 @@ from qcompiler.passmanager import Pass, PassContext, PassResult
 from qcompiler.quant import EPS, matrix_view, quantization_error
 
 MIN_ADJUSTED_GROUP_SIZE = 32
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    mode: Mode
-    group_size: int
-
-    def __str__(self) -> str:
-        return f"{self.mode}/{'per-channel' if self.group_size == -1 else f'g{self.group_size}'}"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,17 @@ class Mode(str, Enum):
         return self.value
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """The format one weight is assigned: a mode and a group size (-1 = per output channel)."""
+
+    mode: Mode
+    group_size: int
+
+    def __str__(self) -> str:
+        return f"{self.mode}/{'per-channel' if self.group_size == -1 else f'g{self.group_size}'}"
+
+
 class BackupMode(str, Enum):
     """What weights outside the primary precision become."""
 

@@ -9,7 +9,7 @@ Extra passes run after precision assignment (and AWQ), before the weights are re
 from dataclasses import dataclass
 
 from qcompiler.hookspecs import hookimpl
-from qcompiler.passes.precision import WeightFormat
+from qcompiler.config import WeightFormat
 from qcompiler.passmanager import Pass, PassResult
 
 
