@@ -52,9 +52,7 @@ class PrecisionAssignment(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o: PrecisionOptions = self.options
         uses = graph.weight_uses()
-        by_const: dict[Node, list] = {}
-        for use in uses:
-            by_const.setdefault(use.const, []).append(use)
+        by_const = graph.uses_by_weight()
         float_consts = [c for c, us in by_const.items() if _ignored(c, us)]
         consts = [c for c in by_const if c not in float_consts]
         for c in float_consts:

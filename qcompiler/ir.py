@@ -112,12 +112,16 @@ class Graph:
                 uses.append(use)
         return uses
 
+    def uses_by_weight(self) -> dict[Node, list[WeightUse]]:
+        """Each weight Constant (in order of first use) with the ops that use it."""
+        out: dict[Node, list[WeightUse]] = {}
+        for use in self.weight_uses():
+            out.setdefault(use.const, []).append(use)
+        return out
+
     def weight_constants(self) -> list[Node]:
         """Constants used as weights, each once, in order of first use."""
-        seen: dict[Node, None] = {}
-        for use in self.weight_uses():
-            seen.setdefault(use.const)
-        return list(seen)
+        return list(self.uses_by_weight())
 
     # text -------------------------------------------------------------------------------------
     def to_text(self, meta: tuple[str, ...] = ()) -> str:

@@ -17,10 +17,13 @@ class Runner(Protocol):
 
 
 class Source(Protocol):
-    """A loaded model as a frontend holds it: the model object and where it came from."""
+    """A loaded model as a frontend holds it. Backends read these attributes, nothing else."""
 
-    model: Any
-    path: Path | None
+    model: Any  # the framework's model object (for the torch frontend, an nn.Module)
+    path: Path | None  # where it was loaded from; None for an object passed in
+    example_input: dict  # keyword inputs the model was traced with
+    tokenizer: Any  # the model's tokenizer, or None
+    is_causal_lm: bool  # a text-generation model (KV cache, tokenizer, config)
 
 
 class Frontend(Protocol):

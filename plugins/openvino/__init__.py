@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 
 MODEL_XML = "openvino_model.xml"
@@ -91,13 +92,10 @@ class OpenVINORunner:
 
     def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
         """Token ids after the prompt; `next_token(logits_row) -> id` chooses each one."""
+        if not self.stateful:
+            raise QCompilerError("this OpenVINO model has no KV-cache state, so it is not a text-generation "
+                                 "artifact: compress a transformers causal LM to generate")
         ids = list(input_ids)
-        if not self.stateful:  # a plain forward: recompute the prefix every step
-            for _ in range(max_new_tokens):
-                ids.append(next_token(self.logits(np.array([ids]))[0, -1]))
-                if ids[-1] == eos_token_id:
-                    break
-            return ids[len(input_ids):]
         self.request.reset_state()
         new = np.array([ids], dtype=np.int64)
         for _ in range(max_new_tokens):

@@ -35,7 +35,7 @@ class TorchKernelsBackend:
             raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
         tensors, layout, weight_bytes = {}, {}, {}
         compressed_names = set()
-        for const, uses in _uses_by_weight(graph).items():
+        for const, uses in graph.uses_by_weight().items():
             name = const.attrs["weight"]
             cw: CompressedWeight | None = const.meta.get("compressed")
             if cw is None:
@@ -121,13 +121,6 @@ class TorchKernelsRunner:
                     break
                 new = torch.tensor([[ids[-1]]])
         return ids[len(input_ids):]
-
-
-def _uses_by_weight(graph) -> dict:
-    out: dict = {}
-    for use in graph.weight_uses():
-        out.setdefault(use.const, []).append(use)
-    return out
 
 
 def _check_kernel(name: str, cw: CompressedWeight) -> None:
