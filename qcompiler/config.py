@@ -94,9 +94,13 @@ class IgnoredScope:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """What to compress and how; `group_size=None` takes the mode's default (NNCF's defaults)."""
+    """What to compress and how; `group_size=None` takes the mode's default (NNCF's defaults).
 
-    mode: Mode = Mode.INT8_ASYM
+    `mode=None` compresses nothing: the backend writes the float model (optimum's `fp32`), the
+    baseline a compressed artifact is measured against.
+    """
+
+    mode: Mode | None = Mode.INT8_ASYM
     group_size: int | None = None
     ratio: float = 1.0
     backup_mode: BackupMode = BackupMode.INT8_ASYM
@@ -110,6 +114,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback)):
             value = getattr(self, name)
+            if value is None and name == "mode":
+                continue
             if not isinstance(value, enum):
                 object.__setattr__(self, name, parse_enum(enum, value, name))
         if self.group_size is None:
@@ -122,6 +128,11 @@ class CompressionConfig:
     def _validate(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise QCompilerError(f"ratio {self.ratio} is outside [0, 1]: pass a fraction such as --ratio 0.8")
+        if self.mode is None:
+            if self.awq or self.ratio != 1.0 or self.all_layers:
+                raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio and --all-layers, "
+                                     "or pick a compressed weight format such as int4")
+            return
         if self.group_size == 0 or self.group_size < -1:
             raise QCompilerError(
                 f"group size {self.group_size} is invalid: use a positive group size such as 64 or 128, "
@@ -146,7 +157,7 @@ class CompressionConfig:
             )
 
 
-def default_group_size(mode: Mode) -> int:
+def default_group_size(mode: Mode | None) -> int:
     return {Mode.INT8_ASYM: -1, Mode.INT8_SYM: -1, Mode.MXFP4: 32}.get(mode, 128)
 
 

@@ -35,10 +35,15 @@ class CompressedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict | None = None
 
-    def save(self, output: str | Path, backend: str = "openvino", overwrite: bool = False, progress=None) -> Path:
-        """Lower to `backend` and write the artifact folder atomically (temporary folder, then rename)."""
+    def save(self, output: str | Path, backend: str | None = None, overwrite: bool = False, progress=None,
+             backend_options: dict | None = None) -> Path:
+        """Lower to `backend` (default: the frontend's own format) and write the artifact folder
+        atomically (temporary folder, then rename)."""
         out = check_output(output, overwrite)
+        backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
+        options = dict(backend_options or {})
+        _check_backend(lowering, self.config, options)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -46,7 +51,7 @@ class CompressedModel:
             start = time.perf_counter()
             if progress is not None:
                 progress.set_description(f"lower to {backend}")
-            lowered = lowering.lower(self.graph, self.source, tmp)
+            lowered = lowering.lower(self.graph, self.source, tmp, options)
             self.seconds["lower"] = time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
@@ -67,7 +72,8 @@ def compress(
     config: CompressionConfig | None = None,
     *,
     output: str | Path | None = None,
-    backend: str = "openvino",
+    backend: str | None = None,
+    backend_options: dict | None = None,
     overwrite: bool = False,
     example_input: Any = None,
     registry: Registry | None = None,
@@ -75,17 +81,18 @@ def compress(
 ) -> CompressedModel:
     """Compress `model` (a folder, a GGUF folder, an nn.Module; None = the default model).
 
-    Returns the CompressedModel; with `output`, it is also lowered to `backend` and written there.
+    Returns the CompressedModel; with `output`, it is also lowered to `backend` (default: the
+    format the model came in; OpenVINO for torch models) and written there.
     """
     config = config or CompressionConfig()
     if output is not None:
         check_output(output, overwrite)
     registry = registry or build_registry()
-    if output is not None:
-        registry.backend(backend)
     passes = build_passes(config, registry)
     model = resolve_model(model, registry)
     frontend = registry.frontend_for(model)
+    if output is not None:
+        _check_backend(registry.backend(backend or frontend.default_backend), config, dict(backend_options or {}))
 
     seconds = {}
     steps = tqdm(total=2 + len(passes) + (output is not None), desc="load", disable=not progress, unit="step")
@@ -102,10 +109,18 @@ def compress(
     compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds)
     try:
         if output is not None:
-            compressed.save(output, backend, overwrite, progress=steps)
+            compressed.save(output, backend, overwrite, progress=steps, backend_options=backend_options)
     finally:
         steps.close()
     return compressed
+
+
+def _check_backend(backend, config: CompressionConfig, options: dict) -> None:
+    check = getattr(backend, "check", None)
+    if check is not None:
+        check(config, options)
+    elif options:
+        raise QCompilerError(f"the {backend.name} backend takes no options ({', '.join(options)}): drop them")
 
 
 def build_passes(config: CompressionConfig, registry: Registry) -> list:
@@ -128,7 +143,8 @@ def resolve_model(model: Any, registry: Registry) -> Any:
                 return default()
         raise QCompilerError("no frontend provides a default model: pass a model folder")
     if isinstance(model, (str, Path)) and not Path(model).exists():
-        raise QCompilerError(f"model {model} does not exist: pass a transformers model folder or a folder with a .gguf file")
+        raise QCompilerError(f"model {model} does not exist: pass a transformers model folder, a folder with a "
+                             ".gguf file, an .onnx file or an OpenVINO .xml")
     return model
 
 

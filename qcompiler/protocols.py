@@ -28,6 +28,7 @@ class Source(Protocol):
 
 class Frontend(Protocol):
     name: str
+    default_backend: str  # the backend a model read by this frontend is written to unless told
 
     def can_load(self, model: Any) -> bool:
         """True if this frontend reads `model` (a path or an object)."""
@@ -48,9 +49,13 @@ class Frontend(Protocol):
 class Backend(Protocol):
     name: str
 
-    def lower(self, graph: Graph, source: Source, out_dir: Path) -> dict:
+    def check(self, config, options: dict) -> None:
+        """Optional: refuse, before any work, a config or option this backend cannot express."""
+
+    def lower(self, graph: Graph, source: Source, out_dir: Path, options: dict | None = None) -> dict:
         """Write the artifact for `graph` into the empty folder `out_dir`; return facts for the report
-        (at least `files` and `weight_bytes`: weight name -> bytes stored)."""
+        (at least `files` and `weight_bytes`: weight name -> bytes stored). `options` are the
+        backend's own (for ONNX: format, accuracy_level); refuse ones it does not know."""
 
     def can_load(self, path: Path) -> bool:
         """True if `path` is an artifact folder this backend wrote."""

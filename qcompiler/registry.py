@@ -42,8 +42,8 @@ class Registry:
             if frontend.can_load(model):
                 return frontend
         raise QCompilerError(
-            f"no frontend reads {model!r}: pass a transformers model folder, a folder with a .gguf file, "
-            f"or a torch nn.Module (frontends: {', '.join(self.frontends) or 'none installed'})"
+            f"no frontend reads {model!r}: pass a transformers model folder, a folder with a .gguf file, an .onnx "
+            f"file, an OpenVINO .xml or a torch nn.Module (frontends: {', '.join(self.frontends) or 'none installed'})"
         )
 
     def backend_for_artifact(self, path):

@@ -23,16 +23,28 @@ log = logging.getLogger("qcompiler")
 class OpenVINOBackend:
     name = "openvino"
 
-    def lower(self, graph, source, out_dir: Path) -> dict:
+    def check(self, config, options: dict) -> None:
+        if options:
+            raise QCompilerError(f"the openvino backend takes no options ({', '.join(options)}): drop them")
+
+    def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         import openvino as ov
 
+        from qcompiler.plugins.openvino.frontend import OpenVINOSource
         from qcompiler.plugins.openvino.lower import apply_weights, convert
 
+        self.check(None, options or {})
         start = time.perf_counter()
-        model, prefix = convert(source)
+        if isinstance(source, OpenVINOSource):
+            model, prefix, consts = source.model, "", source.constants
+        elif hasattr(source.model, "forward"):
+            (model, prefix), consts = convert(source), None
+        else:
+            raise QCompilerError(f"the openvino backend converts torch or OpenVINO models, not "
+                                 f"{type(source.model).__name__}: use --backend onnx for an ONNX model")
         converted = time.perf_counter()
         keep: list = []  # arrays the new constants share memory with, alive until saved
-        weight_bytes = apply_weights(model, graph, keep, prefix)
+        weight_bytes = apply_weights(model, graph, keep, prefix, consts)
         applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
@@ -111,3 +123,10 @@ class OpenVINORunner:
 @hookimpl
 def qcompiler_register_backends():
     return [OpenVINOBackend()]
+
+
+@hookimpl
+def qcompiler_register_frontends():
+    from qcompiler.plugins.openvino.frontend import OpenVINOFrontend
+
+    return [OpenVINOFrontend()]

@@ -44,10 +44,12 @@ def convert(source) -> tuple[ov.Model, str]:
     return ov.convert_model(source.model, example_input=example, input=shapes), ""
 
 
-def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "") -> dict[str, int]:
+def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None
+                  ) -> dict[str, int]:
     """Replace rewritten weights in `model`; return bytes stored per IR weight. The new constants
-    share memory with the arrays appended to `keep`: hold it until the model is saved."""
-    consts = _constants_by_name(model, "self." + prefix)
+    share memory with the arrays appended to `keep`: hold it until the model is saved. `consts` maps
+    IR weight names to the model's Constants; by default they are found by name."""
+    consts = consts if consts is not None else _constants_by_name(model, "self." + prefix)
     stored: dict[str, int] = {}
     for const in graph.weight_constants():
         name = const.attrs["weight"]

@@ -7,8 +7,8 @@ output logits [batch, seq, vocab]; per layer two variables holding past keys and
 [batch, kv_heads, past, head_dim], read at the start of a call (reordered by beam_idx, zeros of
 length 0 after a reset) and written with the new cache at its end.
 
-The float graph is traced by `openvino.convert_model` through a wrapper whose forward takes the
-past as plain tensors (seeded into a DynamicCache) and returns the present ones.
+The float graph is traced by `openvino.convert_model` through `KVCacheForward`, whose forward takes
+the past as plain tensors and returns the present ones.
 """
 
 from __future__ import annotations
@@ -16,49 +16,18 @@ from __future__ import annotations
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
-import torch
 
-PAST_LEN = 2  # the example's past length; every dimension that varies is declared dynamic
-
-
-class _KVCacheForward(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for i, layer in enumerate(cache.layers):
-            # seed each layer with the past directly: its lazy initialization starts from an empty
-            # rank-1 tensor that OpenVINO cannot concatenate on axis -2
-            layer.lazy_initialization(past[2 * i], past[2 * i + 1])
-            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+from qcompiler.plugins.torch.kvcache import KVCacheForward, example, io_names, kv_geometry
 
 
-def kv_geometry(config) -> tuple[int, int, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
-
-
-def convert_stateful(model: torch.nn.Module) -> ov.Model:
+def convert_stateful(model) -> ov.Model:
+    """`model`: a transformers causal LM (torch)."""
     layers, kv_heads, head_dim = kv_geometry(model.config)
-    ids = torch.tensor([[1, 2]])
-    past = [torch.zeros(1, kv_heads, PAST_LEN, head_dim) for _ in range(2 * layers)]
-    example = (ids, torch.ones(1, PAST_LEN + 2, dtype=torch.long), torch.tensor([[PAST_LEN, PAST_LEN + 1]]), *past)
     shapes = [ov.PartialShape([-1, -1])] * 3 + [ov.PartialShape([-1, kv_heads, -1, head_dim])] * (2 * layers)
-    ov_model = ov.convert_model(_KVCacheForward(model), example_input=example, input=shapes)
+    ov_model = ov.convert_model(KVCacheForward(model), example_input=example(model.config), input=shapes)
 
     names = ["input_ids", "attention_mask", "position_ids"]
-    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past_names, present_names = io_names(model.config)
     for port, name in zip(ov_model.inputs, names + past_names):
         port.get_tensor().set_names({name})
     for port, name in zip(ov_model.outputs, ["logits"] + present_names):

@@ -33,6 +33,7 @@ class TorchSource:
 
 class TorchFrontend:
     name = "torch"
+    default_backend = "openvino"
 
     def default_model(self) -> Path:
         return hf.default_model_path()

@@ -34,7 +34,12 @@ def gguf_file(folder: Path) -> str | None:
 
 
 def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / "config.json").is_file() or gguf_file(path) is not None)
+    """A transformers folder with its weights (safetensors or torch .bin) or a GGUF-bearing folder;
+    not an ONNX or OpenVINO export, which has a config.json too."""
+    if not path.is_dir():
+        return False
+    weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return ((path / "config.json").is_file() and weights) or gguf_file(path) is not None
 
 
 def load_causal_lm(folder: Path):

@@ -28,9 +28,14 @@ KERNEL_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM)
 class TorchKernelsBackend:
     name = "torch"
 
-    def lower(self, graph, source, out_dir: Path) -> dict:
+    def check(self, config, options: dict) -> None:
+        if options:
+            raise QCompilerError(f"the torch backend takes no options ({', '.join(options)}): drop them")
+
+    def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         from safetensors.torch import save_file
 
+        self.check(None, options or {})
         if not getattr(source, "is_causal_lm", False):
             raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
         tensors, layout, weight_bytes = {}, {}, {}

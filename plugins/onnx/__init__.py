@@ -1,0 +1,136 @@
+"""The ONNX backend and frontend.
+
+Backend "onnx": `model.onnx` for onnxruntime, with the KV cache as inputs / outputs in optimum's
+ORTModelForCausalLM layout (input_ids, attention_mask, position_ids, past_key_values.{i}.key|value
+-> logits, present.{i}.key|value), compressed MatMuls as MatMulNBits (see lower.py), next to the
+model's config and tokenizer files.
+
+Frontend "onnx": an existing `.onnx` file (or a folder holding `model.onnx`) becomes the IR; the
+backend then rewrites only its weights' ops, keeping every other node, input and output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompiler.errors import QCompilerError
+from qcompiler.hookspecs import hookimpl
+
+MODEL_FILE = "model.onnx"
+
+
+class ONNXBackend:
+    name = "onnx"
+
+    def check(self, config, options: dict) -> None:
+        from qcompiler.plugins.onnx.lower import ONNXOptions, check_config
+
+        check_config(config, ONNXOptions.from_dict(options))
+
+    def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
+        from qcompiler.plugins.onnx import lower
+        from qcompiler.plugins.onnx.frontend import ONNXSource
+
+        opts = lower.ONNXOptions.from_dict(options or {})
+        start = time.perf_counter()
+        if isinstance(source, ONNXSource):
+            model, prefix = source.model, ""
+        elif hasattr(source.model, "forward"):
+            model, prefix = lower.export_float(source, out_dir / MODEL_FILE)
+        else:
+            raise QCompilerError(f"the onnx backend writes torch or ONNX models, not {type(source.model).__name__}: "
+                                 "use --backend openvino for an OpenVINO model")
+        exported = time.perf_counter()
+        weight_bytes = lower.apply_weights(model, graph, prefix, opts)
+        applied = time.perf_counter()
+        files = lower.save(model, out_dir / MODEL_FILE)
+        seconds = {"export": exported - start, "apply_weights": applied - exported,
+                   "save": time.perf_counter() - applied}
+        return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
+
+    def can_load(self, path: Path) -> bool:
+        return (Path(path) / MODEL_FILE).is_file()
+
+    def runner(self, path: Path):
+        return ONNXRunner(Path(path) / MODEL_FILE)
+
+
+def session(path: Path):
+    """An onnxruntime CPU session; a corrupt or truncated file is a one-line error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise QCompilerError(f"onnxruntime cannot load {path}: {first} -- re-export the model or pass "
+                             "another file") from None
+
+
+@dataclass
+class ONNXRunner:
+    """Full-sequence logits (an empty cache per call) and token-by-token generation with the KV cache."""
+
+    path: Path
+    sess: Any = None
+
+    def __post_init__(self) -> None:
+        self.sess = session(self.path)
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        return self._step(ids, self._empty_cache(ids.shape[0]), 0)[0]
+
+    def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        cache = {}
+        for name in self.past:
+            shape = self.inputs[name].shape  # [batch, kv_heads, past, head_dim]
+            cache[name] = np.zeros((batch, shape[1], 0, shape[3]), np.float32)
+        return cache
+
+    def _step(self, ids: np.ndarray, cache: dict, past_len: int):
+        total = past_len + ids.shape[1]
+        feed = {"input_ids": ids, **cache}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((ids.shape[0], total), np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, total), ids.shape).astype(np.int64)
+        out = dict(zip(self.outputs, self.sess.run(None, feed)))
+        present = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
+        return out[self.outputs[0]], present
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
+        if not self.past:
+            raise QCompilerError(f"{self.path} has no past_key_values inputs, so it is not a text-generation "
+                                 "model: export it with its KV cache (optimum's text-generation-with-past)")
+        ids = list(input_ids)
+        new, cache = np.array([ids], np.int64), self._empty_cache(1)
+        for _ in range(max_new_tokens):
+            logits, cache = self._step(new, cache, len(ids) - new.shape[1])
+            ids.append(next_token(logits[0, -1]))
+            if ids[-1] == eos_token_id:
+                break
+            new = np.array([[ids[-1]]], np.int64)
+        return ids[len(input_ids):]
+
+
+@hookimpl
+def qcompiler_register_backends():
+    return [ONNXBackend()]
+
+
+@hookimpl
+def qcompiler_register_frontends():
+    from qcompiler.plugins.onnx.frontend import ONNXFrontend
+
+    return [ONNXFrontend()]

@@ -1,0 +1,277 @@
+"""Lowering to ONNX: the float graph, then each compressed weight's ops replaced by onnxruntime's.
+
+- MatMul: `com.microsoft::MatMulNBits` (4- and 8-bit integer modes; accuracy_level 4 by default,
+  onnxruntime's fast CPU path with int8-quantized activations), `com.microsoft::MatMulBnb4` for NF4,
+  or with format "qdq" a standard opset-21 `DequantizeLinear` (int4/uint4 blocked, int8/uint8 per
+  channel) feeding the MatMul, which onnxruntime fuses into MatMulNBits at load time.
+- Gather (embeddings): `com.microsoft::GatherBlockQuantized` on the same packed bytes as
+  MatMulNBits, so a tied embedding and lm_head store their codes once.
+MXFP4 has no onnxruntime CPU kernel (nothing takes e8m0 scales) and is refused before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.config import CompressionConfig, Mode
+from qcompiler.errors import QCompilerError
+from qcompiler.ir import Graph
+from qcompiler.plugins.onnx import layout
+from qcompiler.plugins.onnx.onnxgraph import GraphIndex, WeightUse
+
+MS_DOMAIN = "com.microsoft"
+OPSET = 21  # the first with int4/uint4 and blocked DequantizeLinear
+TWO_GB = 2**31 - 1
+FORMATS = ("nbits", "qdq")
+
+
+@dataclass(frozen=True)
+class ONNXOptions:
+    format: str = "nbits"  # MatMulNBits, or "qdq": standard DequantizeLinear -> MatMul
+    accuracy_level: int = 4  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+
+    @classmethod
+    def from_dict(cls, options: dict) -> ONNXOptions:
+        unknown = set(options) - {"format", "accuracy_level"}
+        if unknown:
+            raise QCompilerError(f"unknown ONNX backend options {sorted(unknown)}: use format and accuracy_level")
+        o = cls(**options)
+        if o.format not in FORMATS:
+            raise QCompilerError(f"unknown ONNX format '{o.format}': choose nbits (MatMulNBits) or qdq")
+        if o.accuracy_level not in range(5):
+            raise QCompilerError(f"accuracy level {o.accuracy_level} is not 0..4: use 4 (int8, fastest on CPU) or 0")
+        return o
+
+
+def check_config(config: CompressionConfig, options: ONNXOptions) -> None:
+    """Refuse, before any work, a mode onnxruntime cannot run."""
+    modes = {config.mode, config.backup_mode.mode} - {None}
+    if Mode.MXFP4 in modes:
+        raise QCompilerError(
+            "mxfp4 has no onnxruntime CPU kernel (no matmul op takes e8m0 scales): use --backend openvino "
+            "for mxfp4, or for ONNX a 4-bit mode such as int4_sym --group-size 32 or nf4"
+        )
+    if options.format == "qdq" and Mode.NF4 in modes:
+        raise QCompilerError("nf4 has no standard DequantizeLinear type: drop --onnx-format qdq (nf4 is written "
+                             "as MatMulBnb4) or use int4_sym / int4_asym")
+
+
+def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions) -> dict[str, int]:
+    """Rewrite `model` in place with the graph's compressed weights; return bytes stored per weight."""
+    index = GraphIndex(model.graph)
+    edit = _Edit(model, index, options)
+    stored: dict[str, int] = {}
+    for const in graph.weight_constants():
+        name = const.attrs["weight"]
+        cw = const.meta.get("compressed")
+        tensor_name = prefix + name
+        tensor = index.tensor(tensor_name)
+        if tensor is None:
+            if cw is not None or const.meta.get("rewritten"):
+                raise QCompilerError(f"weight {name} was not found in the ONNX model: its export renamed it; "
+                                     "please report it with the model's name")
+            stored[name] = graph.weight(const).numel() * graph.weight(const).element_size()
+            continue
+        if cw is None:
+            if const.meta.get("rewritten"):
+                edit.replace_tensor(tensor_name, graph.weight(const).float().numpy().astype(
+                    helper.tensor_dtype_to_np_dtype(tensor.data_type)))
+            stored[name] = _nbytes(tensor)
+            continue
+        uses = index.weight_uses(tensor_name)
+        if not uses:
+            raise QCompilerError(f"weight {name} feeds an op other than MatMul / Gather in the ONNX model, so it "
+                                 "cannot be compressed there: add it to the ignored scope")
+        stored[name] = edit.compress(tensor_name, tensor, uses, cw)
+    edit.commit()
+    return stored
+
+
+class _Edit:
+    """Collects new nodes and initializers, then rewrites the graph once."""
+
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex, options: ONNXOptions) -> None:
+        self.model, self.index, self.options = model, index, options
+        self.replace: dict[int, list[onnx.NodeProto]] = {}
+        self.drop_nodes: set[int] = set()
+        self.drop_tensors: set[str] = set()
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.need_ms_domain = False
+
+    def replace_tensor(self, name: str, array: np.ndarray) -> None:
+        self.drop_tensors.add(name)
+        self.new_initializers.append(numpy_helper.from_array(array, name))
+
+    def compress(self, tname: str, tensor: onnx.TensorProto, uses: list[WeightUse], cw) -> int:
+        stored_before = len(self.new_initializers)
+        shared: dict = {}
+        for use in uses:
+            op = use.node.op_type
+            if op == "MatMul" and cw.mode is Mode.NF4:
+                self._bnb4(tname, use, cw)
+            elif op == "MatMul" and self.options.format == "qdq":
+                self._qdq(tname, use, cw)
+            elif op == "MatMul":
+                self._nbits(tname, use, cw, shared)
+            elif op == "Gather" and cw.mode is not Mode.NF4:
+                self._gather(tname, use, cw, shared)
+            else:
+                what = "NF4 embeddings" if op == "Gather" else f"compressed {op} weights"
+                raise QCompilerError(f"{what} have no onnxruntime kernel ({tname}): leave them in backup precision "
+                                     "(drop --all-layers) or ignore them (--ignored-scope-type)")
+            self.drop_nodes.update(id(n) for n in use.chain)
+        self.drop_tensors.add(tname)
+        return sum(_nbytes(t) for t in self.new_initializers[stored_before:])
+
+    def _add(self, name: str, array: np.ndarray) -> str:
+        self.new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def _blocks(self, tname: str, cw, shared: dict) -> tuple[layout.Blocks, str]:
+        if "blocks" not in shared:
+            blocks = layout.to_blocks(cw, tname)
+            shared["blocks"] = blocks, self._add(f"{tname}_Q{blocks.bits}", blocks.data)
+        return shared["blocks"]
+
+    def _nbits(self, tname: str, use: WeightUse, cw, shared: dict) -> None:
+        blocks, data = self._blocks(tname, cw, shared)
+        inputs = [use.node.input[0], data, self._add(f"{tname}_scales", blocks.scale)]
+        zp = blocks.packed_zero_point()
+        if zp is not None:
+            inputs.append(self._add(f"{tname}_zp", zp))
+        node = helper.make_node(
+            "MatMulNBits", inputs, list(use.node.output), name=f"{use.node.name}_Q{blocks.bits}", domain=MS_DOMAIN,
+            K=blocks.k, N=blocks.n, bits=blocks.bits, block_size=blocks.block,
+            accuracy_level=self.options.accuracy_level,
+        )
+        self._swap(use.node, [node])
+
+    def _gather(self, tname: str, use: WeightUse, cw, shared: dict) -> None:
+        blocks, data = self._blocks(tname, cw, shared)
+        inputs = [data, use.node.input[1], self._add(f"{tname}_gather_scales", blocks.scale[..., None])]
+        if blocks.zero_point is not None:
+            inputs.append(self._add(f"{tname}_gather_zp", blocks.zero_point[..., None]))
+        out, base = use.node.output[0], use.node.name or tname
+        blocked, shape, k = f"{out}_blocks", f"{out}_shape", self._add(f"{tname}_K", np.array([blocks.k], np.int64))
+        nodes = [
+            helper.make_node("GatherBlockQuantized", inputs, [blocked], name=f"{base}_Q{blocks.bits}",
+                             domain=MS_DOMAIN, gather_axis=0, quantize_axis=2, block_size=blocks.block,
+                             bits=blocks.bits),
+            helper.make_node("Shape", [use.node.input[1]], [f"{out}_indices_shape"], name=f"{base}_Q/shape"),
+            helper.make_node("Concat", [f"{out}_indices_shape", k], [shape], name=f"{base}_Q/concat", axis=0),
+            helper.make_node("Reshape", [blocked, shape], [out], name=f"{base}_Q/reshape"),
+        ]
+        self._swap(use.node, nodes)
+
+    def _bnb4(self, tname: str, use: WeightUse, cw) -> None:
+        packed, absmax = layout.bnb4(cw)
+        n, k = cw.matrix_shape
+        inputs = [use.node.input[0], self._add(f"{tname}_nf4", packed), self._add(f"{tname}_absmax", absmax)]
+        node = helper.make_node("MatMulBnb4", inputs, list(use.node.output), name=f"{use.node.name}_NF4",
+                                domain=MS_DOMAIN, K=k, N=n, block_size=cw.group_size, quant_type=1)
+        self._swap(use.node, [node])
+
+    def _qdq(self, tname: str, use: WeightUse, cw) -> None:
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < OPSET and cw.mode.bits == 4:
+            raise QCompilerError(f"this ONNX model is opset {opset}; blocked int4 DequantizeLinear needs opset "
+                                 f"{OPSET}: drop --onnx-format qdq (MatMulNBits works at any opset)")
+        codes, scale, zp, axis = layout.qdq(cw)
+        signed = not cw.mode.asymmetric
+        if cw.mode.bits == 4:
+            q = helper.make_tensor(f"{tname}_q4", TensorProto.INT4 if signed else TensorProto.UINT4,
+                                   codes.shape, layout.pack_int4(codes), raw=True)
+            self.new_initializers.append(q)
+            q = q.name
+        else:
+            q = self._add(f"{tname}_q8", codes.astype(np.int8 if signed else np.uint8))
+        inputs = [q, self._add(f"{tname}_scale", scale)]
+        if zp is not None:
+            if cw.mode.bits == 4:
+                z = helper.make_tensor(f"{tname}_zp4", TensorProto.UINT4, zp.shape, layout.pack_int4(zp), raw=True)
+                self.new_initializers.append(z)
+                inputs.append(z.name)
+            else:
+                inputs.append(self._add(f"{tname}_zp8", zp))
+        attrs = {"axis": axis}
+        if cw.group_size != -1:
+            attrs["block_size"] = cw.group_size
+        dq_out = f"{tname}_dequantized_{use.node.name}"
+        nodes = [helper.make_node("DequantizeLinear", inputs, [dq_out], name=f"{use.node.name}_DQ", **attrs),
+                 helper.make_node("MatMul", [use.node.input[0], dq_out], list(use.node.output), name=use.node.name)]
+        self._swap(use.node, nodes)
+
+    def _swap(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        self.replace[id(old)] = new
+        self.need_ms_domain |= any(n.domain == MS_DOMAIN for n in new)
+
+    def commit(self) -> None:
+        g = self.model.graph
+        nodes = []
+        for node in g.node:
+            if id(node) in self.replace:
+                nodes.extend(self.replace[id(node)])
+            elif id(node) not in self.drop_nodes and not (
+                node.op_type == "Constant" and node.output[0] in self.drop_tensors
+            ):
+                nodes.append(node)
+        del g.node[:]
+        g.node.extend(nodes)
+        kept = [t for t in g.initializer if t.name not in self.drop_tensors]
+        del g.initializer[:]
+        g.initializer.extend(kept + self.new_initializers)
+        if self.need_ms_domain and not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def export_float(source, path: Path) -> tuple[onnx.ModelProto, str]:
+    """The float ONNX model of a torch source, and the prefix its initializers carry before IR names.
+
+    A causal LM is exported with its KV cache as inputs and outputs in optimum's ORTModelForCausalLM
+    layout. Constant folding is off so initializers keep the module's names (MatMuls read them
+    through a Transpose, which the lowering removes); onnxruntime folds what is left at load time.
+    """
+    import torch
+
+    if source.is_causal_lm:
+        from qcompiler.plugins.torch.kvcache import KVCacheForward, example, io_names
+
+        past, present = io_names(source.model.config)
+        names = ["input_ids", "attention_mask", "position_ids"]
+        dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                   "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+        dynamic.update({n: {0: "batch", 2: "past"} for n in past})
+        dynamic.update({n: {0: "batch", 2: "total"} for n in present})
+        module, args, prefix = KVCacheForward(source.model), example(source.model.config), "model."
+        inputs, outputs = names + past, ["logits"] + present
+    else:
+        module, args, prefix = source.model, tuple(source.example_input.values()), ""
+        inputs, outputs = list(source.example_input), None
+        dynamic = {n: {d: f"{n}_{d}" for d in range(t.dim() - 1)} for n, t in source.example_input.items()}
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=False)
+    return onnx.load(str(path)), prefix
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Write the model; over 2 GB, its tensors go to `<name>_data` next to it (ONNX external data)."""
+    for stale in (path, path.with_name(path.name + "_data")):
+        stale.unlink(missing_ok=True)
+    if model.ByteSize() < TWO_GB:
+        onnx.save(model, str(path))
+        return [path.name]
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + "_data", size_threshold=1024)
+    return [path.name, path.name + "_data"]

@@ -1,0 +1,37 @@
+"""The files that travel next to a model file: its config and tokenizer, for frontends that read a
+model file (ONNX, OpenVINO) rather than a transformers folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+COMPANIONS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin",
+)
+
+
+def copy_companions(folder: Path, out_dir: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the companions present in `folder` into `out_dir`, except `skip`; return their names."""
+    copied = []
+    for name in COMPANIONS:
+        if name not in skip and (folder / name).is_file() and not (out_dir / name).exists():
+            shutil.copy2(folder / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def load_tokenizer(folder: Path):
+    """The transformers tokenizer saved in `folder`, or None."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.getLogger("qcompiler").warning("the tokenizer files in %s do not load; continuing without", folder)
+        return None
