@@ -11,6 +11,7 @@ MXFP4 has no onnxruntime CPU kernel (nothing takes e8m0 scales) and is refused b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ FORMATS = ("nbits", "qdq")
 @dataclass(frozen=True)
 class ONNXOptions:
     format: str = "nbits"  # MatMulNBits, or "qdq": standard DequantizeLinear -> MatMul
-    accuracy_level: int = 4  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+    accuracy_level: int | None = None  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (default)
 
     @classmethod
     def from_dict(cls, options: dict) -> ONNXOptions:
@@ -43,6 +44,12 @@ class ONNXOptions:
         o = cls(**options)
         if o.format not in FORMATS:
             raise QCompilerError(f"unknown ONNX format '{o.format}': choose nbits (MatMulNBits) or qdq")
+        if o.format == "qdq" and o.accuracy_level is not None:
+            raise QCompilerError("a qdq model carries no accuracy level (onnxruntime's session option "
+                                 "session.qdq_matmulnbits_accuracy_level chooses it, default 4): drop "
+                                 "--onnx-accuracy-level or use --onnx-format nbits")
+        if o.accuracy_level is None:
+            return dataclasses.replace(o, accuracy_level=4)
         if o.accuracy_level not in range(5):
             raise QCompilerError(f"accuracy level {o.accuracy_level} is not 0..4: use 4 (int8, fastest on CPU) or 0")
         return o
