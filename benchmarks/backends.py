@@ -1,0 +1,168 @@
+"""The three backends side by side on SmolLM2-135M: fp32 / int8 / int4 artifacts in OpenVINO,
+onnxruntime and torch, each measured against the fp32 artifact of the same runtime, same run.
+
+    python benchmarks/backends.py [--windows 8] [--decode-tokens 128] [--backends openvino,onnx,torch]
+
+For each backend and weight format (fp32 = the float model in that backend's format):
+- prefill seconds: logits for one sequence of 512 tokens of WikiText-2 (fresh cache), median of 5
+  after one warm-up;
+- decode tokens/s: batch 1, greedy, a 16-token prompt; (N new tokens) / (time to generate N + 1
+  tokens - time to generate 1), so the prompt's prefill is not counted; best of 2;
+- artifact size: the bytes of the model files (OpenVINO .xml + .bin, model.onnx, model.safetensors);
+- perplexity: HF sliding-window method, windows of 512, the first `--windows` windows.
+It also compresses the fp32 OpenVINO and ONNX artifacts again through the OpenVINO and ONNX
+frontends with the int4 config and checks that every code equals the torch frontend's.
+Writes benchmarks/results/backends.json with the ratios and whether each bar of issue 3 is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+
+FORMATS = {
+    "fp32": {"mode": None},
+    "int8": {"mode": "int8_asym"},
+    "int4": {"mode": "int4_sym", "group_size": 64},
+}
+MODEL_FILES = {"openvino": ("openvino_model.xml", "openvino_model.bin"), "onnx": ("model.onnx", "model.onnx_data"),
+               "torch": ("model.safetensors",)}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(runner, ids: np.ndarray, args) -> dict:
+    from qcompiler.evaluate import perplexity
+    from qcompiler.generate import token_chooser
+
+    prefill_ids = ids[None, : args.prefill]
+    runner.logits(prefill_ids)  # warm-up
+    prefill = statistics.median(timed(lambda: runner.logits(prefill_ids)) for _ in range(5))
+    prompt, greedy = ids[1000:1016].tolist(), token_chooser()
+    first = min(timed(lambda: runner.generate(prompt, 1, greedy)) for _ in range(2))
+    full = min(timed(lambda: runner.generate(prompt, args.decode_tokens + 1, greedy)) for _ in range(2))
+    ppl = perplexity(runner, ids, window=512, stride=512, max_windows=args.windows, desc="perplexity")
+    return {"prefill_seconds": prefill, "decode_tokens_per_second": args.decode_tokens / (full - first),
+            "perplexity": ppl["perplexity"], "tokens_scored": ppl["tokens_scored"]}
+
+
+def codes_by_content(result) -> dict:
+    from qcompiler.quant import matrix_view
+
+    out = {}
+    for const, uses in result.graph.uses_by_weight().items():
+        matrix = matrix_view(result.graph.weight(const).float(), uses[0].reduction_axes)[0]
+        out[matrix.numpy().tobytes()] = const.meta.get("compressed")
+    return out
+
+
+def identical(want: dict, got: dict) -> bool:
+    if want.keys() != got.keys():
+        return False
+    for key, a in want.items():
+        b = got[key]
+        if (a is None) != (b is None):
+            return False
+        if a is not None and not (torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and (
+                (a.zero_point is None and b.zero_point is None) or torch.equal(a.zero_point, b.zero_point))):
+            return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--backends", default="openvino,onnx,torch")
+    parser.add_argument("--output", default=str(RESULTS / "backends.json"))
+    args = parser.parse_args()
+
+    from qcompiler import CompressionConfig, compress
+    from qcompiler.evaluate import read_text_ids
+    from qcompiler.registry import build_registry
+
+    registry = build_registry()
+    frontend = registry.frontends["torch"]
+    source = frontend.load(frontend.default_model())
+    ids = read_text_ids(source.tokenizer, WIKITEXT)
+    backends = args.backends.split(",")
+    rows: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            for fmt, spec in FORMATS.items():
+                out = Path(tmp) / f"{backend}-{fmt}"
+                seconds = timed(lambda: compress(source.model, CompressionConfig(**spec), output=out, backend=backend))
+                runner = registry.backend(backend).runner(out)
+                row = {"compress_seconds": seconds,
+                       "artifact_bytes": sum((out / f).stat().st_size for f in MODEL_FILES[backend] if (out / f).exists())}
+                row.update(measure(runner, ids, args))
+                rows[f"{backend}/{fmt}"] = row
+                print(backend, fmt, json.dumps(row), flush=True)
+                del runner
+
+        frontends = {}
+        int4 = CompressionConfig(**FORMATS["int4"])
+        want = codes_by_content(compress(source.model, int4))
+        for backend, file in (("openvino", "openvino_model.xml"), ("onnx", "model.onnx")):
+            if backend in backends:
+                got = codes_by_content(compress(Path(tmp) / f"{backend}-fp32" / file, int4))
+                frontends[backend] = {"weights": len(got), "compressed": sum(v is not None for v in got.values()),
+                                      "bit_identical_to_torch_frontend": identical(want, got)}
+                print("frontend", backend, frontends[backend], flush=True)
+
+    for key, row in rows.items():
+        backend, fmt = key.split("/")
+        base = rows[f"{backend}/fp32"]
+        row["decode_speedup_vs_fp32"] = row["decode_tokens_per_second"] / base["decode_tokens_per_second"]
+        row["prefill_speedup_vs_fp32"] = base["prefill_seconds"] / row["prefill_seconds"]
+        row["size_ratio_vs_fp32"] = row["artifact_bytes"] / base["artifact_bytes"]
+        if "openvino/" + fmt in rows:
+            row["perplexity_ratio_vs_openvino"] = row["perplexity"] / rows["openvino/" + fmt]["perplexity"]
+    bars = {}
+    for backend, need in (("openvino", 2.0), ("onnx", 2.0), ("torch", 1.3)):
+        if f"{backend}/int4" in rows:
+            bars[f"{backend} int4 decode >= {need}x fp32"] = rows[f"{backend}/int4"]["decode_speedup_vs_fp32"] >= need
+    for key, row in rows.items():
+        if "perplexity_ratio_vs_openvino" in row and not key.startswith("openvino/"):
+            bars[f"{key} perplexity within 1% of openvino"] = abs(row["perplexity_ratio_vs_openvino"] - 1) <= 0.01
+    for backend, r in frontends.items():
+        bars[f"{backend} frontend codes bit-identical"] = r["bit_identical_to_torch_frontend"]
+
+    result = {
+        "model": str(frontend.default_model()), "machine": f"{torch.get_num_threads()} torch threads",
+        "method": __doc__.split("\n\n", 2)[2].strip(), "formats": FORMATS, "rows": rows,
+        "frontends": frontends, "bars": bars,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2, default=str))
+    print(f"\n| backend/format | prefill 512 s | decode tok/s | decode x fp32 | size bytes | size x fp32 | ppl | ppl / OV |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, r in rows.items():
+        print(f"| {key} | {r['prefill_seconds']:.3f} | {r['decode_tokens_per_second']:.1f} | "
+              f"{r['decode_speedup_vs_fp32']:.2f} | {r['artifact_bytes']} | {r['size_ratio_vs_fp32']:.3f} | "
+              f"{r['perplexity']:.4f} | {r.get('perplexity_ratio_vs_openvino', float('nan')):.4f} |")
+    for name, ok in bars.items():
+        print(f"{'MET ' if ok else 'NOT MET'}  {name}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
