@@ -50,3 +50,23 @@ def test_modes_without_a_kernel_are_refused(tmp_path, config, message):
     with pytest.raises(QCompilerError, match=re.escape(message)):
         compress(tiny_llama(), config, output=tmp_path / "pt", backend="torch")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_4bit_codes_are_stored_two_per_byte(signed):
+    from qcompiler.plugins.torch_kernels import pack_nibbles, unpack_nibbles
+
+    low, high = (-8, 8) if signed else (0, 16)
+    codes = torch.randint(low, high, (3, 5, 7), dtype=torch.int8 if signed else torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (codes.numel() + 1) // 2
+    assert torch.equal(unpack_nibbles(packed, tuple(codes.shape), signed), codes)
+
+
+def test_int4_artifact_is_smaller_than_int8(tmp_path):
+    model = tiny_llama()
+    for name, config in (("int8", CompressionConfig(mode="int8_sym")),
+                         ("int4", CompressionConfig(mode="int4_sym", group_size=32, backup_mode="int8_sym"))):
+        compress(model, config, output=tmp_path / name, backend="torch")
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("int8", "int4")}
+    assert size["int4"] < 0.75 * size["int8"]

@@ -1,7 +1,7 @@
 """The torch backend: the same transformers model, its Linears on torch's CPU int kernels.
 
 The artifact folder holds `model.safetensors` (float tensors, and for each compressed weight its
-plain codes, scales and zero points), `qcompiler_torch.json` (which weight is in which format and
+codes in a plain layout -- 4-bit ones two per byte, low nibble first -- scales and zero points), `qcompiler_torch.json` (which weight is in which format and
 which modules use it) and the model's config and tokenizer. `load_model(folder)` gives back a
 transformers model whose `generate()` works as before, with its KV cache.
 """
@@ -46,13 +46,15 @@ class TorchKernelsBackend:
             if cw is None:
                 continue
             _check_kernel(name, cw)
-            for key, t in (("codes", cw.codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
+            codes = pack_nibbles(cw.codes) if cw.mode.bits == 4 else cw.codes
+            for key, t in (("codes", codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
                 if t is not None:
                     tensors[f"{name}::{key}"] = t.contiguous()
             layout[name] = {"mode": cw.mode.value, "group_size": cw.group_size, "shape": list(cw.shape),
+                            "codes_shape": list(cw.codes.shape),
                             "linears": [u.op.name.split("/")[0] for u in uses if u.op.op == "MatMul"],
                             "embeddings": [u.op.name.split("/")[0] for u in uses if u.op.op == "Gather"]}
-            weight_bytes[name] = sum(t.numel() * t.element_size() for t in (cw.codes, cw.scale, cw.zero_point)
+            weight_bytes[name] = sum(t.numel() * t.element_size() for t in (codes, cw.scale, cw.zero_point)
                                      if t is not None)
             compressed_names.add(name)
         names_by_ptr: dict[int, set[str]] = {}
@@ -91,6 +93,8 @@ def load_model(folder: str | Path):
     for name, info in layout.items():
         mode, g = Mode(info["mode"]), info["group_size"]
         codes, scale = tensors[f"{name}::codes"], tensors[f"{name}::scale"]
+        if mode.bits == 4:
+            codes = unpack_nibbles(codes, tuple(info["codes_shape"]), signed=not mode.asymmetric)
         zero_point = tensors.get(f"{name}::zero_point")
         for path in info["embeddings"]:  # no int gather kernel: embeddings decode to float once
             cw = CompressedWeight(mode, g, codes, scale, zero_point, tuple(info["shape"]))
@@ -103,6 +107,21 @@ def load_model(folder: str | Path):
             setattr(model.get_submodule(parent) if parent else model, child, new)
     model.eval()
     return model
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes two per byte, element 2i in the low nibble (signed codes as two's complement)."""
+    flat = (codes.reshape(-1).to(torch.int16) & 0x0F).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...], signed: bool) -> torch.Tensor:
+    flat = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[: int(np.prod(shape))]
+    if signed:
+        return ((flat.to(torch.int8) ^ 8) - 8).reshape(shape)
+    return flat.reshape(shape)
 
 
 class TorchKernelsRunner:
