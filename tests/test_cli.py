@@ -25,6 +25,11 @@ CASES = {
     "unknown backend": (["compress", "--backend", "tflite"], "unknown backend 'tflite'"),
     "dataset": (["compress", "--dataset", "wikitext"], "--dataset) is not implemented yet"),
     "eval missing": (["eval", "/no/artifact", "--text", "x.txt"], "artifact folder /no/artifact does not exist"),
+    "onnx option, openvino backend": (["compress", "--onnx-format", "qdq"], "add --backend onnx or drop them"),
+    "mxfp4 to onnx": (["compress", "--weight-format", "mxfp4", "--backend", "onnx"], "mxfp4 has no onnxruntime"),
+    "qdq with accuracy level": (["compress", "--backend", "onnx", "--onnx-format", "qdq", "--onnx-accuracy-level",
+                                 "0"], "a qdq model carries no accuracy level"),
+    "fp32 with group size": (["compress", "--weight-format", "fp32", "--group-size", "64"], "drop --group-size"),
 }
 
 
