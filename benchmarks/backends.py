@@ -7,7 +7,7 @@ For each backend and weight format (fp32 = the float model in that backend's for
 - prefill seconds: logits for one sequence of 512 tokens of WikiText-2 (fresh cache), median of 5
   after one warm-up;
 - decode tokens/s: batch 1, greedy, a 16-token prompt; (N new tokens) / (time to generate N + 1
-  tokens - time to generate 1), so the prompt's prefill is not counted; best of 2;
+  tokens - time to generate 1), so the prompt's prefill is not counted; best of 3;
 - artifact size: the bytes of the model files (OpenVINO .xml + .bin, model.onnx, model.safetensors);
 - perplexity: HF sliding-window method, windows of 512, the first `--windows` windows.
 It also compresses the fp32 OpenVINO and ONNX artifacts again through the OpenVINO and ONNX
@@ -55,8 +55,8 @@ def measure(runner, ids: np.ndarray, args) -> dict:
     runner.logits(prefill_ids)  # warm-up
     prefill = statistics.median(timed(lambda: runner.logits(prefill_ids)) for _ in range(5))
     prompt, greedy = ids[1000:1016].tolist(), token_chooser()
-    first = min(timed(lambda: runner.generate(prompt, 1, greedy)) for _ in range(2))
-    full = min(timed(lambda: runner.generate(prompt, args.decode_tokens + 1, greedy)) for _ in range(2))
+    first = min(timed(lambda: runner.generate(prompt, 1, greedy)) for _ in range(3))
+    full = min(timed(lambda: runner.generate(prompt, args.decode_tokens + 1, greedy)) for _ in range(3))
     ppl = perplexity(runner, ids, window=512, stride=512, max_windows=args.windows, desc="perplexity")
     return {"prefill_seconds": prefill, "decode_tokens_per_second": args.decode_tokens / (full - first),
             "perplexity": ppl["perplexity"], "tokens_scored": ppl["tokens_scored"]}

@@ -33,6 +33,7 @@ def convert_stateful(model) -> ov.Model:
     for port, name in zip(ov_model.outputs, ["logits"] + present_names):
         port.get_tensor().set_names({name})
     _add_beam_idx(ov_model, past_names)
+    _float_attention_masks(ov_model)
     from openvino._offline_transformations import apply_make_stateful_transformation
 
     apply_make_stateful_transformation(ov_model, dict(zip(past_names, present_names)))
@@ -51,6 +52,24 @@ def _add_beam_idx(ov_model: ov.Model, past_names: list[str]) -> None:
         gathered = ops.gather(port, beam_idx, ops.constant(np.int64(0)))
         for consumer in consumers:
             consumer.replace_source_output(gathered.output(0))
+    ov_model.validate_nodes_and_infer_types()
+
+
+def _float_attention_masks(ov_model: ov.Model) -> None:
+    """Boolean SDPA masks become additive f32 ones (0 / f32 min), as optimum's export has them: the CPU
+    plugin's attention with a boolean mask took 1.1 s of a 2 s prefill of 512 tokens, 0.2 s with f32."""
+    converted: dict[str, ov.Output] = {}
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "ScaledDotProductAttention" or op.get_input_size() < 4:
+            continue
+        mask = op.input_value(3)
+        if mask.get_element_type() != ov.Type.boolean:
+            continue
+        key = mask.get_node().get_name() + f":{mask.get_index()}"
+        if key not in converted:
+            lowest = np.float32(np.finfo(np.float32).min)
+            converted[key] = ops.select(mask, ops.constant(np.float32(0.0)), ops.constant(lowest)).output(0)
+        op.input(3).replace_source_output(converted[key])
     ov_model.validate_nodes_and_infer_types()
 
 
