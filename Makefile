@@ -39,6 +39,7 @@ test: $(STAMP) $(OPTIMUM_STAMP)
 bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pip install -q "nncf>=3.0"
 	$(PY) benchmarks/compare_nncf.py
+	$(PY) benchmarks/backends.py
 
 clean:
 	rm -rf out benchmarks/results
