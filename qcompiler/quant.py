@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompiler import _kernels
 from qcompiler.config import Mode
 
 EPS = torch.finfo(torch.float32).eps
@@ -110,6 +111,11 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
     """Round-to-nearest quantization of one weight; `group_size` -1 means per output channel."""
     matrix, transposed = matrix_view(tensor, reduction_axes)
     w = grouped(matrix.float(), group_size)
+    c = _kernels.get()
+    if c is not None:  # the same formulas in C, one pass over memory, multithreaded
+        table = {Mode.NF4: (_NF4_TABLE, _NF4_CODES), Mode.MXFP4: (_E2M1_TABLE, _E2M1_SORTED_CODES)}.get(mode, (None, None))
+        codes, scale, zero_point = c.quantize(w.contiguous(), mode, *table)
+        return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
     rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
     if rows >= w.shape[0]:
         codes, scale, zero_point = _QUANTIZERS[mode](w, mode)
@@ -216,12 +222,14 @@ def _nf4(w: torch.Tensor, mode: Mode):
 
 def _mxfp4(w: torch.Tensor, mode: Mode):
     amax = torch.clamp(w.abs().amax(dim=-1, keepdim=True) / 6.0, min=EPS)
-    exponent = torch.clamp(torch.ceil(torch.log2(amax)), -127, 127)
+    mantissa, exponent = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): ceil(log2(amax)), exactly
+    exponent = torch.clamp(torch.where(mantissa == 0.5, exponent - 1, exponent), -127, 127)
     scale = (exponent + 127).to(torch.uint8)
     return quantize_matrix_with_scale(w, mode, scale, None), scale, None
 
 
 _NF4_TABLE = _LevelTable(NF4_VALUES)
+_NF4_CODES = torch.arange(16, dtype=torch.uint8)
 _E2M1_TABLE = _LevelTable(_E2M1_SORTED, ties_to_even=True)
 
 
@@ -238,6 +246,9 @@ _QUANTIZERS = {
 def quantization_error(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> float:
     """max over output channels of mean((dequantize(quantize(W)) - W)^2): NNCF's "max_mean"."""
     matrix, _ = matrix_view(tensor, reduction_axes)
+    c = _kernels.get()
+    if c is not None and group_size == -1 and mode.bits == 8:
+        return c.int_error(matrix.float().contiguous(), mode)
     rows = max(1, BLOCK_ELEMENTS // matrix.shape[1])
     worst = 0.0
     for i in range(0, matrix.shape[0], rows):  # in blocks of rows, so temporaries stay in cache
