@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcompiler import CompressionConfig, QCompilerError, compress
-from qcompiler.plugins.onnx import ONNXRunner, lower
+from qcompiler.plugins.onnx import ONNXRunner, export
 from qcompiler.plugins.torch import TorchRunner
 from tests.conftest import tiny_llama
 from tests.test_openvino_backend import IDS, reference_logits
@@ -74,7 +74,7 @@ def test_fp32_export_matches_torch_and_generates_with_the_cache(tmp_path):
 
 
 def test_large_models_are_written_with_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(lower, "TWO_GB", 1000)
+    monkeypatch.setattr(export, "TWO_GB", 1000)
     compress(tiny_llama(), CompressionConfig(mode="int4_sym", group_size=32), output=tmp_path / "o", backend="onnx")
     assert (tmp_path / "o" / "model.onnx_data").stat().st_size > (tmp_path / "o" / "model.onnx").stat().st_size
     assert ONNXRunner(tmp_path / "o" / "model.onnx").logits(IDS).shape == (1, IDS.shape[1], 256)

@@ -33,7 +33,7 @@ class ONNXBackend:
         check_config(config, ONNXOptions.from_dict(options))
 
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
-        from qcompiler.plugins.onnx import lower
+        from qcompiler.plugins.onnx import export, lower
         from qcompiler.plugins.onnx.frontend import ONNXSource
 
         opts = lower.ONNXOptions.from_dict(options or {})
@@ -41,14 +41,14 @@ class ONNXBackend:
         if isinstance(source, ONNXSource):
             model, prefix = source.model, ""
         elif hasattr(source.model, "forward"):
-            model, prefix = lower.export_float(source, out_dir / MODEL_FILE)
+            model, prefix = export.export_float(source, out_dir / MODEL_FILE)
         else:
             raise QCompilerError(f"the onnx backend writes torch or ONNX models, not {type(source.model).__name__}: "
                                  "use --backend openvino for an OpenVINO model")
         exported = time.perf_counter()
         weight_bytes = lower.apply_weights(model, graph, prefix, opts)
         applied = time.perf_counter()
-        files = lower.save(model, out_dir / MODEL_FILE)
+        files = export.save(model, out_dir / MODEL_FILE)
         seconds = {"export": exported - start, "apply_weights": applied - exported,
                    "save": time.perf_counter() - applied}
         return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
