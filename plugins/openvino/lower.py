@@ -21,6 +21,7 @@ import torch
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
+from qcompiler.plugins.openvino.fuse import concatenate, fusable_groups, replace_with_split
 from qcompiler.quant import CompressedWeight
 
 CODE_TYPES = {
@@ -50,20 +51,33 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
     share memory with the arrays appended to `keep`: hold it until the model is saved. `consts` maps
     IR weight names to the model's Constants; by default they are found by name."""
     consts = consts if consts is not None else _constants_by_name(model, "self." + prefix)
+    compressed = {c.attrs["weight"]: c.meta["compressed"] for c in graph.weight_constants() if "compressed" in c.meta}
+    missing = [name for name in compressed if name not in consts]
+    missing += [c.attrs["weight"] for c in graph.weight_constants()
+                if c.meta.get("rewritten") and c.attrs["weight"] not in consts]
+    if missing:
+        raise QCompilerError(
+            f"weight {missing[0]} was not found in the converted OpenVINO model: this model's conversion "
+            "renames its weights; please report it with the model's name"
+        )
     stored: dict[str, int] = {}
+    for group in fusable_groups({n: consts[n] for n in compressed}, compressed):
+        names = [name for name, _ in group]
+        weights = [compressed.pop(name) for name in names]
+        out, _ = _decompression(concatenate(weights), f"{names[0]}/fused", consts[names[0]].get_element_type(), keep)
+        replace_with_split([matmul for _, matmul in group], out, f"{group[0][1].get_friendly_name()}/fused")
+        for name, cw in zip(names, weights):
+            stored[name] = _stored_bytes(cw)
     for const in graph.weight_constants():
         name = const.attrs["weight"]
-        cw: CompressedWeight | None = const.meta.get("compressed")
+        if name in stored:
+            continue
+        cw: CompressedWeight | None = compressed.get(name)
         tensor = graph.weight(const)
         if cw is None and not const.meta.get("rewritten"):
             stored[name] = tensor.numel() * tensor.element_size()
             continue
-        target = consts.get(name)
-        if target is None:
-            raise QCompilerError(
-                f"weight {name} was not found in the converted OpenVINO model: this model's conversion "
-                "renames its weights; please report it with the model's name"
-            )
+        target = consts[name]
         if cw is None:
             new_output, nbytes = _float_constant(tensor.float().numpy(), name), tensor.numel() * 4
         else:
@@ -73,6 +87,15 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         stored[name] = nbytes
     model.validate_nodes_and_infer_types()
     return stored
+
+
+def _stored_bytes(cw: CompressedWeight) -> int:
+    """Bytes of one weight's codes, scales and zero points as the IR stores them (4-bit packed)."""
+    def nbytes(t, bits):
+        return (t.numel() * bits + 7) // 8
+    scale_bits = 8 if cw.mode is Mode.MXFP4 else 16
+    total = nbytes(cw.codes, cw.mode.bits) + nbytes(cw.scale, scale_bits)
+    return total + (nbytes(cw.zero_point, cw.mode.bits) if cw.zero_point is not None else 0)
 
 
 def _constants_by_name(model: ov.Model, prefix: str) -> dict[str, ov.Node]:
