@@ -32,6 +32,16 @@ static inline _Float16 f16_scale(float scale) {
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+static inline void min_max(const float *x, int64_t n, float *lo, float *hi) {
+    float a = x[0], b = x[0];
+    for (int64_t j = 1; j < n; j++) {
+        a = x[j] < a ? x[j] : a;
+        b = x[j] > b ? x[j] : b;
+    }
+    *lo = a;
+    *hi = b;
+}
+
 /* Integer modes. codes: int8 (symmetric) or uint8 (asymmetric) [groups * g]; scale: f16 bits
  * [groups]; zero_point: uint8 [groups] or NULL for symmetric. */
 CLONES void quantize_int(const float *w, int64_t groups, int64_t g, int bits, int asym, void *codes,
@@ -40,11 +50,8 @@ CLONES void quantize_int(const float *w, int64_t groups, int64_t g, int bits, in
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < groups; i++) {
         const float *x = w + i * g;
-        float lo = x[0], hi = x[0];
-        for (int64_t j = 1; j < g; j++) {
-            lo = x[j] < lo ? x[j] : lo;
-            hi = x[j] > hi ? x[j] : hi;
-        }
+        float lo, hi;
+        min_max(x, g, &lo, &hi);
         _Float16 s16;
         if (asym) {
             lo = lo < 0.0f ? lo : 0.0f;
@@ -113,11 +120,8 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : worst)
     for (int64_t i = 0; i < rows; i++) {
         const float *x = w + i * k;
-        float lo = x[0], hi = x[0];
-        for (int64_t j = 1; j < k; j++) {
-            lo = x[j] < lo ? x[j] : lo;
-            hi = x[j] > hi ? x[j] : hi;
-        }
+        float lo, hi;
+        min_max(x, k, &lo, &hi);
         float sum = 0.0f;
         if (asym) {
             lo = lo < 0.0f ? lo : 0.0f;
