@@ -73,27 +73,10 @@ def decode_speeds(runners: dict, ids: np.ndarray, args) -> dict:
     return best
 
 
-def codes_by_content(result) -> dict:
-    from qcompiler.quant import matrix_view
-
-    out = {}
-    for const, uses in result.graph.uses_by_weight().items():
-        matrix = matrix_view(result.graph.weight(const).float(), uses[0].reduction_axes)[0]
-        out[matrix.numpy().tobytes()] = const.meta.get("compressed")
-    return out
-
-
 def identical(want: dict, got: dict) -> bool:
-    if want.keys() != got.keys():
-        return False
-    for key, a in want.items():
-        b = got[key]
-        if (a is None) != (b is None):
-            return False
-        if a is not None and not (torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and (
-                (a.zero_point is None and b.zero_point is None) or torch.equal(a.zero_point, b.zero_point))):
-            return False
-    return True
+    return want.keys() == got.keys() and all(
+        (a is None and got[key] is None) or (a is not None and got[key] is not None and a.same_codes(got[key]))
+        for key, a in want.items())
 
 
 def main() -> int:
@@ -108,6 +91,7 @@ def main() -> int:
 
     from qcompiler import CompressionConfig, compress
     from qcompiler.evaluate import read_text_ids
+    from qcompiler.quant import compressed_by_content
     from qcompiler.registry import build_registry
 
     registry = build_registry()
@@ -134,10 +118,10 @@ def main() -> int:
 
         frontends = {}
         int4 = CompressionConfig(**FORMATS["int4"])
-        want = codes_by_content(compress(source.model, int4))
+        want = compressed_by_content(compress(source.model, int4).graph)
         for backend, file in (("openvino", "openvino_model.xml"), ("onnx", "model.onnx")):
             if backend in backends:
-                got = codes_by_content(compress(Path(tmp) / f"{backend}-fp32" / file, int4))
+                got = compressed_by_content(compress(Path(tmp) / f"{backend}-fp32" / file, int4).graph)
                 frontends[backend] = {"weights": len(got), "compressed": sum(v is not None for v in got.values()),
                                       "bit_identical_to_torch_frontend": identical(want, got)}
                 print("frontend", backend, frontends[backend], flush=True)

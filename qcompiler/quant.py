@@ -71,6 +71,14 @@ class CompressedWeight:
         w = (values * scale_values(self)).reshape(self.matrix_shape)
         return restore(w, self.shape, self.transposed)
 
+    def same_codes(self, other: CompressedWeight) -> bool:
+        """Bit-identical codes, scales and zero points in the same format."""
+        if (self.mode, self.group_size) != (other.mode, other.group_size) or (self.zero_point is None) != (
+                other.zero_point is None):
+            return False
+        return (torch.equal(self.codes, other.codes) and torch.equal(self.scale, other.scale)
+                and (self.zero_point is None or torch.equal(self.zero_point, other.zero_point)))
+
     def storage_bits(self) -> int:
         """Bits this weight needs in theory: codes, scales and zero points, nothing else."""
         bits = self.codes.numel() * self.mode.bits + self.scale.numel() * self.mode.scale_bits
@@ -241,6 +249,16 @@ _QUANTIZERS = {
     Mode.NF4: _nf4,
     Mode.MXFP4: _mxfp4,
 }
+
+
+def compressed_by_content(graph) -> dict[bytes, CompressedWeight | None]:
+    """Each weight's compressed form keyed by its float [N, K] matrix, so the same weight read by two
+    frontends (named and laid out differently) meets under one key."""
+    out = {}
+    for const, uses in graph.uses_by_weight().items():
+        matrix = matrix_view(graph.weight(const).float(), uses[0].reduction_axes)[0]
+        out[matrix.numpy().tobytes()] = const.meta.get("compressed")
+    return out
 
 
 def quantization_error(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> float:

@@ -11,7 +11,7 @@ from qcompiler import CompressionConfig, QCompilerError, compress
 from qcompiler.generate import token_chooser
 from qcompiler.plugins.onnx import ONNXRunner
 from qcompiler.plugins.openvino import OpenVINORunner
-from qcompiler.quant import matrix_view
+from qcompiler.quant import compressed_by_content
 from tests.conftest import tiny_llama
 from tests.test_openvino_backend import IDS
 
@@ -33,23 +33,14 @@ def exported(tmp_path_factory):
     return model, {backend: root / backend / name for backend, name in FILES.items()}
 
 
-def codes_by_content(result) -> dict:
-    """Each compressed weight keyed by its float [N, K] matrix, which every frontend sees alike."""
-    out = {}
-    for const, uses in result.graph.uses_by_weight().items():
-        matrix = matrix_view(result.graph.weight(const).float(), uses[0].reduction_axes)[0]
-        out[matrix.numpy().tobytes()] = const.meta.get("compressed")
-    return out
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.mode.value)
 @pytest.mark.parametrize("frontend", FILES)
 def test_codes_are_bit_identical_to_the_torch_frontend(exported, tmp_path, frontend, config):
     model, files = exported
     if frontend == "onnx" and config.all_layers:  # nf4 embeddings have no onnxruntime kernel
         config = config.replace(all_layers=False)
-    want = codes_by_content(compress(model, config))
-    got = codes_by_content(compress(files[frontend], config, output=tmp_path / "o"))
+    want = compressed_by_content(compress(model, config).graph)
+    got = compressed_by_content(compress(files[frontend], config, output=tmp_path / "o").graph)
     assert want.keys() == got.keys()
     for key, cw in want.items():
         other = got[key]

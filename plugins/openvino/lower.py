@@ -67,7 +67,7 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         out, _ = _decompression(concatenate(weights), f"{names[0]}/fused", consts[names[0]].get_element_type(), keep)
         replace_with_split([matmul for _, matmul in group], out, f"{group[0][1].get_friendly_name()}/fused")
         for name, cw in zip(names, weights):
-            stored[name] = _stored_bytes(cw)
+            stored[name] = -(-cw.storage_bits() // 8)
     for const in graph.weight_constants():
         name = const.attrs["weight"]
         if name in stored:
@@ -87,15 +87,6 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         stored[name] = nbytes
     model.validate_nodes_and_infer_types()
     return stored
-
-
-def _stored_bytes(cw: CompressedWeight) -> int:
-    """Bytes of one weight's codes, scales and zero points as the IR stores them (4-bit packed)."""
-    def nbytes(t, bits):
-        return (t.numel() * bits + 7) // 8
-    scale_bits = 8 if cw.mode is Mode.MXFP4 else 16
-    total = nbytes(cw.codes, cw.mode.bits) + nbytes(cw.scale, scale_bits)
-    return total + (nbytes(cw.zero_point, cw.mode.bits) if cw.zero_point is not None else 0)
 
 
 def _constants_by_name(model: ov.Model, prefix: str) -> dict[str, ov.Node]:
