@@ -36,6 +36,7 @@ class PrecisionOptions:
     backup: Mode | None
     all_layers: bool
     fallback: GroupSizeFallback
+    strict: bool = False  # the user's group size must divide at least one ratio-defining layer
 
 
 class PrecisionAssignment(Pass):
@@ -47,8 +48,8 @@ class PrecisionAssignment(Pass):
         if config.mode is None:
             return None  # fp32: no weight gets a format
         return PrecisionOptions(
-            config.mode, config.group_size, config.ratio, config.backup_mode.mode,
-            config.all_layers, config.group_size_fallback,
+            config.mode, config.effective_group_size, config.ratio, config.backup_mode.mode,
+            config.all_layers, config.fallback, config.strict_group_size,
         )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -102,6 +103,13 @@ class PrecisionAssignment(Pass):
                 bad.append(f"{c.name} (K={k})")
             else:
                 fallen_back.append(c.name)
+        if o.strict and defining and len(sizes) == len(adjusted):
+            ks = sorted({matrix_view(graph.weight(c), by_const[c][0].reduction_axes)[0].shape[1] for c in defining})
+            raise QCompilerError(
+                f"group size {o.group_size} divides none of the {len(defining)} layers' input channels "
+                f"({', '.join(map(str, ks[:6]))}): pick one that divides them (such as {ks[0] & -ks[0]}), or add "
+                "--group-size-fallback adjust to let every layer take the largest power of two dividing it"
+            )
         if bad:
             raise QCompilerError(
                 f"group size {o.group_size} does not divide the input channels of {len(bad)} layers "

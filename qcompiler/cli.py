@@ -1,18 +1,24 @@
 """`qcompiler compress | eval | graph`. Flags follow `optimum-cli export openvino` where the knob exists.
 
-Every user error is one line on stderr and exit status 2; nothing is written.
+Every user error is one line on stderr and exit status 2; nothing is written. SIGINT and SIGTERM
+(and SIGHUP) end the run the same way, with status 128 + the signal's number. Standard input is
+never read. This module imports only the light core, so an interrupt while torch and the runtimes
+load is handled like any other.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from qcompiler.config import CompressionConfig, IgnoredScope, Mode, parse_enum
+from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
 from qcompiler.errors import QCompilerError
 
 WEIGHT_FORMATS = ["int8", "int4", *[m.value for m in Mode], "fp32"]
@@ -23,17 +29,70 @@ class _Parser(argparse.ArgumentParser):
         raise QCompilerError(f"{message}: see `{self.prog} --help`")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    previous = _handle_signals()
+    stdin = sys.stdin
     try:
+        sys.stdin = io.StringIO("")  # a library that asks a question gets no answer, never the user's input
+        warnings.filterwarnings("ignore")
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
         args = _parser().parse_args(argv)
         return args.func(args)
     except QCompilerError as exc:
-        print(f"qcompiler: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return _fail(f"qcompiler: error: {exc}", 2)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return _fail(f"qcompiler: interrupted by {signal.Signals(signum).name}: nothing was written", 128 + signum)
+    except Exception as exc:
+        if _received:  # a signal that surfaced through a library as its own exception type
+            signum = _received[-1]
+            return _fail(f"qcompiler: interrupted by {signal.Signals(signum).name}: nothing was written", 128 + signum)
+        if os.environ.get("QCOMPILER_TRACEBACK"):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return _fail(f"qcompiler: internal error: {type(exc).__name__}: {first} -- this is a bug, or an input "
+                     "qcompiler does not check yet; rerun with QCOMPILER_TRACEBACK=1 and report it", 1)
+    finally:
+        sys.stdin = stdin
+        _received.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _handle_signals() -> dict:
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, _on_signal)
+        except (ValueError, OSError):  # not the main thread: the embedding program handles signals
+            pass
+    return previous
+
+
+def _fail(message: str, status: int) -> int:
+    """Print `message` on a line of its own (after closing any progress bar), return `status`."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+    print(message, file=sys.stderr)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--all-layers", action="store_true", help="embeddings and the last MatMul in 4-bit too")
     c.add_argument("--awq", action="store_true", help="AWQ (data-free when no --dataset)")
     c.add_argument("--dataset", help="calibration text file or dataset name (data-aware algorithms)")
-    c.add_argument("--group-size-fallback", default="adjust", help="adjust, ignore or error")
+    c.add_argument("--group-size-fallback", choices=["adjust", "ignore", "error"],
+                   help="layers the group size does not divide: adjust (the default; the largest power of two "
+                        "dividing the layer), ignore (backup precision) or error; naming one also accepts a group "
+                        "size that is not a power of two")
     c.add_argument("--ignored-scope-name", action="append", default=[], metavar="NAME")
     c.add_argument("--ignored-scope-pattern", action="append", default=[], metavar="REGEX")
     c.add_argument("--ignored-scope-type", action="append", default=[], metavar="OP")
@@ -64,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx backend: MatMulNBits (default) or standard DequantizeLinear -> MatMul")
     c.add_argument("--onnx-accuracy-level", type=int, choices=range(5), metavar="0-4",
                    help="onnx backend: MatMulNBits accuracy_level (default 4: int8 activations, fastest on CPU)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder, only if qcompiler wrote it (see README, Safety)")
+    _add_load_flags(c)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_compress)
 
     e = sub.add_parser("eval", help="perplexity of an artifact and of its original model")
@@ -73,26 +137,45 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="plain-text file (e.g. WikiText-2 valid.txt)")
     e.add_argument("--original", help="original model (default: the source recorded in the report)")
     e.add_argument("--no-original", action="store_true", help="evaluate the artifact only")
-    e.add_argument("--window", type=int, default=512)
-    e.add_argument("--stride", type=int, default=512)
+    e.add_argument("--window", type=int, default=512, help="tokens per window (at least 2)")
+    e.add_argument("--stride", type=int, default=512, help="tokens between window starts (1 to --window)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    _add_load_flags(e)
     e.set_defaults(func=_eval)
 
     gen = sub.add_parser("generate", help="generate text with an artifact")
     gen.add_argument("artifact", help="folder written by `qcompiler compress`")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="at least 1")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, above 0")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, k at least 1")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
 
     g = sub.add_parser("graph", help="list the weight-bearing nodes of a model (names for --ignored-scope-*)")
     g.add_argument("model", nargs="?")
     g.add_argument("--full", action="store_true", help="print the whole IR text")
+    _add_load_flags(g)
     g.set_defaults(func=_graph)
     return parser
+
+
+def _add_load_flags(parser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model folder ships (transformers' auto_map); off by default")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pickle weights (pytorch_model.bin) with torch's weights-only loader; "
+                             "safetensors need nothing")
+
+
+def load_options_from_args(args) -> LoadOptions:
+    return LoadOptions(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+
+
+def _at_least(value, low, flag: str, fix: str) -> None:
+    if value is not None and value < low:
+        raise QCompilerError(f"{flag} {value} is below {low}: {fix}")
 
 
 def config_from_args(args) -> CompressionConfig:
@@ -104,6 +187,11 @@ def config_from_args(args) -> CompressionConfig:
                                  dataset=args.dataset)
     if mode in ("int4", "int8"):
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
+    elif args.sym and mode.endswith("_asym"):
+        raise QCompilerError(f"--sym contradicts --weight-format {mode}: pass --weight-format {mode[:4]} --sym, "
+                             "or drop --sym")
+    elif args.sym and not mode.endswith("_sym"):
+        raise QCompilerError(f"--sym applies to int4 and int8 only, not {mode}: drop --sym")
     scope = IgnoredScope(
         names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
         types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
@@ -120,13 +208,24 @@ def _compress(args) -> int:
     from qcompiler.report import REPORT_FILE, format_report
 
     config = config_from_args(args)
-    output = args.output or _default_output(args.model, config)
+    output = args.output if args.output is not None else _default_output(args.model, config)
+    if args.quiet:
+        _quiet_libraries()
+    load = load_options_from_args(args)
     result = compress(args.model, config, output=output, backend=args.backend,
                       backend_options=backend_options_from_args(args), overwrite=args.overwrite,
-                      progress=not args.quiet)
+                      progress=not args.quiet, trust_remote_code=load.trust_remote_code,
+                      allow_pickle=load.allow_pickle)
     print(format_report(result.report))
     print(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def backend_options_from_args(args) -> dict:
@@ -144,27 +243,35 @@ def _default_output(model, config: CompressionConfig) -> str:
 
 
 def _eval(args) -> int:
-    from qcompiler.report import REPORT_FILE
     from qcompiler.evaluate import perplexity, read_text_ids
     from qcompiler.registry import build_registry
 
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    _at_least(args.window, 2, "--window", "a window needs at least 2 tokens (512 is the usual)")
+    _at_least(args.stride, 1, "--stride", "pass a stride between 1 and --window")
+    _at_least(args.max_windows, 1, "--max-windows", "pass a positive number of windows, or drop it for all")
+    if args.stride > args.window:
+        raise QCompilerError(f"--stride {args.stride} is above --window {args.window}, which would skip text: "
+                             "pass a stride of at most the window")
+    if not Path(args.text).is_file():
+        raise QCompilerError(f"text file {args.text} does not exist: pass --text with a plain-text file")
     registry = build_registry()
     backend = registry.backend_for_artifact(artifact)
+    original = None if args.no_original else (args.original or _recorded_source(artifact))
     tokenizer = _artifact_tokenizer(artifact)
     ids = read_text_ids(tokenizer, args.text)
     opts = {"window": args.window, "stride": args.stride, "max_windows": args.max_windows}
     results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
-    original = args.original
-    if original is None and not args.no_original and (artifact / REPORT_FILE).is_file():
-        original = json.loads((artifact / REPORT_FILE).read_text()).get("source")
-    if original and not args.no_original:
+    if original:
         frontend = registry.frontend_for(original)
-        source = frontend.load(original)
+        source = frontend.load(original, options=load_options_from_args(args))
         results["original"] = perplexity(frontend.runner(source), ids, desc="original", **opts)
-    (artifact / "qcompiler_eval.json").write_text(json.dumps(results, indent=2))
+    try:
+        (artifact / "qcompiler_eval.json").write_text(json.dumps(results, indent=2))
+    except OSError as exc:
+        logging.getLogger("qcompiler").warning("could not save qcompiler_eval.json in %s: %s", artifact, exc.strerror)
     print(f"perplexity on {args.text}: {results['compressed']['tokens_scored']} tokens, windows of {args.window} "
           f"every {args.stride} tokens (Hugging Face sliding-window method)")
     for name, r in results.items():
@@ -175,6 +282,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _recorded_source(artifact: Path) -> str | None:
+    """The original model the artifact's report names; an error if it is gone."""
+    from qcompiler.report import REPORT_FILE
+
+    try:
+        source = json.loads((artifact / REPORT_FILE).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if source and not Path(source).exists():
+        raise QCompilerError(f"the original model recorded in {artifact / REPORT_FILE} ({source}) does not exist "
+                             "here: pass --original MODEL, or --no-original to evaluate the artifact alone")
+    return source
+
+
 def _generate(args) -> int:
     from qcompiler.generate import token_chooser
     from qcompiler.registry import build_registry
@@ -182,6 +303,11 @@ def _generate(args) -> int:
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    _at_least(args.max_new_tokens, 1, "--max-new-tokens", "ask for at least one new token")
+    _at_least(args.top_k, 1, "--top-k", "sample among at least one token")
+    if not args.temperature > 0:
+        raise QCompilerError(f"--temperature {args.temperature} is not above 0: pass a positive temperature such as "
+                             "0.8, or drop --sample for greedy decoding")
     runner = build_registry().backend_for_artifact(artifact).runner(artifact)
     tokenizer = _artifact_tokenizer(artifact)
     ids = tokenizer(args.prompt).input_ids
@@ -195,8 +321,8 @@ def _artifact_tokenizer(artifact: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(artifact)
-    except (OSError, ValueError) as exc:
+        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
+    except Exception as exc:  # the tokenizer loaders raise many types on damaged files
         raise QCompilerError(f"no tokenizer in {artifact} ({type(exc).__name__}): compress from a model folder "
                              "that has one, or copy its tokenizer files into the artifact") from None
 
@@ -208,7 +334,7 @@ def _graph(args) -> int:
     registry = build_registry()
     model = resolve_model(args.model, registry)
     frontend = registry.frontend_for(model)
-    graph = frontend.trace(frontend.load(model))
+    graph = frontend.trace(frontend.load(model, options=load_options_from_args(args)))
     if args.full:
         print(graph.to_text())
         return 0

@@ -31,7 +31,7 @@ def load_tokenizer(folder: Path):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception:  # a tokenizer that does not load is not worth failing the compression for
         logging.getLogger("qcompiler").warning("the tokenizer files in %s do not load; continuing without", folder)
         return None

@@ -6,6 +6,7 @@ Names and defaults follow NNCF's `compress_weights` and `optimum-cli export open
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -88,13 +89,35 @@ class IgnoredScope:
     subgraphs: tuple[Subgraph, ...] = ()
     validate: bool = True
 
+    def __post_init__(self) -> None:
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise QCompilerError(f"--ignored-scope-pattern '{pattern}' is not a valid regular expression ({exc}): "
+                                     "fix the pattern (names are matched with Python's re.match)") from None
+
     def __bool__(self) -> bool:
         return bool(self.names or self.patterns or self.types or self.subgraphs)
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How a model is read. Nothing from a model folder runs unless asked: a folder's own Python
+    code (transformers' `auto_map`) needs `trust_remote_code`, pickle weights (`pytorch_model.bin`,
+    which can carry code) need `allow_pickle`; safetensors, GGUF, ONNX and OpenVINO files need neither."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     """What to compress and how; `group_size=None` takes the mode's default (NNCF's defaults).
+
+    `group_size_fallback=None` (not asked) adjusts the layers the group size does not divide, as
+    ADJUST does, but a group size the user gave must be a power of two and must divide at least
+    one layer; naming a fallback accepts any positive group size.
 
     `mode=None` compresses nothing: the backend writes the float model (optimum's `fp32`), the
     baseline a compressed artifact is measured against.
@@ -106,7 +129,7 @@ class CompressionConfig:
     backup_mode: BackupMode = BackupMode.INT8_ASYM
     all_layers: bool = False
     ignored_scope: IgnoredScope = field(default_factory=IgnoredScope)
-    group_size_fallback: GroupSizeFallback = GroupSizeFallback.ADJUST
+    group_size_fallback: GroupSizeFallback | None = None
     awq: bool = False
     dataset: str | None = None
     extra_passes: tuple[str, ...] = ()
@@ -114,13 +137,25 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback)):
             value = getattr(self, name)
-            if value is None and name == "mode":
+            if value is None and name in ("mode", "group_size_fallback"):
                 continue
             if not isinstance(value, enum):
                 object.__setattr__(self, name, parse_enum(enum, value, name))
-        if self.group_size is None:
-            object.__setattr__(self, "group_size", default_group_size(self.mode))
         self._validate()
+
+    @property
+    def effective_group_size(self) -> int:
+        """The group size in force: the one given, or the mode's default."""
+        return default_group_size(self.mode) if self.group_size is None else self.group_size
+
+    @property
+    def fallback(self) -> GroupSizeFallback:
+        return self.group_size_fallback or GroupSizeFallback.ADJUST
+
+    @property
+    def strict_group_size(self) -> bool:
+        """A group size the user gave, with no fallback asked for: it must divide some layer."""
+        return self.group_size is not None and self.group_size_fallback is None
 
     def replace(self, **changes) -> CompressionConfig:
         return dataclasses.replace(self, **changes)
@@ -133,20 +168,26 @@ class CompressionConfig:
                 raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio and --all-layers, "
                                      "or pick a compressed weight format such as int4")
             return
-        if self.group_size == 0 or self.group_size < -1:
+        group_size = self.effective_group_size
+        if group_size == 0 or group_size < -1:
             raise QCompilerError(
-                f"group size {self.group_size} is invalid: use a positive group size such as 64 or 128, "
+                f"group size {group_size} is invalid: use a positive group size such as 64 or 128, "
                 "or -1 for one scale per output channel"
             )
+        if group_size > 0 and group_size & (group_size - 1) and self.group_size_fallback is None:
+            raise QCompilerError(
+                f"group size {group_size} is not a power of two: use 32, 64 or 128 (every backend's kernels take "
+                "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
+            )
         if self.mode.bits == 8:
-            if self.ratio != 1.0 or self.group_size != -1 or self.all_layers or self.awq:
+            if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq:
                 raise QCompilerError(
                     f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers "
                     "and --awq, or pick a 4-bit mode such as int4_sym"
                 )
-        if self.mode is Mode.MXFP4 and self.group_size != 32:
+        if self.mode is Mode.MXFP4 and group_size != 32:
             raise QCompilerError(
-                f"mxfp4 uses blocks of 32 (OCP MX format), not {self.group_size}: drop --group-size or pass 32"
+                f"mxfp4 uses blocks of 32 (OCP MX format), not {group_size}: drop --group-size or pass 32"
             )
         if self.awq and self.mode is Mode.MXFP4:
             raise QCompilerError("AWQ is not available for mxfp4: drop --awq or use int4_sym / int4_asym / nf4")

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from qcompiler.config import CompressionConfig
+from qcompiler.config import CompressionConfig, LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
+from qcompiler.output import STAGING_MARKER, OutputFolder, check_output, write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
@@ -38,33 +38,40 @@ class CompressedModel:
     def save(self, output: str | Path, backend: str | None = None, overwrite: bool = False, progress=None,
              backend_options: dict | None = None) -> Path:
         """Lower to `backend` (default: the frontend's own format) and write the artifact folder
-        atomically (temporary folder, then rename)."""
-        out = check_output(output, overwrite)
+        safely (`qcompiler.output`: checked target, lock, staging folder, atomic swap)."""
+        backend = backend or self.frontend.default_backend
+        _check_backend(self.registry.backend(backend), self.config, dict(backend_options or {}))
+        with OutputFolder(output, overwrite, inputs=[getattr(self.source, "path", None)]) as folder:
+            return self.write(folder, backend, progress, backend_options)
+
+    def write(self, folder: OutputFolder, backend: str | None = None, progress=None,
+              backend_options: dict | None = None) -> Path:
+        """Lower into the locked `folder`'s staging folder, write the report, swap it in."""
         backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
         options = dict(backend_options or {})
         _check_backend(lowering, self.config, options)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staging = folder.staging
         try:
             start = time.perf_counter()
             if progress is not None:
                 progress.set_description(f"lower to {backend}")
-            lowered = lowering.lower(self.graph, self.source, tmp, options)
+            lowered = lowering.lower(self.graph, self.source, staging, options)
             self.seconds["lower"] = time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
-            lowered["companions"] = self.frontend.save_companions(self.source, tmp)
-            self.report = build_report(self, lowered, tmp, backend)
-            (tmp / REPORT_FILE).write_text(json.dumps(self.report, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            lowered["companions"] = self.frontend.save_companions(self.source, staging)
+            self.report = build_report(self, lowered, staging, backend)
+            (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2))
+        except QCompilerError:
             raise
-        return out
+        except Exception as exc:
+            error = write_error(exc, staging)
+            if error is None:
+                raise
+            raise error from None
+        files = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and p.name != STAGING_MARKER]
+        return folder.commit(files)
 
 
 def compress(
@@ -78,40 +85,45 @@ def compress(
     example_input: Any = None,
     registry: Registry | None = None,
     progress: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> CompressedModel:
     """Compress `model` (a folder, a GGUF folder, an nn.Module; None = the default model).
 
     Returns the CompressedModel; with `output`, it is also lowered to `backend` (default: the
-    format the model came in; OpenVINO for torch models) and written there.
+    format the model came in; OpenVINO for torch models) and written there. The output location
+    is checked and locked before the model is loaded. Code shipped in a model folder runs only
+    with `trust_remote_code`, pickle weights load only with `allow_pickle`.
     """
     config = config or CompressionConfig()
-    if output is not None:
-        check_output(output, overwrite)
     registry = registry or build_registry()
     passes = build_passes(config, registry)
     model = resolve_model(model, registry)
     frontend = registry.frontend_for(model)
+    inputs = [model] if isinstance(model, (str, Path)) else []
     if output is not None:
+        check_output(output, overwrite, inputs)
         _check_backend(registry.backend(backend or frontend.default_backend), config, dict(backend_options or {}))
+    load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
-    seconds = {}
-    steps = tqdm(total=2 + len(passes) + (output is not None), desc="load", disable=not progress, unit="step")
-    start = time.perf_counter()
-    source = frontend.load(model, example_input=example_input)
-    seconds["load"] = _lap(start, steps, "trace")
-    start = time.perf_counter()
-    graph = frontend.trace(source)
-    seconds["trace"] = _lap(start, steps, "passes")
-    start = time.perf_counter()
-    results = PassManager(passes).run(graph, PassContext(config), progress=steps)
-    seconds["passes"] = time.perf_counter() - start
+    with ExitStack() as stack:
+        folder = stack.enter_context(OutputFolder(output, overwrite, inputs)) if output is not None else None
+        seconds = {}
+        steps = tqdm(total=2 + len(passes) + (output is not None), desc="load", disable=not progress, unit="step")
+        stack.callback(steps.close)
+        start = time.perf_counter()
+        source = frontend.load(model, example_input=example_input, options=load_options)
+        seconds["load"] = _lap(start, steps, "trace")
+        start = time.perf_counter()
+        graph = frontend.trace(source)
+        seconds["trace"] = _lap(start, steps, "passes")
+        start = time.perf_counter()
+        results = PassManager(passes).run(graph, PassContext(config), progress=steps)
+        seconds["passes"] = time.perf_counter() - start
 
-    compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds)
-    try:
-        if output is not None:
-            compressed.save(output, backend, overwrite, progress=steps, backend_options=backend_options)
-    finally:
-        steps.close()
+        compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds)
+        if folder is not None:
+            compressed.write(folder, backend, progress=steps, backend_options=backend_options)
     return compressed
 
 
@@ -146,15 +158,6 @@ def resolve_model(model: Any, registry: Registry) -> Any:
         raise QCompilerError(f"model {model} does not exist: pass a transformers model folder, a folder with a "
                              ".gguf file, an .onnx file or an OpenVINO .xml")
     return model
-
-
-def check_output(output: str | Path, overwrite: bool) -> Path:
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise QCompilerError(f"output folder {out} already exists: pass --overwrite or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise QCompilerError(f"output {out} is a file, not a folder: choose another -o")
-    return out
 
 
 def _lap(start: float, steps, next_step: str) -> float:

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qcompiler.config import LoadOptions
 from qcompiler.ir import Graph
 
 
@@ -33,8 +34,9 @@ class Frontend(Protocol):
     def can_load(self, model: Any) -> bool:
         """True if this frontend reads `model` (a path or an object)."""
 
-    def load(self, model: Any, *, example_input: Any = None) -> Source:
-        """Load (or wrap) the model; raise QCompilerError naming the problem on bad input."""
+    def load(self, model: Any, *, example_input: Any = None, options: LoadOptions | None = None) -> Source:
+        """Load (or wrap) the model; raise QCompilerError naming the problem on bad input. Honour
+        `options` (default LoadOptions()): never run a model's code or unpickle without them."""
 
     def trace(self, source: Source) -> Graph:
         """The model as an IR graph whose weights are the model's tensors (not copies)."""

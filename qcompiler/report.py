@@ -54,9 +54,10 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
          "percent_ratio_params": 100 * r["ratio_params"] / ratio_total}
         for label, r in sorted(rows.items())
     ]
-    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != REPORT_FILE)
+    files = sorted(p.name for p in out_dir.iterdir()
+                   if p.is_file() and p.name != REPORT_FILE and not p.name.startswith(".qcompiler"))
     return {
-        "source": str(compressed.source.path) if getattr(compressed.source, "path", None) else None,
+        "source": str(Path(compressed.source.path).resolve()) if getattr(compressed.source, "path", None) else None,
         "backend": backend,
         "config": _config_dict(compressed.config),
         "table": table,
@@ -115,4 +116,8 @@ def _label(fmt) -> str:
 
 
 def _config_dict(config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    out = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    if config.mode is not None:
+        out["group_size"] = config.effective_group_size
+        out["group_size_fallback"] = config.fallback.value
+    return out

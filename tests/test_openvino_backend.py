@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qcompiler import CompressionConfig, compress
-from qcompiler.plugins.openvino import OpenVINORunner
+from qcompiler.output import MARKER
+from qcompiler.plugins.openvino import RUNNER_CONFIG, OpenVINORunner
 from tests.conftest import tiny_llama
 
 IDS = np.array([[5, 17, 200, 3, 99, 42, 7, 128, 64, 1, 250]], dtype=np.int64)
@@ -27,7 +28,7 @@ def reference_logits(model, result) -> np.ndarray:
 def runtime_layers(xml):
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(xml), "CPU")
+    compiled = ov.Core().compile_model(str(xml), "CPU", RUNNER_CONFIG)
     out = []
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
@@ -68,7 +69,7 @@ def test_report_sizes_match_theory(tmp_path):
     rows = {r["format"]: r for r in report["table"]}
     assert rows["int4_asym, group size 32"]["layers"] == 14
     assert rows["int8_asym, per-channel"]["layers"] == 2
-    files = [p for p in (tmp_path / "o").iterdir() if p.name != "qcompiler_report.json"]
+    files = [p for p in (tmp_path / "o").iterdir() if p.name not in ("qcompiler_report.json", MARKER)]
     assert report["output_bytes"] == sum(p.stat().st_size for p in files)
     assert report["model_bytes"] == sum(p.stat().st_size for p in files if p.suffix in (".xml", ".bin"))
     assert result.report == report
@@ -81,7 +82,7 @@ def test_plain_module_lowers_with_static_last_dim(tmp_path):
     result = compress(model, CompressionConfig(mode="int8_sym"), output=tmp_path / "m", example_input=(x,))
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(tmp_path / "m" / "openvino_model.xml"), "CPU")
+    compiled = ov.Core().compile_model(str(tmp_path / "m" / "openvino_model.xml"), "CPU", RUNNER_CONFIG)
     got = compiled(x.numpy())[0]
     ref = copy.deepcopy(model)
     for const in result.graph.weight_constants():

@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from qcompiler.companions import copy_companions, load_tokenizer
+from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node
 from qcompiler.plugins.onnx.onnxgraph import GraphIndex, attribute, to_array
@@ -44,7 +45,7 @@ class ONNXFrontend:
     def can_load(self, model: Any) -> bool:
         return isinstance(model, (str, Path)) and _model_file(Path(model)) is not None
 
-    def load(self, model: Any, *, example_input: Any = None) -> ONNXSource:
+    def load(self, model: Any, *, example_input: Any = None, options: LoadOptions | None = None) -> ONNXSource:
         path = _model_file(Path(model))
         try:
             proto = onnx.load(str(path))

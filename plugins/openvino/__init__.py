@@ -75,13 +75,27 @@ def write_tokenizer_models(tokenizer, out_dir: Path) -> list[str]:
     return ["openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin"]
 
 
-class OpenVINORunner:
-    """Runs an artifact: full-sequence logits (a fresh cache per call) and greedy/sampled generation."""
+# f32 activations, not quantized on the fly: where the CPU has AMX / AVX512 (VNNI, BF16) the CPU
+# plugin's defaults are bf16 activations and int8 dynamic quantization of a compressed MatMul's
+# input (groups of 32), which would make perplexity and logits depend on the machine (measured on
+# the tiny test model: 0.7-1% of the logit range instead of 4e-7). Compressed weights still run
+# compressed. Speed measurements may pass the plugin's defaults (config={}).
+RUNNER_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
-    def __init__(self, xml: Path) -> None:
+
+class OpenVINORunner:
+    """Runs an artifact: full-sequence logits (a fresh cache per call) and greedy/sampled generation,
+    with f32 activations on every CPU (`RUNNER_CONFIG`), so figures compare across machines."""
+
+    def __init__(self, xml: Path, config: dict | None = None) -> None:
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(str(xml), "CPU")
+        try:
+            self.compiled = ov.Core().compile_model(str(xml), "CPU", RUNNER_CONFIG if config is None else config)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
+            raise QCompilerError(f"OpenVINO cannot load {xml}: {first} -- the artifact is damaged (a truncated .bin "
+                                 "or an edited .xml); compress the model again") from None
         self.input_names = {i.get_any_name() for i in self.compiled.inputs}
         self.stateful = "beam_idx" in self.input_names
         self.request = self.compiled.create_infer_request()

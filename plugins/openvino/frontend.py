@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from qcompiler.companions import copy_companions
+from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node
 
@@ -48,7 +49,7 @@ class OpenVINOFrontend:
     def can_load(self, model: Any) -> bool:
         return isinstance(model, (str, Path)) and _model_file(Path(model)) is not None
 
-    def load(self, model: Any, *, example_input: Any = None) -> OpenVINOSource:
+    def load(self, model: Any, *, example_input: Any = None, options: LoadOptions | None = None) -> OpenVINOSource:
         import openvino as ov
 
         path = _model_file(Path(model))

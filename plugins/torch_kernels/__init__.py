@@ -86,9 +86,15 @@ def load_model(folder: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    layout = json.loads((folder / LAYOUT).read_text())["weights"]
-    tensors = load_file(str(folder / WEIGHTS))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    try:
+        layout = json.loads((folder / LAYOUT).read_text())["weights"]
+        tensors = load_file(str(folder / WEIGHTS))
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # json, safetensors and transformers each raise their own types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise QCompilerError(f"cannot read the torch artifact in {folder}: {first} -- the artifact is damaged; "
+                             "compress the model again") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=False)
     for name, info in layout.items():
         mode, g = Mode(info["mode"]), info["group_size"]

@@ -1,0 +1,386 @@
+"""Writing an artifact folder without ever losing a user's files.
+
+The promises (each has a test in tests/test_reliability.py):
+- The output location is checked before any work: not empty, not a symbolic link, not `.`, `/`,
+  the home folder or a folder above the current one, not the model, inside it or above it, a
+  legal name, its parent a folder (created if missing) where this process can write.
+- `--overwrite` replaces only a folder qcompiler wrote: one holding the marker file `MARKER`,
+  which lists every file of the artifact, and nothing more (`qcompiler eval` adds
+  `qcompiler_eval.json`). Anything else is refused, naming what is in the way. An existing empty
+  folder is used as it is.
+- One writer per target: a lock file beside the target (`flock`, so a killed writer's lock is
+  free again) makes a second concurrent writer fail at once; the lock file is also the journal
+  of the write (target, staging and set-aside folders), so a later writer of the same parent
+  folder finishes what a killed one left: it restores a set-aside old artifact whose
+  replacement never landed and deletes stale staging folders.
+- The artifact is built in a staging folder beside the target, then swapped in: with Linux's
+  `renameat2(RENAME_EXCHANGE)` in one atomic step; where the filesystem lacks it, old aside,
+  new in, old deleted, each step journaled. At no instant is neither the old nor the new
+  artifact complete on disk; SIGINT and SIGTERM are held off during the swap.
+- Only folders holding a qcompiler marker (or empty ones) are ever deleted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+from qcompiler.errors import QCompilerError
+
+MARKER = ".qcompiler-artifact"
+STAGING_MARKER = ".qcompiler-staging"
+ALSO_OURS = ("qcompiler_eval.json",)  # files `qcompiler eval` adds to an artifact
+_LOCK_PREFIX = ".qcompiler-lock-"
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+log = logging.getLogger("qcompiler")
+
+
+def _renameat2():
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+
+
+RENAMEAT2 = _renameat2()  # None where libc lacks it; tests set it to None to take the portable path
+
+
+def after_step(step: str) -> None:
+    """A no-op between the steps of a write; tests replace it to kill the process at `step`."""
+
+
+def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
+    """The absolute target folder for `output`, or a QCompilerError naming the problem and the fix.
+
+    Nothing is created. `inputs` are the model's paths: the target may not be one of them, inside
+    one (a folder) or above one."""
+    if output is None or not str(output).strip():
+        raise QCompilerError("the output path is empty: pass -o with a folder name such as out/model-int4")
+    raw = Path(os.path.expanduser(str(output)))
+    target = Path(os.path.abspath(raw))
+    if target.name in ("", ".", ".."):
+        raise QCompilerError(f"output {output} is not a folder name: pass -o with a new folder such as out/model-int4")
+    if target.is_symlink():
+        raise QCompilerError(f"output {output} is a symbolic link (to {os.readlink(target)}): pass the folder it points "
+                             "to, or another -o")
+    real = Path(os.path.realpath(target.parent)) / target.name
+    cwd, home = Path(os.path.realpath(Path.cwd())), Path(os.path.realpath(Path.home()))
+    if real == cwd or real in cwd.parents:
+        raise QCompilerError(f"output {output} is the current folder or one above it: pass -o with a new folder "
+                             "such as out/model-int4")
+    if real == home or real.parent == real:
+        raise QCompilerError(f"output {output} is the home or root folder: pass -o with a new folder such as "
+                             "out/model-int4")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(os.path.realpath(given))
+        if real == source or real in source.parents:
+            raise QCompilerError(f"output {output} is the model {given} or a folder holding it: writing there would "
+                                 "replace the model; choose another -o")
+        if source.is_dir() and source in real.parents:
+            raise QCompilerError(f"output {output} is inside the model folder {given}: choose an -o outside it")
+    existing = _first_existing(real.parent)
+    if not existing.is_dir():
+        raise QCompilerError(f"cannot create {output}: {existing} is a file, not a folder; choose another -o")
+    limit = _name_max(existing)
+    if len(os.fsencode(target.name)) > limit:
+        raise QCompilerError(f"output folder name is {len(os.fsencode(target.name))} bytes long; this filesystem "
+                             f"allows {limit}: choose a shorter -o")
+    if real.exists():
+        _check_replaceable(real, output, overwrite)
+    return real
+
+
+def _check_replaceable(target: Path, output, overwrite: bool) -> None:
+    if not target.is_dir():
+        raise QCompilerError(f"output {output} is a file, not a folder: choose another -o")
+    if not any(target.iterdir()):
+        return  # an empty folder: nothing to lose
+    if not overwrite:
+        raise QCompilerError(f"output folder {output} already exists: pass --overwrite (which replaces only a folder "
+                             "qcompiler wrote) or choose another -o")
+    foreign = foreign_files(target)
+    if foreign is None:
+        raise QCompilerError(f"output folder {output} was not written by qcompiler (no {MARKER} file), so "
+                             "--overwrite will not replace it: delete it yourself or choose another -o")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise QCompilerError(f"output folder {output} holds files qcompiler did not write ({shown}), so --overwrite "
+                             "will not replace it: move them out or choose another -o")
+
+
+def foreign_files(folder: Path) -> list[str] | None:
+    """Files in `folder` that its marker does not list ([] = all ours), or None if it has no marker."""
+    try:
+        listed = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    listed.update((MARKER, *ALSO_OURS))
+    return sorted(f for f in _relative_files(folder) if f not in listed)
+
+
+def _relative_files(folder: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [str(rel / f) if str(rel) != "." else f for f in files]
+        out += [str(rel / d) for d in dirs if os.path.islink(Path(root) / d)]  # a link to a folder is an entry too
+    return out
+
+
+FULL_BELOW = 16 * 2**20  # a write that fails with less free space than this failed for lack of space
+
+
+def write_error(exc: BaseException, folder: Path) -> QCompilerError | None:
+    """The one-line error for a failed write into `folder`, or None if the failure is not about the
+    disk. Runtimes report a full disk in their own words (OpenVINO: "basic_ios::clear: iostream
+    error"), so the free space is read too."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < FULL_BELOW):
+        shown = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        return QCompilerError(f"the disk holding {folder.parent} is full ({shown} free) while writing the artifact: "
+                              "free some space or choose another -o; nothing was written")
+    if isinstance(exc, OSError):
+        return QCompilerError(f"cannot write the artifact in {folder.parent}: {exc.strerror or exc}; choose another "
+                              "-o; nothing was written")
+    return None
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+class OutputFolder:
+    """A locked write of one artifact folder: `with OutputFolder(...) as out:` write into
+    `out.staging`, then `out.commit()`. Leaving without a commit deletes the staging folder and
+    the parent folders this write created, so an error or a signal leaves nothing behind."""
+
+    def __init__(self, output: str | Path, overwrite: bool = False, inputs=()) -> None:
+        self.output, self.overwrite, self.inputs = output, overwrite, tuple(inputs)
+        self.target = check_output(output, overwrite, self.inputs)
+        key = hashlib.sha1(os.fsencode(self.target.name)).hexdigest()[:12]
+        self.lock_path = self.target.parent / f"{_LOCK_PREFIX}{key}"
+        self.staging = self.target.parent / f".qcompiler-tmp-{key}-{os.getpid()}"
+        self.aside = self.target.parent / f".qcompiler-old-{key}-{os.getpid()}"
+        self._fd: int | None = None
+        self._created: list[Path] = []
+        self.committed = False
+
+    def __enter__(self) -> OutputFolder:
+        try:
+            self._make_parents()
+            self._lock()
+            recover(self.target.parent)
+            self.target = check_output(self.output, self.overwrite, self.inputs)  # again, under the lock
+            self.staging.mkdir()
+            (self.staging / STAGING_MARKER).write_text(json.dumps({"target": self.target.name, "pid": os.getpid()}))
+        except OSError as exc:
+            self._release()
+            raise QCompilerError(f"cannot write in {self.target.parent}: {exc.strerror or exc}; choose another -o "
+                                 "or fix the folder's permissions") from None
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._release()
+
+    def commit(self, files: list[str]) -> Path:
+        """Swap the staging folder in as the target; `files` are the artifact's files, listed in the marker."""
+        (self.staging / STAGING_MARKER).unlink()
+        (self.staging / MARKER).write_text(json.dumps({"written_by": "qcompiler", "files": sorted(files)}, indent=1))
+        after_step("staged")
+        with _signals_held():
+            if self.target.exists():
+                _check_replaceable(self.target, self.output, self.overwrite)  # it may have changed meanwhile
+            if self.target.is_dir() and any(self.target.iterdir()):
+                self._replace()
+            else:
+                if self.target.is_dir():
+                    self.target.rmdir()  # empty
+                _rename(self.staging, self.target, _RENAME_NOREPLACE)
+            self.committed = True
+        return self.target
+
+    def _replace(self) -> None:
+        if _rename(self.staging, self.target, _RENAME_EXCHANGE):
+            after_step("exchanged")  # the target is the new artifact; staging holds the old one
+            return
+        self._journal(aside=self.aside.name)
+        os.rename(self.target, self.aside)
+        after_step("set-aside")
+        os.rename(self.staging, self.target)
+        after_step("renamed-in")
+        _remove_ours(self.aside)
+
+    def _make_parents(self) -> None:
+        missing = []
+        parent = self.target.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            self._created.append(folder)
+
+    def _lock(self) -> None:
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_journal_fd(fd).get("pid", "?")
+                os.close(fd)
+                raise QCompilerError(f"another qcompiler (pid {holder}) is writing {self.output}: wait for it to "
+                                     "finish, or choose another -o") from None
+            if _same_file(fd, self.lock_path):
+                self._fd = fd
+                self._journal()
+                return
+            os.close(fd)  # a finishing writer removed it between open and lock: take the new one
+
+    def _journal(self, aside: str | None = None) -> None:
+        data = json.dumps({"pid": os.getpid(), "target": self.target.name, "staging": self.staging.name,
+                           "aside": aside}).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def _release(self) -> None:
+        with _signals_held():
+            if self._fd is not None:
+                if self.staging.exists():  # the unfinished artifact, or after an exchange the old one
+                    _remove_ours(self.staging)
+                os.unlink(self.lock_path)
+                os.close(self._fd)
+                self._fd = None
+            if not self.committed:
+                for folder in reversed(self._created):
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+                self._created = []
+
+
+def recover(parent: Path) -> list[str]:
+    """Finish the writes of dead processes in `parent`: restore a set-aside artifact whose
+    replacement never landed, delete stale staging folders. Returns what was done."""
+    done = []
+    for lock in sorted(parent.glob(f"{_LOCK_PREFIX}*")):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer (perhaps this process)
+            if not _same_file(fd, lock):
+                continue
+            journal = _read_journal_fd(fd)
+            done += _finish(parent, journal)
+            os.unlink(lock)
+        finally:
+            os.close(fd)
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def _finish(parent: Path, journal: dict) -> list[str]:
+    done = []
+    target = parent / journal["target"] if journal.get("target") else None
+    aside = parent / journal["aside"] if journal.get("aside") else None
+    staging = parent / journal["staging"] if journal.get("staging") else None
+    if aside is not None and aside.is_dir():
+        if target is not None and not target.exists():
+            os.rename(aside, target)
+            done.append(f"restored {target} from a write that was interrupted")
+        elif _remove_ours(aside):
+            done.append(f"removed {aside.name}, left by a write that was interrupted")
+    if staging is not None and staging.is_dir() and _remove_ours(staging):
+        done.append(f"removed {staging.name}, left by a write that was interrupted")
+    return done
+
+
+def _remove_ours(folder: Path) -> bool:
+    """Delete `folder` if qcompiler wrote it (a marker inside) or it is empty; never anything else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / STAGING_MARKER).is_file() or (folder / MARKER).is_file() or not any(folder.iterdir()):
+        shutil.rmtree(folder)
+        return True
+    log.warning("left %s in place: it holds no qcompiler marker", folder)
+    return False
+
+
+def _rename(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2 with `flags`; False where the system cannot (then the caller takes another way),
+    except that a plain rename stands in for RENAME_NOREPLACE (the target is absent or empty)."""
+    if RENAMEAT2 is not None:
+        if RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if flags == _RENAME_EXCHANGE:
+        return False
+    os.rename(src, dst)
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _read_journal_fd(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (a swap or a clean-up is never cut in half)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
