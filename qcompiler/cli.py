@@ -18,6 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qcompiler import output
 from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
 from qcompiler.errors import QCompilerError
 
@@ -48,6 +49,7 @@ def _on_signal(signum, frame):
 def main(argv=None) -> int:
     previous = _handle_signals()
     stdin = sys.stdin
+    written_before = len(output.written)
     try:
         sys.stdin = io.StringIO("")  # a library that asks a question gets no answer, never the user's input
         warnings.filterwarnings("ignore")
@@ -57,12 +59,10 @@ def main(argv=None) -> int:
     except QCompilerError as exc:
         return _fail(f"qcompiler: error: {exc}", 2)
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        return _fail(f"qcompiler: interrupted by {signal.Signals(signum).name}: nothing was written", 128 + signum)
+        return _interrupted(getattr(exc, "signum", signal.SIGINT), written_before)
     except Exception as exc:
         if _received:  # a signal that surfaced through a library as its own exception type
-            signum = _received[-1]
-            return _fail(f"qcompiler: interrupted by {signal.Signals(signum).name}: nothing was written", 128 + signum)
+            return _interrupted(_received[-1], written_before)
         if os.environ.get("QCOMPILER_TRACEBACK"):
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -83,6 +83,12 @@ def _handle_signals() -> dict:
         except (ValueError, OSError):  # not the main thread: the embedding program handles signals
             pass
     return previous
+
+
+def _interrupted(signum: int, written_before: int) -> int:
+    done = output.written[written_before:]
+    what = f"after writing {', '.join(map(str, done))}" if done else "nothing was written"
+    return _fail(f"qcompiler: interrupted by {signal.Signals(signum).name}: {what}", 128 + signum)
 
 
 def _fail(message: str, status: int) -> int:
@@ -138,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--original", help="original model (default: the source recorded in the report)")
     e.add_argument("--no-original", action="store_true", help="evaluate the artifact only")
     e.add_argument("--window", type=int, default=512, help="tokens per window (at least 2)")
-    e.add_argument("--stride", type=int, default=512, help="tokens between window starts (1 to --window)")
+    e.add_argument("--stride", type=int, help="tokens between window starts, 1 to --window (default: --window)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     _add_load_flags(e)
     e.set_defaults(func=_eval)
@@ -150,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, above 0")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, k at least 1")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, 0 or above")
     gen.set_defaults(func=_generate)
 
     g = sub.add_parser("graph", help="list the weight-bearing nodes of a model (names for --ignored-scope-*)")
@@ -251,12 +257,14 @@ def _eval(args) -> int:
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
     _at_least(args.window, 2, "--window", "a window needs at least 2 tokens (512 is the usual)")
     _at_least(args.stride, 1, "--stride", "pass a stride between 1 and --window")
+    if args.stride is None:
+        args.stride = args.window
     _at_least(args.max_windows, 1, "--max-windows", "pass a positive number of windows, or drop it for all")
     if args.stride > args.window:
         raise QCompilerError(f"--stride {args.stride} is above --window {args.window}, which would skip text: "
                              "pass a stride of at most the window")
     if not Path(args.text).is_file():
-        raise QCompilerError(f"text file {args.text} does not exist: pass --text with a plain-text file")
+        raise QCompilerError(f"text file {args.text} does not exist or is not a file: pass --text with a plain-text file")
     registry = build_registry()
     backend = registry.backend_for_artifact(artifact)
     original = None if args.no_original else (args.original or _recorded_source(artifact))
@@ -305,12 +313,15 @@ def _generate(args) -> int:
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
     _at_least(args.max_new_tokens, 1, "--max-new-tokens", "ask for at least one new token")
     _at_least(args.top_k, 1, "--top-k", "sample among at least one token")
+    _at_least(args.seed, 0, "--seed", "pass a seed of 0 or above")
     if not args.temperature > 0:
         raise QCompilerError(f"--temperature {args.temperature} is not above 0: pass a positive temperature such as "
                              "0.8, or drop --sample for greedy decoding")
     runner = build_registry().backend_for_artifact(artifact).runner(artifact)
     tokenizer = _artifact_tokenizer(artifact)
     ids = tokenizer(args.prompt).input_ids
+    if not ids:
+        raise QCompilerError("the prompt is empty (no tokens): pass --prompt with some text")
     choose = token_chooser(args.sample, args.temperature, args.top_k, args.seed)
     new = runner.generate(ids, args.max_new_tokens, choose, tokenizer.eos_token_id)
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))

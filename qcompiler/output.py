@@ -39,10 +39,12 @@ from qcompiler.errors import QCompilerError
 MARKER = ".qcompiler-artifact"
 STAGING_MARKER = ".qcompiler-staging"
 ALSO_OURS = ("qcompiler_eval.json",)  # files `qcompiler eval` adds to an artifact
+LEGACY_REPORT = "qcompiler_report.json"
 _LOCK_PREFIX = ".qcompiler-lock-"
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 log = logging.getLogger("qcompiler")
+written: list[Path] = []  # targets committed in this process, so an interrupt after a commit is told apart
 
 
 def _renameat2():
@@ -70,6 +72,10 @@ def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
     target = Path(os.path.abspath(raw))
     if target.name in ("", ".", ".."):
         raise QCompilerError(f"output {output} is not a folder name: pass -o with a new folder such as out/model-int4")
+    limit = _name_max(_first_existing(target.parent))
+    if len(os.fsencode(target.name)) > limit:
+        raise QCompilerError(f"output folder name is {len(os.fsencode(target.name))} bytes long; this filesystem "
+                             f"allows {limit}: choose a shorter -o")
     if target.is_symlink():
         raise QCompilerError(f"output {output} is a symbolic link (to {os.readlink(target)}): pass the folder it points "
                              "to, or another -o")
@@ -90,13 +96,9 @@ def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
                                  "replace the model; choose another -o")
         if source.is_dir() and source in real.parents:
             raise QCompilerError(f"output {output} is inside the model folder {given}: choose an -o outside it")
-    existing = _first_existing(real.parent)
+    existing = _first_existing(Path(os.path.realpath(target.parent)))
     if not existing.is_dir():
         raise QCompilerError(f"cannot create {output}: {existing} is a file, not a folder; choose another -o")
-    limit = _name_max(existing)
-    if len(os.fsencode(target.name)) > limit:
-        raise QCompilerError(f"output folder name is {len(os.fsencode(target.name))} bytes long; this filesystem "
-                             f"allows {limit}: choose a shorter -o")
     if real.exists():
         _check_replaceable(real, output, overwrite)
     return real
@@ -121,11 +123,17 @@ def _check_replaceable(target: Path, output, overwrite: bool) -> None:
 
 
 def foreign_files(folder: Path) -> list[str] | None:
-    """Files in `folder` that its marker does not list ([] = all ours), or None if it has no marker."""
+    """Files in `folder` that its marker does not list ([] = all ours), or None if it has no marker.
+
+    An artifact of a qcompiler from before the marker counts as ours when its report's file list
+    names everything in it."""
     try:
         listed = set(json.loads((folder / MARKER).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        try:
+            listed = {*json.loads((folder / LEGACY_REPORT).read_text())["files"], LEGACY_REPORT}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
     listed.update((MARKER, *ALSO_OURS))
     return sorted(f for f in _relative_files(folder) if f not in listed)
 
@@ -162,7 +170,7 @@ def write_error(exc: BaseException, folder: Path) -> QCompilerError | None:
 
 
 def _first_existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
+    while not os.path.lexists(path) and path.parent != path:
         path = path.parent
     return path
 
@@ -225,6 +233,7 @@ class OutputFolder:
                     self.target.rmdir()  # empty
                 _rename(self.staging, self.target, _RENAME_NOREPLACE)
             self.committed = True
+            written.append(self.target)
         return self.target
 
     def _replace(self) -> None:

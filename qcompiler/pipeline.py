@@ -71,7 +71,11 @@ class CompressedModel:
                 raise
             raise error from None
         files = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and p.name != STAGING_MARKER]
-        return folder.commit(files)
+        try:
+            return folder.commit(files)
+        except OSError as exc:
+            raise QCompilerError(f"cannot put the artifact in place at {folder.target}: {exc.strerror or exc}; "
+                                 "choose another -o; nothing was written") from None
 
 
 def compress(

@@ -34,6 +34,18 @@ def tiny_llama(tie: bool = False, seed: int = 0):
     return model
 
 
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (one per byte), built offline, for tiny_llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], bos_token=alphabet[0])
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()
