@@ -123,6 +123,33 @@ class Graph:
         """Constants used as weights, each once, in order of first use."""
         return list(self.uses_by_weight())
 
+    def parameter_constants(self) -> list[Node]:
+        """Every Constant holding one of the model's parameters (weights, norms, biases, unused
+        ones), each once; not buffers (meta "buffer") such as rotary tables or masks."""
+        seen, out = set(), []
+        for n in self.nodes:
+            name = n.attrs.get("weight")
+            if n.op == "Constant" and name is not None and name not in seen and not n.meta.get("buffer"):
+                seen.add(name)
+                out.append(n)
+        return out
+
+    def unseen_weights(self, min_params: int = 1024) -> dict[str, str]:
+        """Float parameters of two or more dimensions (at least `min_params` elements) that no
+        weight-bearing op reads as its weight, with what reads them instead (an Opaque op's
+        function, another op, or nothing in the traced forward). Compressing such a model would
+        silently leave them float."""
+        bearing = {c.attrs["weight"] for c in self.weight_constants()}
+        readers = self.consumers()
+        out = {}
+        for n in self.parameter_constants():
+            name, tensor = n.attrs["weight"], self.weights[n.attrs["weight"]]
+            if name in bearing or tensor.dim() < 2 or tensor.numel() < min_params or not tensor.is_floating_point():
+                continue
+            ops = sorted({r.attrs.get("fn", "Opaque") if r.op == "Opaque" else r.op for r in readers.get(n, [])})
+            out[name] = ", ".join(ops) or "nothing in the traced forward"
+        return out
+
     # text -------------------------------------------------------------------------------------
     def to_text(self, meta: tuple[str, ...] = ()) -> str:
         from qcompiler.ir_text import print_graph

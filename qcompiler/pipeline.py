@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qcompiler.config import CompressionConfig, LoadOptions
+from qcompiler.coverage import refuse_unseen_weights
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
@@ -120,6 +121,8 @@ def compress(
         seconds["load"] = _lap(start, steps, "trace")
         start = time.perf_counter()
         graph = frontend.trace(source)
+        if config.mode is not None:
+            refuse_unseen_weights(graph)
         seconds["trace"] = _lap(start, steps, "passes")
         start = time.perf_counter()
         results = PassManager(passes).run(graph, PassContext(config), progress=steps)

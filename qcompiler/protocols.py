@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +18,26 @@ class Runner(Protocol):
     def logits(self, input_ids: np.ndarray) -> np.ndarray: ...
 
 
+@dataclass
+class ExportSpec:
+    """How a backend that traces a torch module (OpenVINO's convert_model, the ONNX exporter) calls
+    it: a source's `export_spec()` gives it, so backends need no frontend's code.
+
+    `module(*args)` returns the outputs named `output_names`; `cache` pairs each past-cache input
+    with the present output that updates it (empty for a model without a KV cache); `past_shapes`
+    gives each past input's fixed dimensions ([batch, heads, length, head_dim] with heads and head_dim
+    fixed); `weight_prefix` is what exported weight names carry before the IR's names."""
+
+    module: Any
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    cache: list[tuple[str, str]] = field(default_factory=list)
+    past_shapes: list[tuple[int, int]] = field(default_factory=list)
+    weight_prefix: str = ""
+
+
 class Source(Protocol):
     """A loaded model as a frontend holds it. Backends read these attributes, nothing else."""
 
@@ -25,6 +46,9 @@ class Source(Protocol):
     example_input: dict  # keyword inputs the model was traced with
     tokenizer: Any  # the model's tokenizer, or None
     is_causal_lm: bool  # a text-generation model (KV cache, tokenizer, config)
+
+    def export_spec(self) -> ExportSpec:
+        """Optional, for sources a backend may trace again (torch): the module and its signature."""
 
 
 class Frontend(Protocol):

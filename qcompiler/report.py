@@ -2,7 +2,9 @@
 
 How the numbers are computed (stated in the report's "method"):
 - parameters are counted per weight tensor, once even when shared (a tied embedding / lm_head),
-  as NNCF counts them; "ratio-defining" are the weights the ratio applies to;
+  as NNCF counts them; "ratio-defining" are the weights the ratio applies to; "parameters" adds
+  the non-weight-bearing ones (norms, biases) to give the model's total; "float_weights" lists
+  every weight-bearing tensor left in float with the reason;
 - bits per weight (compressed) = 8 x bytes stored for the compressed weights' codes, scales and zero
   points / their parameter count; the theoretical figure is b + scale_bits/g (+ b/g for a zero point)
   per weight, averaged over parameters;
@@ -19,6 +21,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from qcompiler.coverage import float_weights, parameter_counts
 from qcompiler.quant import matrix_view, theoretical_bits_per_weight
 
 REPORT_FILE = "qcompiler_report.json"
@@ -62,6 +65,8 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "config": _config_dict(compressed.config),
         "table": table,
         "weights": {"tensors": len(graph.weight_constants()), "params": total},
+        "parameters": parameter_counts(graph),
+        "float_weights": float_weights(graph),
         "model_bytes": sum((out_dir / f).stat().st_size for f in lowered["files"]),
         "output_bytes": sum((out_dir / f).stat().st_size for f in files),
         "bits_per_weight": {
@@ -88,7 +93,15 @@ def format_report(report: dict) -> str:
             + f" {r['percent_ratio_params']:>3.0f}% ({r['ratio_layers']} / {ratio_layers})"
         )
     bpw = report["bits_per_weight"]
+    counts = report.get("parameters")
     lines.append("")
+    if counts:
+        lines.append(f"parameters: {counts['weight_bearing']} in weight-bearing layers (the table) + {counts['other']} "
+                     f"other (norms, biases) = {counts['total']}")
+    floats = report.get("float_weights") or []
+    if floats and any(r["reason"] != "no compression asked (fp32)" for r in floats):
+        shown = ", ".join(f"{r['name']} ({r['reason']})" for r in floats[:4])
+        lines.append(f"left in float: {len(floats)} weights: {shown}{', ...' if len(floats) > 4 else ''}")
     lines.append(f"model size: {report['model_bytes'] / 2**20:.1f} MiB ({report['model_bytes']} bytes); "
                  f"with config and tokenizer: {report['output_bytes'] / 2**20:.1f} MiB")
     if bpw["compressed_measured"] is not None:

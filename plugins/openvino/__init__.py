@@ -75,12 +75,13 @@ def write_tokenizer_models(tokenizer, out_dir: Path) -> list[str]:
     return ["openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin"]
 
 
-# f32 activations, not quantized on the fly: where the CPU has AMX / AVX512 (VNNI, BF16) the CPU
-# plugin's defaults are bf16 activations and int8 dynamic quantization of a compressed MatMul's
-# input (groups of 32), which would make perplexity and logits depend on the machine (measured on
-# the tiny test model: 0.7-1% of the logit range instead of 4e-7). Compressed weights still run
-# compressed. Speed measurements may pass the plugin's defaults (config={}).
-RUNNER_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+# f32 activations, not quantized on the fly, and an f32 KV cache: where the CPU has AMX / AVX512
+# (VNNI, BF16) the CPU plugin's defaults are bf16 activations, int8 dynamic quantization of a
+# compressed MatMul's input (groups of 32) and a u8 KV cache, which would make perplexity, logits
+# and greedy tokens depend on the machine (measured on the tiny test model: 0.7-1% of the logit
+# range instead of 4e-7, and a 14-token decode 2e-3 off from the first token). Compressed weights
+# still run compressed. Speed measurements may pass the plugin's defaults (config={}).
+RUNNER_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0", "KV_CACHE_PRECISION": "f32"}
 
 
 class OpenVINORunner:

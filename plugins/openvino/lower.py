@@ -19,7 +19,7 @@ import openvino.opset13 as ops
 import torch
 
 from qcompiler.config import Mode
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import QCompilerError, export_failed
 from qcompiler.ir import Graph
 from qcompiler.plugins.openvino.fuse import concatenate, fusable_groups, replace_with_split
 from qcompiler.quant import CompressedWeight
@@ -39,10 +39,14 @@ def convert(source) -> tuple[ov.Model, str]:
     if source.is_causal_lm:
         from qcompiler.plugins.openvino.stateful import convert_stateful
 
-        return convert_stateful(source.model), "model."
+        spec = source.export_spec()
+        return convert_stateful(spec, type(source.model).__name__), spec.weight_prefix
     example = source.example_input
     shapes = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
-    return ov.convert_model(source.model, example_input=example, input=shapes), ""
+    try:
+        return ov.convert_model(source.model, example_input=example, input=shapes), ""
+    except Exception as exc:  # TorchScript tracing and OpenVINO's op conversion raise their own types
+        raise export_failed("OpenVINO", type(source.model).__name__, exc) from None
 
 
 def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None

@@ -7,8 +7,8 @@ output logits [batch, seq, vocab]; per layer two variables holding past keys and
 [batch, kv_heads, past, head_dim], read at the start of a call (reordered by beam_idx, zeros of
 length 0 after a reset) and written with the new cache at its end.
 
-The float graph is traced by `openvino.convert_model` through `KVCacheForward`, whose forward takes
-the past as plain tensors and returns the present ones.
+The float graph is traced by `openvino.convert_model` through the source's export module, whose
+forward takes the past as plain tensors and returns the present ones (`Source.export_spec()`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,23 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-from qcompiler.plugins.torch.kvcache import KVCacheForward, example, io_names, kv_geometry
+from qcompiler.errors import export_failed
+from qcompiler.protocols import ExportSpec
 
 
-def convert_stateful(model) -> ov.Model:
-    """`model`: a transformers causal LM (torch)."""
-    layers, kv_heads, head_dim = kv_geometry(model.config)
-    shapes = [ov.PartialShape([-1, -1])] * 3 + [ov.PartialShape([-1, kv_heads, -1, head_dim])] * (2 * layers)
-    ov_model = ov.convert_model(KVCacheForward(model), example_input=example(model.config), input=shapes)
+def convert_stateful(spec: ExportSpec, what: str) -> ov.Model:
+    """`spec`: a causal LM's export signature with its cache (`Source.export_spec()`)."""
+    token_inputs = len(spec.input_names) - len(spec.cache)
+    shapes = [ov.PartialShape([-1, -1])] * token_inputs + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
+    try:
+        ov_model = ov.convert_model(spec.module, example_input=spec.args, input=shapes)
+    except Exception as exc:  # TorchScript tracing and OpenVINO's op conversion raise their own types
+        raise export_failed("OpenVINO", what, exc) from None
 
-    names = ["input_ids", "attention_mask", "position_ids"]
-    past_names, present_names = io_names(model.config)
-    for port, name in zip(ov_model.inputs, names + past_names):
+    past_names, present_names = [p for p, _ in spec.cache], [p for _, p in spec.cache]
+    for port, name in zip(ov_model.inputs, spec.input_names):
         port.get_tensor().set_names({name})
-    for port, name in zip(ov_model.outputs, ["logits"] + present_names):
+    for port, name in zip(ov_model.outputs, spec.output_names):
         port.get_tensor().set_names({name})
     _add_beam_idx(ov_model, past_names)
     _float_attention_masks(ov_model)

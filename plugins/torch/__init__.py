@@ -14,7 +14,8 @@ from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.plugins.torch import hf
+from qcompiler.plugins.torch import hf, kvcache
+from qcompiler.protocols import ExportSpec
 from qcompiler.plugins.torch.trace import trace_module
 
 
@@ -30,6 +31,13 @@ class TorchSource:
     @property
     def is_causal_lm(self) -> bool:
         return hasattr(self.model, "generation_config") and hasattr(self.model, "config")
+
+    def export_spec(self) -> ExportSpec:
+        if self.is_causal_lm:
+            return kvcache.export_spec(self.model)
+        names = list(self.example_input)
+        dynamic = {n: {d: f"{n}_{d}" for d in range(t.dim() - 1)} for n, t in self.example_input.items()}
+        return ExportSpec(self.model, tuple(self.example_input.values()), names, [], dynamic)
 
 
 class TorchFrontend:

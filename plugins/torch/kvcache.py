@@ -1,29 +1,72 @@
 """A transformers causal LM with its KV cache as plain tensors, for exporters that trace it.
 
 `KVCacheForward(model)(input_ids, attention_mask, position_ids, *past)` returns
-`(logits, *present)`, where past and present are, per layer, keys then values
+`(logits, *present)`, where past and present are, per cache layer, keys then values
 [batch, kv_heads, length, head_dim]: the layout of optimum's exports (OpenVINO and ONNX).
+
+The layout is read from the model itself (`cache_layout`: one short forward with a cache), not
+from config fields, so models without `num_key_value_heads` (GPT-2, OPT, BLOOM, Falcon, GPT-NeoX),
+multi-query heads and keys and values of different widths (DeepSeek's MLA) need nothing written
+per family. Every layer keeps its whole past, sliding-window ones included: transformers builds
+their sliding masks from the attention mask and positions, so the result is the same while the
+exported graph stays free of the data-dependent trimming a sliding cache does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from qcompiler.protocols import ExportSpec
 
 PAST_LEN = 2  # the example's past length; exporters declare every varying dimension dynamic
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """Per cache layer, the (kv_heads, head_dim) of its keys and of its values."""
+
+    keys: tuple[tuple[int, int], ...]
+    values: tuple[tuple[int, int], ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.keys)
+
+    def past_shapes(self) -> list[tuple[int, int]]:
+        """(heads, head_dim) of each past input, in input order (layer 0 keys, layer 0 values, ...)."""
+        return [shape for pair in zip(self.keys, self.values) for shape in pair]
+
+
+def cache_layout(model: torch.nn.Module) -> CacheLayout:
+    """The KV-cache layout `model` builds, read from one forward of two tokens."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        from qcompiler.errors import QCompilerError
+
+        raise QCompilerError(f"{type(model).__name__} keeps no key/value cache qcompiler can export (cache: "
+                             f"{type(cache).__name__}): use --backend torch for this model")
+    keys = tuple((int(layer.keys.shape[1]), int(layer.keys.shape[-1])) for layer in layers)
+    values = tuple((int(layer.values.shape[1]), int(layer.values.shape[-1])) for layer in layers)
+    return CacheLayout(keys, values)
+
+
 class KVCacheForward(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, layout: CacheLayout) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.layout = model, layout
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # one full layer per cache layer (no config: no sliding layers), seeded with the past directly:
+        # a layer's lazy initialization starts from an empty rank-1 tensor exporters cannot concatenate
+        cache = DynamicCache(ddp_cache_data=[(None, None)] * self.layout.layers)
         for i, layer in enumerate(cache.layers):
-            # seed each layer with the past directly: its lazy initialization starts from an empty
-            # rank-1 tensor that exporters cannot concatenate on axis -2
             layer.lazy_initialization(past[2 * i], past[2 * i + 1])
             layer.keys, layer.values = past[2 * i], past[2 * i + 1]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -34,23 +77,28 @@ class KVCacheForward(torch.nn.Module):
         return (out.logits, *present)
 
 
-def kv_geometry(config) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a transformers config."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+def export_spec(model: torch.nn.Module) -> ExportSpec:
+    """The causal LM's export signature in optimum's layout: input_ids, attention_mask, position_ids
+    and the past cache in; logits and the present cache out."""
+    layout = cache_layout(model)
+    past, present = io_names(layout)
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+               "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    dynamic.update({n: {0: "batch", 2: "past"} for n in past})
+    dynamic.update({n: {0: "batch", 2: "total"} for n in present})
+    return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
+                      *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.")
 
 
-def example(config) -> tuple[torch.Tensor, ...]:
+def example(layout: CacheLayout) -> tuple[torch.Tensor, ...]:
     """Inputs for tracing: two new tokens after PAST_LEN cached ones."""
-    layers, kv_heads, head_dim = kv_geometry(config)
-    past = [torch.zeros(1, kv_heads, PAST_LEN, head_dim) for _ in range(2 * layers)]
+    past = [torch.zeros(1, heads, PAST_LEN, dim) for heads, dim in layout.past_shapes()]
     return (torch.tensor([[1, 2]]), torch.ones(1, PAST_LEN + 2, dtype=torch.long),
             torch.tensor([[PAST_LEN, PAST_LEN + 1]]), *past)
 
 
-def io_names(config) -> tuple[list[str], list[str]]:
+def io_names(layout: CacheLayout) -> tuple[list[str], list[str]]:
     """Names of the past inputs and present outputs, in optimum's spelling."""
-    layers = config.num_hidden_layers
-    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past = [f"past_key_values.{i}.{kind}" for i in range(layout.layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layout.layers) for kind in ("key", "value")]
     return past, present

@@ -43,10 +43,22 @@ _OPS: dict[Any, tuple[str, dict]] = {
 }
 
 
+_ADDMM = (torch.addmm, T.addmm)
+_TRANSPOSE_2D = (T.t, torch.t)
+
+
+def _is_transpose(func, args) -> bool:
+    """`W.T`, `W.t()`, `torch.t(W)` or `W.transpose(0, 1)` of a matrix."""
+    if func in _TRANSPOSE_2D or func == T.T.__get__ or func == T.mT.__get__:
+        return True
+    return func in (T.transpose, torch.transpose) and sorted(a % 2 for a in args[1:3]) == [0, 1]
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, graph: Graph, params: dict[int, str], inputs: dict[int, Node], module_names) -> None:
         super().__init__()
         self.graph, self.params, self.values = graph, params, dict(inputs)
+        self.transposed: dict[int, torch.Tensor] = {}
         self.module_names, self.scope = module_names, ["model"]
         self.alive: list[Any] = []  # keeps recorded tensors alive so their ids stay unique
 
@@ -57,12 +69,21 @@ class _Recorder(TorchFunctionMode):
         if not outs:
             return out
         op, attrs = _OPS.get(func, ("Opaque", {"fn": getattr(func, "__name__", str(func))}))
-        inputs = [self.value(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if _is_transpose(func, args) and id(tensors[0]) in self.params and tensors[0].dim() == 2:
+            self.transposed[id(out)] = tensors[0]  # W.T of a parameter: a MatMul reading it takes W, transpose_b
+            op, attrs = "Transpose", {}
+        if op == "MatMul" and len(tensors) == 2 and id(tensors[1]) in self.transposed:
+            tensors[1], attrs = self.transposed[id(tensors[1])], {"transpose_b": True}
+        inputs = [self.value(t) for t in tensors]
         if func is F.embedding:  # F.embedding(indices, weight) -> Gather(data, indices)
             inputs[:2] = inputs[1::-1]
         if func is F.linear and len(inputs) == 3:  # bias: MatMul then Add
             node = self.graph.add(op, inputs[:2], attrs, self._name(op), {"shape": tuple(outs[0].shape)})
             node = self.graph.add("Add", [node, inputs[2]], {}, self._name("Add"))
+        elif func in _ADDMM:  # addmm(bias, x, W) = x @ W + bias (GPT-2's Conv1D: W is [in, out])
+            node = self.graph.add("MatMul", inputs[1:3], {}, self._name("MatMul"), {"shape": tuple(outs[0].shape)})
+            node = self.graph.add("Add", [node, inputs[0]], {}, self._name("Add"))
         else:
             node = self.graph.add(op, inputs, attrs, self._name(op), {"shape": tuple(outs[0].shape)})
         if isinstance(out, torch.Tensor):
@@ -103,6 +124,7 @@ def trace_module(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor
     params = {}
     for pname, p in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers()):
         params.setdefault(id(p), pname)
+    buffers = {name for name, _ in module.named_buffers()}
     module_names = {m: (n or "model") for n, m in module.named_modules()}
     recorder = _Recorder(graph, params, inputs, module_names)
     hooks = []
@@ -116,6 +138,12 @@ def trace_module(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor
         for h in hooks:
             h.remove()
     graph.outputs = [recorder.values[id(t)] for t in _output_tensors(out) if id(t) in recorder.values]
+    for pname, p in module.named_parameters():  # parameters the forward never read: visible, not lost
+        if id(p) not in recorder.values:
+            graph.add_weight(pname, p.detach()).meta["unused"] = True
+    for node in graph.nodes:
+        if node.op == "Constant" and node.attrs.get("weight") in buffers:
+            node.meta["buffer"] = True
     return graph
 
 

@@ -1,0 +1,63 @@
+"""Tiny random causal LMs of every family transformers builds, for the per-family tests.
+
+Each model is built from its family's transformers config with small sizes (2 layers, hidden 64,
+vocabulary 256 with the byte-level tokenizer of conftest), nothing downloaded. `FAMILIES` maps a
+`model_type` to the config fields it needs beyond `COMMON`; `UNSUPPORTED` says, per family and
+backend, which one-line refusal a user gets instead of an artifact, and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, max_position_embeddings=128, head_dim=16, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0)
+MOE = dict(num_experts_per_tok=2)
+FAMILIES: dict[str, dict] = {
+    "llama": {}, "mistral": dict(sliding_window=4), "qwen2": {}, "qwen3": {}, "phi": {}, "phi3": {},
+    "gpt_neox": {}, "gptj": dict(n_inner=128, rotary_dim=8), "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "bloom": {}, "falcon": dict(new_decoder_architecture=False, multi_query=True, head_dim=None),
+    "starcoder2": {}, "stablelm": {}, "gemma": {}, "gemma2": dict(sliding_window=4),
+    "gemma3_text": dict(sliding_window=4), "olmo": {}, "olmo2": {}, "granite": {}, "cohere": {},
+    "gpt_bigcode": dict(n_inner=128), "codegen": dict(n_inner=128, rotary_dim=8), "gpt2": dict(n_inner=128),
+    "mixtral": dict(num_local_experts=4, **MOE), "qwen2_moe": dict(num_experts=4, moe_intermediate_size=64,
+                                                                   shared_expert_intermediate_size=64, **MOE),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=64, **MOE),
+    "gpt_oss": dict(num_local_experts=4, **MOE),
+}
+
+_EXPERTS = "read by ops qcompiler cannot compress yet"
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+# (family, backend, weight format) -> the refusal's words, for what does not work yet and says so
+UNSUPPORTED: dict[tuple[str, str, str], str] = {}
+for _family in MOE_FAMILIES:
+    for _backend in ("openvino", "onnx", "torch"):
+        UNSUPPORTED[(_family, _backend, "int8")] = _EXPERTS  # batched 3-D expert weights: no per-expert trace yet
+    UNSUPPORTED[(_family, "openvino", "fp32")] = "export cannot convert"  # the router's histc / nonzero
+    UNSUPPORTED[(_family, "onnx", "fp32")] = "export cannot convert"
+
+
+def build(model_type: str, folder: Path) -> Path:
+    """Save a tiny random `model_type` model with the byte-level tokenizer into `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import tiny_tokenizer
+
+    fields = {k: v for k, v in {**COMMON, **FAMILIES[model_type]}.items() if v is not None}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from the float transformers model, each from the whole sequence (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
