@@ -21,6 +21,7 @@ from pathlib import Path
 from qcompiler import output
 from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
 from qcompiler.errors import QCompilerError
+from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
 WEIGHT_FORMATS = ["int8", "int4", *[m.value for m in Mode], "fp32"]
 
@@ -114,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sym", action="store_true", help="symmetric int4/int8")
     c.add_argument("--group-size", type=int, help="group size; -1 = per channel (default 128, 32 for mxfp4)")
     c.add_argument("--ratio", type=float, default=1.0, help="share of ratio-defining parameters in 4-bit")
-    c.add_argument("--backup-mode", default="int8_asym", help="int8_asym, int8_sym or none")
+    c.add_argument("--backup-mode", help="int8_asym (the default), int8_sym or none")
     c.add_argument("--all-layers", action="store_true", help="embeddings and the last MatMul in 4-bit too")
     c.add_argument("--awq", action="store_true", help="AWQ (data-free when no --dataset)")
     c.add_argument("--dataset", help="calibration text file or dataset name (data-aware algorithms)")
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace an existing output folder, only if qcompiler wrote it (see README, Safety)")
     _add_load_flags(c)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_optimum_flags(c)
     c.set_defaults(func=_compress)
 
     e = sub.add_parser("eval", help="perplexity of an artifact and of its original model")
@@ -185,6 +187,7 @@ def _at_least(value, low, flag: str, fix: str) -> None:
 
 
 def config_from_args(args) -> CompressionConfig:
+    apply_optimum_flags(args)
     mode = args.weight_format
     if mode == "fp32":
         if args.group_size is not None or args.sym:
@@ -204,7 +207,7 @@ def config_from_args(args) -> CompressionConfig:
     )
     return CompressionConfig(
         mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=args.ratio,
-        backup_mode=args.backup_mode, all_layers=args.all_layers, ignored_scope=scope,
+        backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,
         group_size_fallback=args.group_size_fallback, awq=args.awq, dataset=args.dataset,
     )
 

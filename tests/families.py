@@ -38,6 +38,7 @@ for _family in MOE_FAMILIES:
         UNSUPPORTED[(_family, _backend, "int8")] = _EXPERTS  # batched 3-D expert weights: no per-expert trace yet
     UNSUPPORTED[(_family, "openvino", "fp32")] = "export cannot convert"  # the router's histc / nonzero
     UNSUPPORTED[(_family, "onnx", "fp32")] = "export cannot convert"
+UNSUPPORTED[("cohere", "onnx", "fp32")] = "export cannot convert"  # torch's TorchScript ONNX exporter fails on it
 
 
 def build(model_type: str, folder: Path) -> Path:

@@ -1,8 +1,11 @@
 """Bad input: one line naming the problem and the fix, exit status 2, nothing written."""
 
+import json
+
 import pytest
 
 from qcompiler.cli import main
+from qcompiler.optimum_flags import NOT_YET, SWITCHES
 
 
 @pytest.fixture
@@ -90,3 +93,25 @@ def test_graph_lists_weight_bearing_nodes(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 16
     assert lines[-1].startswith("lm_head/MatMul") and "weight lm_head.weight [256, 96]" in lines[-1]
+
+
+def test_optimum_cli_spelling_writes_the_same_artifact(tmp_path, capsys):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    argv = ["--weight-format", "int4", "--sym", "--group-size", "32", "--backend", "torch", "--quiet"]
+    assert main(["compress", "-m", str(folder), *argv, "--backup-precision", "int8_sym",
+                 "--task", "text-generation-with-past", str(tmp_path / "optimum-style")]) == 0
+    assert main(["compress", str(folder), *argv, "--backup-mode", "int8_sym", "-o", str(tmp_path / "ours")]) == 0
+    a, b = (json.loads((tmp_path / d / "qcompiler_report.json").read_text()) for d in ("optimum-style", "ours"))
+    assert a["table"] == b["table"] and a["config"] == b["config"]
+
+
+@pytest.mark.parametrize("flag", list(NOT_YET))
+def test_an_optimum_flag_not_supported_yet_is_named(flag, tmp_path, capsys):
+    argv = ["compress", "-o", str(tmp_path / "o"), flag] + ([] if flag in SWITCHES else ["x"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{flag} is not supported yet" in err
+    assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qcompiler.errors import export_failed
+from qcompiler.plugins.onnx.onnxgraph import gemms_as_matmuls
 
 OPSET = 21  # the first with int4/uint4 and blocked DequantizeLinear
 TWO_GB = 2**31 - 1
@@ -30,7 +31,9 @@ def export_float(source, path: Path) -> tuple[onnx.ModelProto, str]:
                               opset_version=OPSET, do_constant_folding=False)
     except Exception as exc:  # the tracer and the symbolic functions raise their own types
         raise export_failed("ONNX", type(source.model).__name__, exc) from None
-    return onnx.load(str(path)), spec.weight_prefix
+    model = onnx.load(str(path))
+    gemms_as_matmuls(model.graph)
+    return model, spec.weight_prefix
 
 
 def save(model: onnx.ModelProto, path: Path) -> list[str]:

@@ -19,7 +19,7 @@ from qcompiler.companions import copy_companions, load_tokenizer
 from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph, Node
-from qcompiler.plugins.onnx.onnxgraph import GraphIndex, attribute, to_array
+from qcompiler.plugins.onnx.onnxgraph import GraphIndex, attribute, gemms_as_matmuls, to_array
 
 _OPS = {
     "MatMul": "MatMul", "Gather": "Gather", "Conv": "Convolution", "Mul": "Multiply", "Add": "Add",
@@ -54,6 +54,7 @@ class ONNXFrontend:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise QCompilerError(f"cannot read the ONNX model {path}: {first} -- the file is corrupt or "
                                  "truncated; export it again") from None
+        gemms_as_matmuls(proto.graph)  # an exporter's Gemm weights are weights too
         index = GraphIndex(proto.graph)
         if not any(u.node.op_type == "MatMul" for uses in index.weights().values() for u in uses):
             raise QCompilerError(f"the ONNX model {path} has no MatMul with a constant float weight, so there is "

@@ -86,6 +86,35 @@ class GraphIndex:
         return dict(sorted(found.items(), key=lambda item: min(order[id(u.node)] for u in item[1])))
 
 
+def gemms_as_matmuls(graph: onnx.GraphProto) -> int:
+    """Gemm(A, W, C) with a constant W (the exporter's form of `addmm` and of a 2-D `linear`) becomes
+    MatMul(A, W) (+ Add C), W read through a Transpose when transB: the same numbers, in the form
+    whose weight the lowering rewrites. Only alpha = beta = 1 and transA = 0; returns the count."""
+    from onnx import helper
+
+    index = GraphIndex(graph)
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or index.tensor(node.input[1]) is None or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight, base = node.input[1], node.name or node.output[0]
+        if attrs.get("transB", 0):
+            nodes.append(helper.make_node("Transpose", [weight], [f"{base}/W_t"], name=f"{base}/W_t", perm=[1, 0]))
+            weight = f"{base}/W_t"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{base}/MatMul_out" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{base}/MatMul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{base}/Add"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
 def to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
     return numpy_helper.to_array(tensor, base_dir or "")
 

@@ -13,6 +13,9 @@ OpenVINO's CPU plugin fuses into its compressed FullyConnected / Gather kernels:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
@@ -59,6 +62,13 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
     missing = [name for name in compressed if name not in consts]
     missing += [c.attrs["weight"] for c in graph.weight_constants()
                 if c.meta.get("rewritten") and c.attrs["weight"] not in consts]
+    folded = _folded_transposes(model, graph, missing)
+    for name, const in folded.items():  # the converter stored W.T under a new name: decode straight to it
+        consts[name] = const
+        if name in compressed:
+            cw = compressed[name]
+            compressed[name] = dataclasses.replace(cw, transposed=False, shape=cw.matrix_shape)
+    missing = [name for name in missing if name not in folded]
     if missing:
         raise QCompilerError(
             f"weight {missing[0]} was not found in the converted OpenVINO model: this model's conversion "
@@ -82,8 +92,10 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
             stored[name] = tensor.numel() * tensor.element_size()
             continue
         target = consts[name]
+        if name in folded:
+            tensor = tensor.t()
         if cw is None:
-            new_output, nbytes = _float_constant(tensor.float().numpy(), name), tensor.numel() * 4
+            new_output, nbytes = _float_constant(tensor.float().contiguous().numpy(), name), tensor.numel() * 4
         else:
             new_output, nbytes = _decompression(cw, name, target.get_element_type(), keep)
         for target_input in list(target.output(0).get_target_inputs()):
@@ -91,6 +103,33 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         stored[name] = nbytes
     model.validate_nodes_and_infer_types()
     return stored
+
+
+def _folded_transposes(model: ov.Model, graph: Graph, names: list[str]) -> dict[str, ov.Node]:
+    """For IR weights W [K, N] read as `x @ W` (GPT-2's Conv1D), the Constants holding W.T that
+    convert_model folded from a Transpose (losing W's name), found by content."""
+    wanted = {}
+    for const in graph.weight_constants():
+        name = const.attrs["weight"]
+        tensor = graph.weight(const)
+        if name in names and tensor.dim() == 2:
+            wanted.setdefault((tuple(tensor.shape[::-1]), _digest(tensor.t())), []).append(name)
+    if not wanted:
+        return {}
+    found = {}
+    for op in model.get_ops():
+        if op.get_type_name() != "Constant" or op.get_output_partial_shape(0).rank.get_length() != 2:
+            continue
+        shape = tuple(op.get_output_shape(0))
+        if any(key[0] == shape for key in wanted):
+            key = (shape, _digest(torch.from_numpy(op.get_data().astype(np.float32))))
+            for name in wanted.get(key, []):
+                found.setdefault(name, op)
+    return found
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha1(tensor.float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _constants_by_name(model: ov.Model, prefix: str) -> dict[str, ov.Node]:
