@@ -26,7 +26,8 @@ class ExportSpec:
     `module(*args)` returns the outputs named `output_names`; `cache` pairs each past-cache input
     with the present output that updates it (empty for a model without a KV cache); `past_shapes`
     gives each past input's fixed dimensions ([batch, heads, length, head_dim] with heads and head_dim
-    fixed); `weight_prefix` is what exported weight names carry before the IR's names."""
+    fixed); `weight_prefix` is what exported weight names carry before the IR's names; `model_info`
+    holds the facts runtimes' own config files need (onnxruntime-genai's genai_config.json)."""
 
     module: Any
     args: tuple
@@ -36,6 +37,7 @@ class ExportSpec:
     cache: list[tuple[str, str]] = field(default_factory=list)
     past_shapes: list[tuple[int, int]] = field(default_factory=list)
     weight_prefix: str = ""
+    model_info: dict = field(default_factory=dict)  # model_type, vocab_size, hidden_size, heads, token ids, ...
 
 
 class Source(Protocol):

@@ -10,6 +10,8 @@ from qcompiler import CompressionConfig, QCompilerError, compress
 from qcompiler.plugins.onnx import ONNXRunner, export
 from qcompiler.plugins.torch import TorchRunner
 from tests.conftest import tiny_llama
+
+PROMPT = [5, 17, 100, 3, 99, 42]
 from tests.test_openvino_backend import IDS, reference_logits
 
 
@@ -96,3 +98,24 @@ def test_what_onnxruntime_cannot_run_is_refused_before_any_work(tmp_path, config
 def test_other_backends_take_no_onnx_options(tmp_path):
     with pytest.raises(QCompilerError, match="the openvino backend takes no options"):
         compress(tiny_llama(), CompressionConfig(), output=tmp_path / "o", backend_options={"format": "qdq"})
+
+
+def test_onnxruntime_genai_generates_from_the_artifact_folder(tmp_path):
+    import onnxruntime_genai as og
+    from transformers import AutoModelForCausalLM
+
+    from tests import families
+
+    folder = families.build("llama", tmp_path / "llama")
+    compress(folder, CompressionConfig(mode=None), output=tmp_path / "onnx", backend="onnx")
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert got == families.greedy(reference, PROMPT, 16)
+

@@ -38,10 +38,12 @@ class ONNXBackend:
 
         opts = lower.ONNXOptions.from_dict(options or {})
         start = time.perf_counter()
+        spec = None
         if isinstance(source, ONNXSource):
             model, prefix = source.model, ""
         elif hasattr(source.model, "forward"):
-            model, prefix = export.export_float(source, out_dir / MODEL_FILE)
+            model, spec = export.export_float(source, out_dir / MODEL_FILE)
+            prefix = spec.weight_prefix
         else:
             raise QCompilerError(f"the onnx backend writes torch or ONNX models, not {type(source.model).__name__}: "
                                  "use --backend openvino for an OpenVINO model")
@@ -49,6 +51,10 @@ class ONNXBackend:
         weight_bytes = lower.apply_weights(model, graph, prefix, opts)
         applied = time.perf_counter()
         files = export.save(model, out_dir / MODEL_FILE)
+        if spec is not None and spec.cache:
+            from qcompiler.plugins.onnx.genai import write_genai_config
+
+            write_genai_config(spec, MODEL_FILE, out_dir)  # a config, not model bytes
         seconds = {"export": exported - start, "apply_weights": applied - exported,
                    "save": time.perf_counter() - applied}
         return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}

@@ -13,8 +13,9 @@ OPSET = 21  # the first with int4/uint4 and blocked DequantizeLinear
 TWO_GB = 2**31 - 1
 
 
-def export_float(source, path: Path) -> tuple[onnx.ModelProto, str]:
-    """The float ONNX model of a torch source, and the prefix its initializers carry before IR names.
+def export_float(source, path: Path):
+    """The float ONNX model of a torch source, and its export spec (whose `weight_prefix` the
+    initializers carry before IR names).
 
     The source's `export_spec()` gives the module and its signature; a causal LM comes with its KV
     cache as inputs and outputs in optimum's ORTModelForCausalLM layout. Constant folding is off so
@@ -33,7 +34,7 @@ def export_float(source, path: Path) -> tuple[onnx.ModelProto, str]:
         raise export_failed("ONNX", type(source.model).__name__, exc) from None
     model = onnx.load(str(path))
     gemms_as_matmuls(model.graph)
-    return model, spec.weight_prefix
+    return model, spec
 
 
 def save(model: onnx.ModelProto, path: Path) -> list[str]:

@@ -87,7 +87,29 @@ def export_spec(model: torch.nn.Module) -> ExportSpec:
     dynamic.update({n: {0: "batch", 2: "past"} for n in past})
     dynamic.update({n: {0: "batch", 2: "total"} for n in present})
     return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
-                      *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.")
+                      *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.",
+                      model_info(model))
+
+
+def model_info(model: torch.nn.Module) -> dict:
+    """What a runtime's config file needs, read from the transformers config (text part)."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    generation = getattr(model, "generation_config", None)
+
+    def first(*names, default=None):
+        for holder in (generation, config):
+            for name in names:
+                value = getattr(holder, name, None) if holder is not None else None
+                if value is not None:
+                    return value
+        return default
+
+    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
+            "hidden_size": first("hidden_size", "n_embd", "d_model"),
+            "num_attention_heads": first("num_attention_heads", "n_head", "n_heads"),
+            "context_length": first("max_position_embeddings", "n_positions", "seq_length", default=2048),
+            "bos_token_id": first("bos_token_id"), "eos_token_id": first("eos_token_id"),
+            "pad_token_id": first("pad_token_id", "eos_token_id")}
 
 
 def example(layout: CacheLayout) -> tuple[torch.Tensor, ...]:
