@@ -1,5 +1,7 @@
 import copy
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +91,25 @@ def test_plain_module_lowers_with_static_last_dim(tmp_path):
         dict(ref.named_parameters())[const.name].data.copy_(const.meta["compressed"].dequantize())
     assert np.allclose(got, ref(x).detach().numpy(), atol=1e-3)
     assert [p for t, p in runtime_layers(tmp_path / "m" / "openvino_model.xml") if t == "FullyConnected"] == ["i8", "i8"]
+
+
+def test_conversion_sends_no_telemetry(tmp_path):
+    import subprocess
+    import sys
+
+    # a fresh process, not in CI (where the converter skips telemetry by itself): nothing may start it
+    script = """
+import sys
+sys.path.insert(0, ".")
+from qcompiler import CompressionConfig, compress
+from tests.conftest import tiny_llama
+compress(tiny_llama(), CompressionConfig(mode="int8_asym"), output=sys.argv[1])
+from openvino.tools.ovc import telemetry_utils
+assert telemetry_utils.init_ovc_telemetry().__class__.__module__.endswith("telemetry_stub")
+assert sys.modules.get("openvino_telemetry") is None
+"""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "o")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "openvino_model.xml").is_file()

@@ -8,6 +8,7 @@ A causal LM is written as a stateful model with its KV cache, in optimum-intel's
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from qcompiler.hookspecs import hookimpl
 
 MODEL_XML = "openvino_model.xml"
 log = logging.getLogger("qcompiler")
+
+# OpenVINO's converter starts usage telemetry when `openvino.tools.ovc` is imported (unless CI=true or
+# a consent file says no), from a thread pool that forks: here one such fork deadlocked on a logging
+# lock and a finished run hung at exit. With the package unimportable the converter takes its own
+# no-op stub; `lower.no_telemetry()` covers a process that imported it before this plugin loaded.
+if "openvino_telemetry" not in sys.modules:
+    sys.modules["openvino_telemetry"] = None
 
 
 class OpenVINOBackend:

@@ -39,6 +39,7 @@ def convert(source) -> tuple[ov.Model, str]:
     A causal LM becomes a stateful model with its KV cache (see stateful.py); any other module is
     converted as it is, with the activations' last dimension static so its MatMuls fuse.
     """
+    no_telemetry()
     if source.is_causal_lm:
         from qcompiler.plugins.openvino.stateful import convert_stateful
 
@@ -50,6 +51,14 @@ def convert(source) -> tuple[ov.Model, str]:
         return ov.convert_model(source.model, example_input=example, input=shapes), ""
     except Exception as exc:  # TorchScript tracing and OpenVINO's op conversion raise their own types
         raise export_failed("OpenVINO", type(source.model).__name__, exc) from None
+
+
+def no_telemetry() -> None:
+    """The converter's telemetry becomes its own no-op stub (see the note in this plugin's __init__),
+    also in a process that imported openvino_telemetry before qcompiler's plugins loaded."""
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+
+    telemetry_utils.tm = convert_impl.tm = telemetry_stub
 
 
 def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None
