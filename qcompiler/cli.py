@@ -53,12 +53,21 @@ def main(argv=None) -> int:
     written_before = len(output.written)
     try:
         sys.stdin = io.StringIO("")  # a library that asks a question gets no answer, never the user's input
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="backslashreplace")  # a path no encoding can print still prints
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its deprecation notes are not the user's business
         warnings.filterwarnings("ignore")
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         args = _parser().parse_args(argv)
         return args.func(args)
     except QCompilerError as exc:
         return _fail(f"qcompiler: error: {exc}", 2)
+    except _StdoutGone:
+        try:
+            sys.stdout = open(os.devnull, "w")  # the interpreter's final flush must not fail again
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", signal.SIGINT), written_before)
     except Exception as exc:
@@ -98,8 +107,24 @@ def _fail(message: str, status: int) -> int:
     if tqdm is not None:
         for bar in list(getattr(tqdm.tqdm, "_instances", ())):
             bar.close()
-    print(message, file=sys.stderr)
+    print(message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)  # one line, whatever a path holds
     return status
+
+
+class _StdoutGone(Exception):
+    """Standard output was closed by its reader (`| head`): stop quietly."""
+
+
+def _say(text: str) -> None:
+    """Print to standard output; a closed pipe ends the command quietly, a failing one in one line."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutGone() from None
+    except OSError as exc:
+        raise QCompilerError(f"cannot write to standard output ({exc.strerror or exc}); the command's work is done "
+                             "(an artifact, if any, is written)") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="plain-text file (e.g. WikiText-2 valid.txt)")
     e.add_argument("--original", help="original model (default: the source recorded in the report)")
     e.add_argument("--no-original", action="store_true", help="evaluate the artifact only")
-    e.add_argument("--window", type=int, default=512, help="tokens per window (at least 2)")
+    e.add_argument("--window", type=int, help="tokens per window, 2 to the model's context (default 512, or the "
+                                                 "context if shorter)")
     e.add_argument("--stride", type=int, help="tokens between window starts, 1 to --window (default: --window)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     _add_load_flags(e)
@@ -225,8 +251,8 @@ def _compress(args) -> int:
                       backend_options=backend_options_from_args(args), overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
                       allow_pickle=load.allow_pickle)
-    print(format_report(result.report))
-    print(f"written to {output} (report: {Path(output) / REPORT_FILE})")
+    _say(format_report(result.report))
+    _say(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
 
 
@@ -247,7 +273,7 @@ def backend_options_from_args(args) -> dict:
 
 
 def _default_output(model, config: CompressionConfig) -> str:
-    name = Path(model).stem if model else "SmolLM2-135M-Instruct"
+    name = Path(model).resolve().stem if model else "SmolLM2-135M-Instruct"
     return str(Path("out") / f"{name}-{config.mode.value if config.mode else 'fp32'}")
 
 
@@ -258,6 +284,9 @@ def _eval(args) -> int:
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    context = _context_length(artifact)
+    if args.window is None:
+        args.window = min(512, context or 512)
     _at_least(args.window, 2, "--window", "a window needs at least 2 tokens (512 is the usual)")
     _at_least(args.stride, 1, "--stride", "pass a stride between 1 and --window")
     if args.stride is None:
@@ -268,40 +297,56 @@ def _eval(args) -> int:
                              "pass a stride of at most the window")
     if not Path(args.text).is_file():
         raise QCompilerError(f"text file {args.text} does not exist or is not a file: pass --text with a plain-text file")
+    if context and args.window > context:
+        raise QCompilerError(f"--window {args.window} exceeds the model's context of {context} tokens: pass a window "
+                             f"of at most {context}")
     registry = build_registry()
     backend = registry.backend_for_artifact(artifact)
     original = None if args.no_original else (args.original or _recorded_source(artifact))
     tokenizer = _artifact_tokenizer(artifact)
     ids = read_text_ids(tokenizer, args.text)
     opts = {"window": args.window, "stride": args.stride, "max_windows": args.max_windows}
-    results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
-    if original:
+    reference = None
+    if original:  # loaded first: a bad original is an error now, not after scoring the artifact
         frontend = registry.frontend_for(original)
-        source = frontend.load(original, options=load_options_from_args(args))
-        results["original"] = perplexity(frontend.runner(source), ids, desc="original", **opts)
+        reference = frontend.runner(frontend.load(original, options=load_options_from_args(args)))
+    results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
+    if reference is not None:
+        results["original"] = perplexity(reference, ids, desc="original", **opts)
     try:
-        (artifact / "qcompiler_eval.json").write_text(json.dumps(results, indent=2))
+        staged = artifact / ".qcompiler_eval.json.tmp"
+        staged.unlink(missing_ok=True)
+        staged.write_text(json.dumps(results, indent=2))
+        os.replace(staged, artifact / "qcompiler_eval.json")  # replaces a link itself, never what it points to
     except OSError as exc:
         logging.getLogger("qcompiler").warning("could not save qcompiler_eval.json in %s: %s", artifact, exc.strerror)
-    print(f"perplexity on {args.text}: {results['compressed']['tokens_scored']} tokens, windows of {args.window} "
+    _say(f"perplexity on {args.text}: {results['compressed']['tokens_scored']} tokens, windows of {args.window} "
           f"every {args.stride} tokens (Hugging Face sliding-window method)")
     for name, r in results.items():
-        print(f"  {name:<11} {r['perplexity']:.4f}")
+        _say(f"  {name:<11} {r['perplexity']:.4f}")
     if "original" in results:
         delta = 100 * (results["compressed"]["perplexity"] / results["original"]["perplexity"] - 1)
-        print(f"  change      {delta:+.2f}%")
+        _say(f"  change      {delta:+.2f}%")
     return 0
+
+
+def _context_length(artifact: Path) -> int | None:
+    config = output.read_json(artifact / "config.json", {})
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _recorded_source(artifact: Path) -> str | None:
     """The original model the artifact's report names; an error if it is gone."""
     from qcompiler.report import REPORT_FILE
 
-    try:
-        source = json.loads((artifact / REPORT_FILE).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
+    source = output.read_json(artifact / REPORT_FILE, {}).get("source")
+    if not isinstance(source, str) or not source:
         return None
-    if source and not Path(source).exists():
+    if not Path(source).exists():
         raise QCompilerError(f"the original model recorded in {artifact / REPORT_FILE} ({source}) does not exist "
                              "here: pass --original MODEL, or --no-original to evaluate the artifact alone")
     return source
@@ -322,12 +367,17 @@ def _generate(args) -> int:
                              "0.8, or drop --sample for greedy decoding")
     runner = build_registry().backend_for_artifact(artifact).runner(artifact)
     tokenizer = _artifact_tokenizer(artifact)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QCompilerError("the prompt is not valid UTF-8 text: pass --prompt with text in your terminal's "
+                             "encoding") from None
     ids = tokenizer(args.prompt).input_ids
     if not ids:
         raise QCompilerError("the prompt is empty (no tokens): pass --prompt with some text")
     choose = token_chooser(args.sample, args.temperature, args.top_k, args.seed)
     new = runner.generate(ids, args.max_new_tokens, choose, tokenizer.eos_token_id)
-    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    _say(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     return 0
 
 
@@ -350,10 +400,10 @@ def _graph(args) -> int:
     frontend = registry.frontend_for(model)
     graph = frontend.trace(frontend.load(model, options=load_options_from_args(args)))
     if args.full:
-        print(graph.to_text())
+        _say(graph.to_text())
         return 0
     for use in graph.weight_uses():
-        print(f"{use.op.name:<48} {use.op.op:<12} weight {use.const.name} {list(graph.weight(use.const).shape)}")
+        _say(f"{use.op.name:<48} {use.op.op:<12} weight {use.const.name} {list(graph.weight(use.const).shape)}")
     return 0
 
 

@@ -4,6 +4,7 @@ model file (ONNX, OpenVINO) rather than a transformers folder."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,23 @@ def copy_companions(folder: Path, out_dir: Path, skip: tuple[str, ...] = ()) -> 
     copied = []
     for name in COMPANIONS:
         if name not in skip and (folder / name).is_file() and not (out_dir / name).exists():
+            if not _stays_inside(folder, folder / name):
+                logging.getLogger("qcompiler").warning(
+                    "not copying %s: it links outside the model folder (%s)", name, os.path.realpath(folder / name))
+                continue
             shutil.copy2(folder / name, out_dir / name)
             copied.append(name)
     return copied
+
+
+def _stays_inside(folder: Path, path: Path) -> bool:
+    """A companion is the model's own file: inside its folder, or for a Hugging Face cache snapshot
+    (`snapshots/<rev>/name -> ../../blobs/<hash>`) inside that repository's blobs; a link elsewhere
+    (`/etc/passwd`) would carry a stranger's file into the artifact."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if base in real.parents:
+        return True
+    return base.parent.name == "snapshots" and (base.parent.parent / "blobs") in real.parents
 
 
 def load_tokenizer(folder: Path):

@@ -11,6 +11,11 @@ def token_chooser(sample: bool = False, temperature: float = 1.0, top_k: int = 5
     rng = np.random.default_rng(seed)
 
     def choose(logits: np.ndarray) -> int:
+        if not np.isfinite(logits).all():
+            from qcompiler.errors import QCompilerError
+
+            raise QCompilerError("the model produced NaN or infinite logits: the artifact is damaged (or its weights "
+                                 "overflow); compress the model again")
         if not sample:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / max(temperature, 1e-6)

@@ -39,7 +39,6 @@ from qcompiler.errors import QCompilerError
 MARKER = ".qcompiler-artifact"
 STAGING_MARKER = ".qcompiler-staging"
 ALSO_OURS = ("qcompiler_eval.json",)  # files `qcompiler eval` adds to an artifact
-LEGACY_REPORT = "qcompiler_report.json"
 _LOCK_PREFIX = ".qcompiler-lock-"
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -72,10 +71,14 @@ def check_output(output: str | Path, overwrite: bool, inputs=()) -> Path:
     target = Path(os.path.abspath(raw))
     if target.name in ("", ".", ".."):
         raise QCompilerError(f"output {output} is not a folder name: pass -o with a new folder such as out/model-int4")
-    limit = _name_max(_first_existing(target.parent))
-    if len(os.fsencode(target.name)) > limit:
-        raise QCompilerError(f"output folder name is {len(os.fsencode(target.name))} bytes long; this filesystem "
-                             f"allows {limit}: choose a shorter -o")
+    limit = _name_max(Path("/"))
+    for part in target.parts:
+        if len(os.fsencode(part)) > limit:
+            raise QCompilerError(f"output folder name {'' if part == target.name else 'component '}is "
+                                 f"{len(os.fsencode(part))} bytes long; this filesystem allows {limit}: choose a "
+                                 "shorter -o")
+    if len(os.fsencode(str(target))) > 4000:
+        raise QCompilerError(f"output path is {len(os.fsencode(str(target)))} bytes long: choose a shorter -o")
     if target.is_symlink():
         raise QCompilerError(f"output {output} is a symbolic link (to {os.readlink(target)}): pass the folder it points "
                              "to, or another -o")
@@ -123,19 +126,25 @@ def _check_replaceable(target: Path, output, overwrite: bool) -> None:
 
 
 def foreign_files(folder: Path) -> list[str] | None:
-    """Files in `folder` that its marker does not list ([] = all ours), or None if it has no marker.
-
-    An artifact of a qcompiler from before the marker counts as ours when its report's file list
-    names everything in it."""
-    try:
-        listed = set(json.loads((folder / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        try:
-            listed = {*json.loads((folder / LEGACY_REPORT).read_text())["files"], LEGACY_REPORT}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    listed.update((MARKER, *ALSO_OURS))
+    """Files in `folder` that its marker does not list ([] = all ours), or None if it has no valid
+    marker (a list of file names)."""
+    listed = read_json(folder / MARKER, {}).get("files")
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        return None
+    listed = {*listed, MARKER, *ALSO_OURS}
     return sorted(f for f in _relative_files(folder) if f not in listed)
+
+
+def read_json(path: Path, default):
+    """JSON of the type of `default` from `path` (not followed if a link), or `default` when it is
+    missing, unreadable, too deep, or of another type."""
+    try:
+        if path.is_symlink():
+            return default
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return default
+    return value if isinstance(value, type(default)) else default
 
 
 def _relative_files(folder: Path) -> list[str]:
@@ -190,7 +199,7 @@ class OutputFolder:
     def __init__(self, output: str | Path, overwrite: bool = False, inputs=()) -> None:
         self.output, self.overwrite, self.inputs = output, overwrite, tuple(inputs)
         self.target = check_output(output, overwrite, self.inputs)
-        key = hashlib.sha1(os.fsencode(self.target.name)).hexdigest()[:12]
+        key = _key(self.target.name)
         self.lock_path = self.target.parent / f"{_LOCK_PREFIX}{key}"
         self.staging = self.target.parent / f".qcompiler-tmp-{key}-{os.getpid()}"
         self.aside = self.target.parent / f".qcompiler-old-{key}-{os.getpid()}"
@@ -220,8 +229,8 @@ class OutputFolder:
 
     def commit(self, files: list[str]) -> Path:
         """Swap the staging folder in as the target; `files` are the artifact's files, listed in the marker."""
-        (self.staging / STAGING_MARKER).unlink()
         (self.staging / MARKER).write_text(json.dumps({"written_by": "qcompiler", "files": sorted(files)}, indent=1))
+        (self.staging / STAGING_MARKER).unlink()
         after_step("staged")
         with _signals_held():
             if self.target.exists():
@@ -259,7 +268,13 @@ class OutputFolder:
 
     def _lock(self) -> None:
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise QCompilerError(f"{self.lock_path} is a symbolic link, not qcompiler's lock file: remove it or "
+                                     "choose another -o") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -282,8 +297,10 @@ class OutputFolder:
     def _release(self) -> None:
         with _signals_held():
             if self._fd is not None:
-                if self.staging.exists():  # the unfinished artifact, or after an exchange the old one
-                    _remove_ours(self.staging)
+                # the unfinished artifact (or after an exchange the old one) goes; an old artifact set
+                # aside by a swap that did not finish comes back
+                _finish(self.target.parent, self.lock_path.name, {
+                    "target": self.target.name, "staging": self.staging.name, "aside": self.aside.name})
                 os.unlink(self.lock_path)
                 os.close(self._fd)
                 self._fd = None
@@ -302,7 +319,7 @@ def recover(parent: Path) -> list[str]:
     done = []
     for lock in sorted(parent.glob(f"{_LOCK_PREFIX}*")):
         try:
-            fd = os.open(lock, os.O_RDWR)
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
@@ -312,8 +329,7 @@ def recover(parent: Path) -> list[str]:
                 continue  # a live writer (perhaps this process)
             if not _same_file(fd, lock):
                 continue
-            journal = _read_journal_fd(fd)
-            done += _finish(parent, journal)
+            done += _finish(parent, lock.name, _read_journal_fd(fd))
             os.unlink(lock)
         finally:
             os.close(fd)
@@ -322,31 +338,53 @@ def recover(parent: Path) -> list[str]:
     return done
 
 
-def _finish(parent: Path, journal: dict) -> list[str]:
+def _finish(parent: Path, lock_name: str, journal: dict) -> list[str]:
+    """Act on a dead writer's journal, only within `parent` and only on names of that writer's own
+    shape (the target whose key names the lock, staging and set-aside folders with that key)."""
+    key = lock_name[len(_LOCK_PREFIX):]
+    names = {k: journal.get(k) for k in ("target", "staging", "aside")}
+    if not all(v is None or (isinstance(v, str) and v and "/" not in v and v not in (".", ".."))
+               for v in names.values()):
+        return []
+    target = parent / names["target"] if names["target"] and _key(names["target"]) == key else None
+    staging = parent / names["staging"] if (names["staging"] or "").startswith(f".qcompiler-tmp-{key}-") else None
+    aside = parent / names["aside"] if (names["aside"] or "").startswith(f".qcompiler-old-{key}-") else None
     done = []
-    target = parent / journal["target"] if journal.get("target") else None
-    aside = parent / journal["aside"] if journal.get("aside") else None
-    staging = parent / journal["staging"] if journal.get("staging") else None
-    if aside is not None and aside.is_dir():
-        if target is not None and not target.exists():
-            os.rename(aside, target)
-            done.append(f"restored {target} from a write that was interrupted")
-        elif _remove_ours(aside):
+    if aside is not None and target is not None and aside.is_dir() and not aside.is_symlink():
+        if not os.path.lexists(target):  # the new artifact never landed: the old one comes back
+            if (aside / MARKER).is_file():
+                os.rename(aside, target)
+                done.append(f"restored {target} from a write that was interrupted")
+        elif _remove_ours(aside):  # the new artifact landed: the old one goes
             done.append(f"removed {aside.name}, left by a write that was interrupted")
     if staging is not None and staging.is_dir() and _remove_ours(staging):
         done.append(f"removed {staging.name}, left by a write that was interrupted")
     return done
 
 
+def _key(name: str) -> str:
+    return hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+
+
 def _remove_ours(folder: Path) -> bool:
-    """Delete `folder` if qcompiler wrote it (a marker inside) or it is empty; never anything else."""
+    """Delete `folder` if qcompiler wrote it (a marker inside) or it is empty; never anything else.
+    The markers go last, so a removal cut short is still recognised and finished by a later run."""
     if folder.is_symlink() or not folder.is_dir():
         return False
-    if (folder / STAGING_MARKER).is_file() or (folder / MARKER).is_file() or not any(folder.iterdir()):
-        shutil.rmtree(folder)
-        return True
-    log.warning("left %s in place: it holds no qcompiler marker", folder)
-    return False
+    markers = [folder / m for m in (STAGING_MARKER, MARKER) if (folder / m).is_file()]
+    if not markers and any(folder.iterdir()):
+        log.warning("left %s in place: it holds no qcompiler marker", folder)
+        return False
+    for entry in folder.iterdir():
+        if entry not in markers:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for marker in markers:
+        marker.unlink()
+    folder.rmdir()
+    return True
 
 
 def _rename(src: Path, dst: Path, flags: int) -> bool:
@@ -375,21 +413,36 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _read_journal_fd(fd: int) -> dict:
     try:
-        return json.loads(os.pread(fd, 65536, 0) or b"{}")
-    except ValueError:
+        value = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (ValueError, RecursionError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 @contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait until the block is done (a swap or a clean-up is never cut in half)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, ValueError, OSError):
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (a swap or a clean-up is never cut in
+    half): their handlers are swapped for one that only records them, then the first recorded one
+    is delivered to the handler that was in place. Python runs handlers in the main thread whichever
+    thread the signal hit, so this holds them off for the whole process; off the main thread (an
+    embedding program's worker) handlers cannot be changed and the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, lambda n, frame: pending.append(n))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])

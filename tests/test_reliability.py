@@ -8,6 +8,7 @@ two writers at once) run the command line as a subprocess.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -254,20 +255,88 @@ def test_a_kill_at_any_step_of_the_swap_leaves_a_complete_artifact_and_the_next_
         assert snapshot(work / "out") == old
 
 
+SIGNAL_SCRIPT = """
+import os, signal, sys
+import qcompiler.output as output
+if {portable}:
+    output.RENAMEAT2 = None
+output.after_step = lambda step: os.kill(os.getpid(), {signum}) if step == {step!r} else None
+from qcompiler.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("step,portable", [("exchanged", False), ("set-aside", True)])
+def test_a_signal_during_the_swap_waits_for_it_and_says_what_was_written(signum, step, portable, work, capsys):
+    assert run(["compress", "M", "-o", "out", "--backend", "torch", "--weight-format", "int8", "--quiet"], capsys)[0] == 0
+    argv = ["compress", "M", "-o", "out", "--overwrite", *TINY]
+    script = SIGNAL_SCRIPT.format(portable=portable, signum=int(signum), step=step, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signum
+    assert one_line(proc.stderr.strip()).endswith(f"interrupted by {signal.Signals(signum).name}: after writing "
+                                                  f"{work / 'out'}")
+    assert is_complete_artifact(work / "out") and leftovers(work) == []
+    assert json.loads((work / "out" / "qcompiler_report.json").read_text())["config"]["mode"] == "int4_sym"
+
+
 def test_stale_folders_of_dead_writers_are_removed_and_a_set_aside_artifact_restored(work, capsys):
     # what a writer killed between "old aside" and "new in" leaves: its journal, both folders
-    (work / ".qcompiler-old-aaaa-1").mkdir()
-    (work / ".qcompiler-old-aaaa-1" / MARKER).write_text(json.dumps({"files": ["w.bin"]}))
-    (work / ".qcompiler-old-aaaa-1" / "w.bin").write_bytes(b"old")
-    (work / ".qcompiler-tmp-aaaa-1").mkdir()
-    (work / ".qcompiler-tmp-aaaa-1" / STAGING_MARKER).write_text("{}")
-    (work / ".qcompiler-lock-aaaa").write_text(json.dumps(
-        {"pid": 1, "target": "restored", "staging": ".qcompiler-tmp-aaaa-1", "aside": ".qcompiler-old-aaaa-1"}))
+    key = hashlib.sha1(b"restored").hexdigest()[:12]
+    aside, staging = work / f".qcompiler-old-{key}-1", work / f".qcompiler-tmp-{key}-1"
+    aside.mkdir()
+    (aside / MARKER).write_text(json.dumps({"files": ["w.bin"]}))
+    (aside / "w.bin").write_bytes(b"old")
+    staging.mkdir()
+    (staging / STAGING_MARKER).write_text("{}")
+    (work / f".qcompiler-lock-{key}").write_text(json.dumps(
+        {"pid": 1, "target": "restored", "staging": staging.name, "aside": aside.name}))
     (work / ".qcompiler-tmp-look-alike").mkdir()  # not ours: no marker, not empty, no journal
     (work / ".qcompiler-tmp-look-alike" / "keep").write_text("user data")
     assert run(["compress", "M", "-o", "out", *TINY], capsys)[0] == 0
     assert (work / "restored" / "w.bin").read_bytes() == b"old"
     assert leftovers(work) == [".qcompiler-tmp-look-alike"]
+
+
+@pytest.mark.parametrize("journal", [
+    {"target": "stolen", "staging": None, "aside": "../userdir"},
+    {"target": "/elsewhere/moved", "staging": None, "aside": "inside"},
+    {"target": "out", "staging": "../userdir", "aside": None},
+    [1, 2], "[" * 100000,
+])
+def test_a_forged_journal_moves_and_deletes_nothing(journal, work, capsys):
+    (work / "P").mkdir()
+    (work / "userdir").mkdir()
+    (work / "userdir" / "thesis.tex").write_text("years of work")
+    (work / "P" / "inside").mkdir()
+    (work / "P" / "inside" / MARKER).write_text(json.dumps({"files": []}))
+    target = journal["target"] if isinstance(journal, dict) else "x"
+    lock = work / "P" / f".qcompiler-lock-{hashlib.sha1(target.encode()).hexdigest()[:12]}"
+    lock.write_text(journal if isinstance(journal, str) else json.dumps(journal))
+    before = snapshot(work)
+    assert run(["compress", "M", "-o", work / "P" / "out", *TINY], capsys)[0] == 0
+    after = snapshot(work)
+    assert {k: v for k, v in before.items() if not k.startswith("P/")} == \
+        {k: v for k, v in after.items() if not k.startswith("P/")}
+    assert (work / "P" / "inside" / MARKER).exists()
+
+
+def test_a_symlink_in_place_of_the_lock_file_is_refused_and_its_target_untouched(work, capsys):
+    (work / "victim.txt").write_text("precious")
+    key = hashlib.sha1(b"out").hexdigest()[:12]
+    (work / f".qcompiler-lock-{key}").symlink_to(work / "victim.txt")
+    code, err = run(["compress", "M", "-o", "out", *TINY], capsys)
+    assert code == 2 and "is a symbolic link" in one_line(err)
+    assert (work / "victim.txt").read_text() == "precious"
+
+
+def test_a_malformed_marker_makes_a_folder_foreign(work, capsys):
+    (work / "A").mkdir()
+    (work / "A" / MARKER).write_text(json.dumps({"files": "abc"}))
+    (work / "A" / "a").write_text("mine")
+    code, err = run(["compress", "M", "-o", "A", "--overwrite", *TINY], capsys)
+    assert code == 2 and "was not written by qcompiler" in one_line(err)
+    assert (work / "A" / "a").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- signals
@@ -557,3 +626,62 @@ def test_a_rerun_writes_byte_identical_model_files(work, capsys):
     a, b = snapshot(work / "a"), snapshot(work / "b")
     a.pop("qcompiler_report.json"), b.pop("qcompiler_report.json")  # it holds the timings
     assert a == b
+
+
+# ---------------------------------------------------------------- found by a hostile review
+
+
+def test_eval_never_writes_through_a_link_in_the_artifact(work, capsys):
+    assert run(["compress", "M", "-o", "out", *TINY], capsys)[0] == 0
+    (work / "victim.txt").write_text("precious")
+    (work / "out" / "qcompiler_eval.json").symlink_to(work / "victim.txt")
+    assert run(["eval", "out", "--text", WIKITEXT, "--no-original", "--window", "32", "--max-windows", "1"],
+               capsys)[0] == 0
+    assert (work / "victim.txt").read_text() == "precious"
+    assert not (work / "out" / "qcompiler_eval.json").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "broken link"])
+def test_a_safetensors_name_that_is_not_a_file_is_one_line(kind, work, capsys):
+    path = work / "M" / "extra.safetensors"
+    {"folder": path.mkdir, "pipe": lambda: os.mkfifo(path), "broken link": lambda: path.symlink_to(work / "nowhere")}[kind]()
+    code, err = run(["compress", "M", "-o", "out", *TINY], capsys)
+    assert code == 2 and "is not a regular file" in one_line(err)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_before_building_the_model(work, capsys):
+    config = json.loads((work / "M" / "config.json").read_text())
+    (work / "M" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1000000}))
+    code, err = run(["compress", "M", "-o", "out", *TINY], capsys)
+    assert code == 2 and "declares 1000000 layers but the weights hold 2" in one_line(err)
+
+
+def test_an_artifact_is_not_taken_for_a_float_model(work, capsys):
+    assert run(["compress", "M", "-o", "out", *TINY], capsys)[0] == 0
+    code, err = run(["compress", "out", "-o", "again", *TINY], capsys)
+    assert code == 2 and "is an artifact qcompiler wrote, not a float model" in one_line(err)
+    code, err = run(["eval", "out", "--text", WIKITEXT, "--original", "out", "--window", "32", "--max-windows", "1"],
+                    capsys)
+    assert code == 2 and "is an artifact qcompiler wrote" in one_line(err)
+
+
+def test_a_newline_in_a_path_cannot_forge_a_second_error_line(work, capsys):
+    (work / "evil\nqcompiler: error: fake").mkdir()
+    (work / "evil\nqcompiler: error: fake" / "x").write_text("x")
+    code, err = run(["compress", "M", "-o", "evil\nqcompiler: error: fake", *TINY], capsys)
+    assert code == 2 and one_line(err).count("qcompiler: error:") == 2  # the forged one is inside the line
+
+
+def test_a_closed_standard_output_ends_quietly(work):
+    proc = subprocess.Popen([QCOMPILER, "graph", "M"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and b"Traceback" not in proc.stderr.read()
+
+
+def test_a_companion_linking_outside_the_model_folder_is_not_copied(work, capsys):
+    assert run(["compress", "M", "-o", "fp32", "--weight-format", "fp32", "--quiet"], capsys)[0] == 0
+    (work / "secret.txt").write_text("not the model's")
+    (work / "fp32" / "chat_template.jinja").symlink_to(work / "secret.txt")
+    assert run(["compress", "fp32/openvino_model.xml", "-o", "int8", "--weight-format", "int8", "--quiet"],
+               capsys)[0] == 0
+    assert not (work / "int8" / "chat_template.jinja").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from qcompiler.errors import export_failed
+from qcompiler.output import write_error
 from qcompiler.plugins.onnx.onnxgraph import gemms_as_matmuls
 
 OPSET = 21  # the first with int4/uint4 and blocked DequantizeLinear
@@ -31,7 +32,7 @@ def export_float(source, path: Path):
                               output_names=spec.output_names or None, dynamic_axes=spec.dynamic_axes,
                               opset_version=OPSET, do_constant_folding=False)
     except Exception as exc:  # the tracer and the symbolic functions raise their own types
-        raise export_failed("ONNX", type(source.model).__name__, exc) from None
+        raise (write_error(exc, path.parent) or export_failed("ONNX", type(source.model).__name__, exc)) from None
     model = onnx.load(str(path))
     gemms_as_matmuls(model.graph)
     return model, spec

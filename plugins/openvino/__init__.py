@@ -92,6 +92,33 @@ def write_tokenizer_models(tokenizer, out_dir: Path) -> list[str]:
 RUNNER_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0", "KV_CACHE_PRECISION": "f32"}
 
 
+def openvino_reason(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception (its first lines name only the C++ source)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '", "[ ", "Traceback"))]
+    return ((useful or lines or ["unreadable"])[0])[:200]
+
+
+def check_ir_xml(xml: Path, what: str, fix: str) -> None:
+    """The .xml must be XML whose root is <net> before OpenVINO sees it: on anything else OpenVINO
+    tries its other frontends, and TensorFlow's prints parse errors of its own on stderr."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = None
+        for event, element in ET.iterparse(str(xml), events=("start", "end")):
+            if root is None:
+                root = element.tag
+                if root != "net":
+                    raise QCompilerError(f"{what} {xml}: not an OpenVINO IR (its root element is <{root[:40]}>) -- {fix}")
+            elif event == "end":
+                element.clear()
+    except ET.ParseError as exc:
+        raise QCompilerError(f"{what} {xml}: not an OpenVINO IR (not XML: {exc}) -- {fix}") from None
+    except OSError as exc:
+        raise QCompilerError(f"{what} {xml}: {exc.strerror} -- {fix}") from None
+
+
 class OpenVINORunner:
     """Runs an artifact: full-sequence logits (a fresh cache per call) and greedy/sampled generation,
     with f32 activations on every CPU (`RUNNER_CONFIG`), so figures compare across machines."""
@@ -99,11 +126,12 @@ class OpenVINORunner:
     def __init__(self, xml: Path, config: dict | None = None) -> None:
         import openvino as ov
 
+        check_ir_xml(xml, "OpenVINO cannot load", "the artifact is damaged (a truncated .bin or an edited .xml); "
+                     "compress the model again")
         try:
             self.compiled = ov.Core().compile_model(str(xml), "CPU", RUNNER_CONFIG if config is None else config)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
-            raise QCompilerError(f"OpenVINO cannot load {xml}: {first} -- the artifact is damaged (a truncated .bin "
+            raise QCompilerError(f"OpenVINO cannot load {xml}: {openvino_reason(exc)} -- the artifact is damaged (a truncated .bin "
                                  "or an edited .xml); compress the model again") from None
         self.input_names = {i.get_any_name() for i in self.compiled.inputs}
         self.stateful = "beam_idx" in self.input_names

@@ -56,12 +56,14 @@ class OpenVINOFrontend:
         if not path.with_suffix(".bin").is_file():
             raise QCompilerError(f"{path.with_suffix('.bin')} is missing: an OpenVINO IR needs the .bin next to "
                                  "its .xml; copy both")
+        from qcompiler.plugins.openvino import check_ir_xml, openvino_reason
+
+        check_ir_xml(path, "cannot read the OpenVINO model", "the file is corrupt or truncated; export it again")
         try:
             ov_model = ov.Core().read_model(str(path))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
-            raise QCompilerError(f"cannot read the OpenVINO model {path}: {first} -- the .xml/.bin pair is corrupt "
-                                 "or truncated; export it again") from None
+            raise QCompilerError(f"cannot read the OpenVINO model {path}: {openvino_reason(exc)} -- the .xml/.bin "
+                                 "pair is corrupt or truncated; export it again") from None
         source = OpenVINOSource(ov_model, path, is_causal_lm=bool(ov_model.get_sinks()))
         if not any(op.get_type_name() == "MatMul" for op in _weight_ops(ov_model)):
             raise QCompilerError(f"the OpenVINO model {path} has no MatMul with a constant float weight, so there "

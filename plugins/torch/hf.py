@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -57,16 +58,26 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     options = options or LoadOptions()
     gguf = None if (folder / "config.json").is_file() else gguf_file(folder)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if (folder / ".qcompiler-artifact").is_file() or (folder / "qcompiler_torch.json").is_file():
+        raise QCompilerError(f"{folder} is an artifact qcompiler wrote, not a float model: compress or evaluate the "
+                             "original model (the artifact's qcompiler_report.json names it)")
     if gguf is None:
-        check_remote_code(folder, options.trust_remote_code)
-        kwargs["use_safetensors"] = check_weight_files(folder, options.allow_pickle)
+        config = check_remote_code(folder, options.trust_remote_code)
+        kwargs["use_safetensors"], names = check_weight_files(folder, options.allow_pickle)
+        check_layer_count(folder, config, names)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                     trust_remote_code=options.trust_remote_code, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
+            **kwargs)
     except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
         raise QCompilerError(f"cannot load the model in {folder}: {_first_line(exc)} -- pass a transformers model "
                              "folder (config.json and weights) or a folder with a readable .gguf file") from None
+    missing = sorted(info.get("missing_keys") or []) if gguf is None else []
+    if missing:
+        raise QCompilerError(f"the weights in {folder} lack {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
+                             f"{', ...' if len(missing) > 3 else ''}), which would be random: the folder's config.json "
+                             "and weights do not belong together")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
                                                   **{k: v for k, v in kwargs.items() if k == "gguf_file"})
@@ -85,14 +96,17 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
 
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise QCompilerError(f"{folder / 'config.json'} is not readable JSON ({_first_line(exc)}): restore the "
                              "model's config.json") from None
     if not isinstance(config, dict):
         raise QCompilerError(f"{folder / 'config.json'} is not a JSON object: restore the model's config.json")
     model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise QCompilerError(f"{folder / 'config.json'} has no model_type string ({model_type!r}): restore the "
+                             "model's config.json")
     if trust_remote_code or model_type in CONFIG_MAPPING:
-        return  # transformers' own code for a known family; a folder's auto_map is then not used
+        return config  # transformers' own code for a known family; a folder's auto_map is then not used
     if config.get("auto_map"):
         files = sorted({str(v).split(".")[0] + ".py" for v in _flat(config["auto_map"]) if "." in str(v)})
         raise QCompilerError(f"the model in {folder} ships its own Python code ({', '.join(files) or 'auto_map'}), "
@@ -101,26 +115,42 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
                          "upgrade transformers, or pass a model of a supported family")
 
 
-def check_weight_files(folder: Path, allow_pickle: bool) -> bool:
-    """True to load safetensors (each header checked), False for pickles (only with allow_pickle)."""
+def check_weight_files(folder: Path, allow_pickle: bool) -> tuple[bool, list[str]]:
+    """(True, tensor names) to load safetensors (each header checked), (False, []) for pickles (only
+    with allow_pickle)."""
     tensors = sorted(folder.glob("*.safetensors"))
+    names = []
     for path in tensors:
-        check_safetensors(path)
+        names += check_safetensors(path)
     if tensors:
-        return True
+        return True, names
     pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
     if pickles and not allow_pickle:
         raise QCompilerError(f"the weights in {folder} are pickle files ({', '.join(pickles[:3])}), which can carry "
                              "code: convert them to safetensors, or pass --allow-pickle to read them with torch's "
                              "weights-only loader")
-    return False
+    return False, []
 
 
-def check_safetensors(path: Path) -> None:
+def check_layer_count(folder: Path, config: dict, names: list[str]) -> None:
+    """The config's layer count against the layers the weights hold (a count of 10^6 would build a
+    model for hours; a larger count than the weights hold would leave layers random)."""
+    layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                   if isinstance(config.get(k), int)), None)
+    indices = {int(m.group(1)) for n in names for m in [re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", n)] if m}
+    if layers is not None and indices and layers > max(indices) + 1:
+        raise QCompilerError(f"{folder / 'config.json'} declares {layers} layers but the weights hold "
+                             f"{max(indices) + 1}: the folder's config.json and weights do not belong together")
+
+
+def check_safetensors(path: Path) -> list[str]:
     """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes; check
     that the header parses and every tensor lies inside the file."""
+    if not path.is_file():
+        raise QCompilerError(f"{path} is not a regular file (a folder, a broken link or a pipe): remove it or "
+                             "restore the model's weights")
     size = path.stat().st_size
-    problem = None
+    problem, header = None, {}
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -132,11 +162,12 @@ def check_safetensors(path: Path) -> None:
                 ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
                 if 8 + n + max(ends, default=0) > size:
                     problem = f"it is truncated ({size} bytes, its tensors need {8 + n + max(ends)})"
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        problem = f"its header is not valid ({_first_line(exc)})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        problem = f"its header is not valid ({_first_line(exc)[:100]})"
     if problem:
         raise QCompilerError(f"{path} is not a readable safetensors file: {problem} -- download or save the "
                              "model again")
+    return [k for k in header if k != "__metadata__"]
 
 
 def _flat(value) -> list:

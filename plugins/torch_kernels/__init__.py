@@ -36,6 +36,9 @@ class TorchKernelsBackend:
         from safetensors.torch import save_file
 
         self.check(None, options or {})
+        if not isinstance(getattr(source, "model", None), torch.nn.Module):
+            raise QCompilerError(f"the torch backend writes transformers models; this input is a "
+                                 f"{type(source.model).__name__}: write it in its own format (drop --backend)")
         if not getattr(source, "is_causal_lm", False):
             raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
         tensors, layout, weight_bytes = {}, {}, {}
@@ -81,21 +84,36 @@ class TorchKernelsBackend:
 
 
 def load_model(folder: str | Path):
-    """The transformers model of a torch-backend artifact, its compressed Linears on int kernels."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
+    """The transformers model of a torch-backend artifact, its compressed Linears on int kernels.
+    A damaged artifact (a file cut short, a layout that does not match the tensors or the config)
+    is a one-line error, never a model with random layers."""
     try:
-        layout = json.loads((folder / LAYOUT).read_text())["weights"]
-        tensors = load_file(str(folder / WEIGHTS))
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # json, safetensors and transformers each raise their own types
+        return _load_model(Path(folder))
+    except QCompilerError:
+        raise
+    except Exception as exc:  # json, safetensors, transformers and torch each raise their own types
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise QCompilerError(f"cannot read the torch artifact in {folder}: {first} -- the artifact is damaged; "
                              "compress the model again") from None
+
+
+def _load_model(folder: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    layout = json.loads((folder / LAYOUT).read_text())["weights"]
+    tensors = load_file(str(folder / WEIGHTS))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=False)
+    replaced = {f"{path}.weight" for info in layout.values() for path in info["linears"] + info["embeddings"]}
+    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stored = {params[k].data_ptr() for k in (set(tensors) | replaced) if k in params}
+    missing = [k for k in missing if k not in replaced and (k not in params or params[k].data_ptr() not in stored)]
+    if missing or unexpected:
+        raise QCompilerError(f"the torch artifact in {folder} does not match its config ({len(missing)} tensors "
+                             f"missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]}): the "
+                             "artifact is damaged; compress the model again")
     for name, info in layout.items():
         mode, g = Mode(info["mode"]), info["group_size"]
         codes, scale = tensors[f"{name}::codes"], tensors[f"{name}::scale"]
@@ -113,6 +131,7 @@ def load_model(folder: str | Path):
             setattr(model.get_submodule(parent) if parent else model, child, new)
     model.eval()
     return model
+
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
