@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -128,22 +129,34 @@ def whole_pipelines(source, work: Path) -> dict:
     for mode, flags in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64", "--ratio", "1.0"]),
                         ("int8_asym", ["--weight-format", "int8"])):
         q_flags = [f for f in flags if f not in ("--ratio", "1.0")]
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "qcompiler.cli", "compress", str(folder), *q_flags, "-o",
-                        str(work / f"pipeline-q-{mode}"), "--quiet"], check=True, capture_output=True)
-        q = time.perf_counter() - start
-        start = time.perf_counter()
-        run = subprocess.run([str(optimum_cli), "export", "openvino", "--model", str(folder), "--task",
-                              "text-generation-with-past", *flags, str(work / f"pipeline-o-{mode}")],
-                             capture_output=True, text=True)
-        o = time.perf_counter() - start
-        if run.returncode:
-            results[mode] = {"qcompiler_seconds": q, "error": run.stderr[-1500:]}
+        q_out = work / f"pipeline-q-{mode}"
+        q, q_rss, q_rc, _ = timed([sys.executable, "-m", "qcompiler.cli", "compress", str(folder), *q_flags, "-o",
+                                   str(q_out), "--quiet"])
+        o, o_rss, o_rc, o_err = timed([str(optimum_cli), "export", "openvino", "--model", str(folder), "--task",
+                                       "text-generation-with-past", *flags, str(work / f"pipeline-o-{mode}")])
+        if q_rc or o_rc:
+            results[mode] = {"qcompiler_rc": q_rc, "optimum_cli_rc": o_rc, "error": o_err[-1500:]}
             continue
+        report = json.loads((q_out / "qcompiler_report.json").read_text())
         results[mode] = {"qcompiler_seconds": q, "optimum_cli_seconds": o, "speedup": o / q,
-                         "qcompiler_ir_bytes": ir_bytes(work / f"pipeline-q-{mode}" / "openvino_model.xml"),
+                         "qcompiler_peak_rss_bytes": q_rss, "optimum_cli_peak_rss_bytes": o_rss,
+                         "rss_ratio": q_rss / o_rss,
+                         "qcompiler_profile_seconds": {**report["seconds"], **{
+                             f"lower.{k}": v for k, v in report["backend_seconds"].items()}},
+                         "qcompiler_ir_bytes": ir_bytes(q_out / "openvino_model.xml"),
                          "optimum_cli_ir_bytes": ir_bytes(work / f"pipeline-o-{mode}" / "openvino_model.xml")}
     return results
+
+
+def timed(cmd: list[str]) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS in bytes of the process and the children it waited for, exit status,
+    stderr) of one fresh process: os.wait4 gives that process's own rusage."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, err
 
 
 def main() -> None:
