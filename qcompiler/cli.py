@@ -1,4 +1,4 @@
-"""`qcompiler compress | eval | graph`. Flags follow `optimum-cli export openvino` where the knob exists.
+"""`qcompiler compress | eval | generate | graph`: argument parsing, `compress`, and one-line errors. Flags follow `optimum-cli export openvino` where the knob exists; the other commands run in `qcompiler.commands`.
 
 Every user error is one line on stderr and exit status 2; nothing is written. SIGINT and SIGTERM
 (and SIGHUP) end the run the same way, with status 128 + the signal's number. Standard input is
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import signal
@@ -115,7 +114,7 @@ class _StdoutGone(Exception):
     """Standard output was closed by its reader (`| head`): stop quietly."""
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """Print to standard output; a closed pipe ends the command quietly, a failing one in one line."""
     try:
         print(text)
@@ -175,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, help="tokens between window starts, 1 to --window (default: --window)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     _add_load_flags(e)
-    e.set_defaults(func=_eval)
+    e.set_defaults(func=_run("eval"))
 
     gen = sub.add_parser("generate", help="generate text with an artifact")
     gen.add_argument("artifact", help="folder written by `qcompiler compress`")
@@ -185,14 +184,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, above 0")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, k at least 1")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed, 0 or above")
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_run("generate"))
 
     g = sub.add_parser("graph", help="list the weight-bearing nodes of a model (names for --ignored-scope-*)")
     g.add_argument("model", nargs="?")
     g.add_argument("--full", action="store_true", help="print the whole IR text")
     _add_load_flags(g)
-    g.set_defaults(func=_graph)
+    g.set_defaults(func=_run("graph"))
     return parser
+
+
+def _run(command: str):
+    """The function of `qcompiler.commands` that runs `command`, imported when it runs."""
+    def run(args) -> int:
+        from qcompiler import commands
+
+        return getattr(commands, f"{command}_command")(args)
+
+    return run
 
 
 def _add_load_flags(parser) -> None:
@@ -207,7 +216,7 @@ def load_options_from_args(args) -> LoadOptions:
     return LoadOptions(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
 
 
-def _at_least(value, low, flag: str, fix: str) -> None:
+def at_least(value, low, flag: str, fix: str) -> None:
     if value is not None and value < low:
         raise QCompilerError(f"{flag} {value} is below {low}: {fix}")
 
@@ -251,8 +260,8 @@ def _compress(args) -> int:
                       backend_options=backend_options_from_args(args), overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
                       allow_pickle=load.allow_pickle)
-    _say(format_report(result.report))
-    _say(f"written to {output} (report: {Path(output) / REPORT_FILE})")
+    say(format_report(result.report))
+    say(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
 
 
@@ -275,136 +284,6 @@ def backend_options_from_args(args) -> dict:
 def _default_output(model, config: CompressionConfig) -> str:
     name = Path(model).resolve().stem if model else "SmolLM2-135M-Instruct"
     return str(Path("out") / f"{name}-{config.mode.value if config.mode else 'fp32'}")
-
-
-def _eval(args) -> int:
-    from qcompiler.evaluate import perplexity, read_text_ids
-    from qcompiler.registry import build_registry
-
-    artifact = Path(args.artifact)
-    if not artifact.is_dir():
-        raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
-    context = _context_length(artifact)
-    if args.window is None:
-        args.window = min(512, context or 512)
-    _at_least(args.window, 2, "--window", "a window needs at least 2 tokens (512 is the usual)")
-    _at_least(args.stride, 1, "--stride", "pass a stride between 1 and --window")
-    if args.stride is None:
-        args.stride = args.window
-    _at_least(args.max_windows, 1, "--max-windows", "pass a positive number of windows, or drop it for all")
-    if args.stride > args.window:
-        raise QCompilerError(f"--stride {args.stride} is above --window {args.window}, which would skip text: "
-                             "pass a stride of at most the window")
-    if not Path(args.text).is_file():
-        raise QCompilerError(f"text file {args.text} does not exist or is not a file: pass --text with a plain-text file")
-    if context and args.window > context:
-        raise QCompilerError(f"--window {args.window} exceeds the model's context of {context} tokens: pass a window "
-                             f"of at most {context}")
-    registry = build_registry()
-    backend = registry.backend_for_artifact(artifact)
-    original = None if args.no_original else (args.original or _recorded_source(artifact))
-    tokenizer = _artifact_tokenizer(artifact)
-    ids = read_text_ids(tokenizer, args.text)
-    opts = {"window": args.window, "stride": args.stride, "max_windows": args.max_windows}
-    reference = None
-    if original:  # loaded first: a bad original is an error now, not after scoring the artifact
-        frontend = registry.frontend_for(original)
-        reference = frontend.runner(frontend.load(original, options=load_options_from_args(args)))
-    results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
-    if reference is not None:
-        results["original"] = perplexity(reference, ids, desc="original", **opts)
-    try:
-        staged = artifact / ".qcompiler_eval.json.tmp"
-        staged.unlink(missing_ok=True)
-        staged.write_text(json.dumps(results, indent=2))
-        os.replace(staged, artifact / "qcompiler_eval.json")  # replaces a link itself, never what it points to
-    except OSError as exc:
-        logging.getLogger("qcompiler").warning("could not save qcompiler_eval.json in %s: %s", artifact, exc.strerror)
-    _say(f"perplexity on {args.text}: {results['compressed']['tokens_scored']} tokens, windows of {args.window} "
-          f"every {args.stride} tokens (Hugging Face sliding-window method)")
-    for name, r in results.items():
-        _say(f"  {name:<11} {r['perplexity']:.4f}")
-    if "original" in results:
-        delta = 100 * (results["compressed"]["perplexity"] / results["original"]["perplexity"] - 1)
-        _say(f"  change      {delta:+.2f}%")
-    return 0
-
-
-def _context_length(artifact: Path) -> int | None:
-    config = output.read_json(artifact / "config.json", {})
-    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
-        value = config.get(name)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _recorded_source(artifact: Path) -> str | None:
-    """The original model the artifact's report names; an error if it is gone."""
-    from qcompiler.report import REPORT_FILE
-
-    source = output.read_json(artifact / REPORT_FILE, {}).get("source")
-    if not isinstance(source, str) or not source:
-        return None
-    if not Path(source).exists():
-        raise QCompilerError(f"the original model recorded in {artifact / REPORT_FILE} ({source}) does not exist "
-                             "here: pass --original MODEL, or --no-original to evaluate the artifact alone")
-    return source
-
-
-def _generate(args) -> int:
-    from qcompiler.generate import token_chooser
-    from qcompiler.registry import build_registry
-
-    artifact = Path(args.artifact)
-    if not artifact.is_dir():
-        raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
-    _at_least(args.max_new_tokens, 1, "--max-new-tokens", "ask for at least one new token")
-    _at_least(args.top_k, 1, "--top-k", "sample among at least one token")
-    _at_least(args.seed, 0, "--seed", "pass a seed of 0 or above")
-    if not args.temperature > 0:
-        raise QCompilerError(f"--temperature {args.temperature} is not above 0: pass a positive temperature such as "
-                             "0.8, or drop --sample for greedy decoding")
-    runner = build_registry().backend_for_artifact(artifact).runner(artifact)
-    tokenizer = _artifact_tokenizer(artifact)
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise QCompilerError("the prompt is not valid UTF-8 text: pass --prompt with text in your terminal's "
-                             "encoding") from None
-    ids = tokenizer(args.prompt).input_ids
-    if not ids:
-        raise QCompilerError("the prompt is empty (no tokens): pass --prompt with some text")
-    choose = token_chooser(args.sample, args.temperature, args.top_k, args.seed)
-    new = runner.generate(ids, args.max_new_tokens, choose, tokenizer.eos_token_id)
-    _say(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
-    return 0
-
-
-def _artifact_tokenizer(artifact: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
-    except Exception as exc:  # the tokenizer loaders raise many types on damaged files
-        raise QCompilerError(f"no tokenizer in {artifact} ({type(exc).__name__}): compress from a model folder "
-                             "that has one, or copy its tokenizer files into the artifact") from None
-
-
-def _graph(args) -> int:
-    from qcompiler.pipeline import resolve_model
-    from qcompiler.registry import build_registry
-
-    registry = build_registry()
-    model = resolve_model(args.model, registry)
-    frontend = registry.frontend_for(model)
-    graph = frontend.trace(frontend.load(model, options=load_options_from_args(args)))
-    if args.full:
-        _say(graph.to_text())
-        return 0
-    for use in graph.weight_uses():
-        _say(f"{use.op.name:<48} {use.op.op:<12} weight {use.const.name} {list(graph.weight(use.const).shape)}")
-    return 0
 
 
 if __name__ == "__main__":
