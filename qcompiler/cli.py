@@ -1,4 +1,6 @@
-"""`qcompiler compress | eval | generate | graph`: argument parsing, `compress`, and one-line errors. Flags follow `optimum-cli export openvino` where the knob exists; the other commands run in `qcompiler.commands`.
+"""`qcompiler compress | eval | generate | graph`: argument parsing, `compress`, and one-line errors.
+Flags follow `optimum-cli export openvino` where the knob exists; the other commands run in
+`qcompiler.commands`.
 
 Every user error is one line on stderr and exit status 2; nothing is written. SIGINT and SIGTERM
 (and SIGHUP) end the run the same way, with status 128 + the signal's number. Standard input is
