@@ -10,9 +10,9 @@ import logging
 import os
 from pathlib import Path
 
-from qcompiler import output
 from qcompiler.cli import at_least, load_options_from_args, say
 from qcompiler.errors import QCompilerError
+from qcompiler.output_checks import read_json
 
 
 def eval_command(args) -> int:
@@ -69,7 +69,7 @@ def eval_command(args) -> int:
 
 
 def _context_length(artifact: Path) -> int | None:
-    config = output.read_json(artifact / "config.json", {})
+    config = read_json(artifact / "config.json", {})
     for name in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
         value = config.get(name)
         if isinstance(value, int) and value > 0:
@@ -81,7 +81,7 @@ def _recorded_source(artifact: Path) -> str | None:
     """The original model the artifact's report names; an error if it is gone."""
     from qcompiler.report import REPORT_FILE
 
-    source = output.read_json(artifact / REPORT_FILE, {}).get("source")
+    source = read_json(artifact / REPORT_FILE, {}).get("source")
     if not isinstance(source, str) or not source:
         return None
     if not Path(source).exists():

@@ -16,7 +16,8 @@ from qcompiler.coverage import refuse_unseen_weights
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
-from qcompiler.output import STAGING_MARKER, OutputFolder, check_output, write_error
+from qcompiler.output import STAGING_MARKER, OutputFolder
+from qcompiler.output_checks import check_output, write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from qcompiler.errors import export_failed
-from qcompiler.output import write_error
+from qcompiler.output_checks import write_error
 from qcompiler.plugins.onnx.onnxgraph import gemms_as_matmuls
 
 OPSET = 21  # the first with int4/uint4 and blocked DequantizeLinear
