@@ -45,12 +45,11 @@ def parameter_counts(graph: Graph) -> dict:
 def float_weights(graph: Graph) -> list[dict]:
     """Every weight-bearing tensor left in float, with the reason."""
     out = []
-    for const in graph.weight_constants():
+    for const, uses in graph.uses_by_weight().items():
         if const.meta.get("format") is not None:
             continue
         role = const.meta.get("role")
-        uses = [u.op for u in graph.weight_uses() if u.const is const]
-        ignored = const.meta.get("ignored") or next((u.meta["ignored"] for u in uses if "ignored" in u.meta), None)
+        ignored = const.meta.get("ignored") or next((u.op.meta["ignored"] for u in uses if "ignored" in u.op.meta), None)
         reason = (f"ignored scope ({ignored})" if ignored else "backup precision none" if role == "backup"
                   else "no compression asked (fp32)" if role is None else role)
         out.append({"name": const.attrs["weight"], "params": graph.weight(const).numel(), "reason": reason})

@@ -17,7 +17,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
 from qcompiler.output import STAGING_MARKER, OutputFolder
-from qcompiler.output_checks import check_output, write_error
+from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
@@ -51,8 +51,7 @@ class CompressedModel:
         """Lower into the locked `folder`'s staging folder, write the report, swap it in."""
         backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
-        options = dict(backend_options or {})
-        _check_backend(lowering, self.config, options)
+        options = dict(backend_options or {})  # checked by save() / compress() before the folder was locked
         staging = folder.staging
         try:
             start = time.perf_counter()
@@ -107,13 +106,14 @@ def compress(
     model = resolve_model(model, registry)
     frontend = registry.frontend_for(model)
     inputs = [model] if isinstance(model, (str, Path)) else []
-    if output is not None:
-        check_output(output, overwrite, inputs)
+    folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
+    if folder is not None:
         _check_backend(registry.backend(backend or frontend.default_backend), config, dict(backend_options or {}))
     load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
     with ExitStack() as stack:
-        folder = stack.enter_context(OutputFolder(output, overwrite, inputs)) if output is not None else None
+        if folder is not None:
+            stack.enter_context(folder)  # locked before the model is loaded
         seconds = {}
         steps = tqdm(total=2 + len(passes) + (output is not None), desc="load", disable=not progress, unit="step")
         stack.callback(steps.close)
