@@ -7,7 +7,7 @@ output logits [batch, seq, vocab]; per layer two variables holding past keys and
 [batch, kv_heads, past, head_dim], read at the start of a call (reordered by beam_idx, zeros of
 length 0 after a reset) and written with the new cache at its end.
 
-The float graph is traced by `openvino.convert_model` through the source's export module, whose
+The float graph is traced by OpenVINO's PyTorch frontend (`lower.torch_to_openvino`) through the source's export module, whose
 forward takes the past as plain tensors and returns the present ones (`Source.export_spec()`).
 """
 
@@ -17,7 +17,6 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-from qcompiler.errors import export_failed
 from qcompiler.protocols import ExportSpec
 
 
@@ -25,10 +24,9 @@ def convert_stateful(spec: ExportSpec, what: str) -> ov.Model:
     """`spec`: a causal LM's export signature with its cache (`Source.export_spec()`)."""
     token_inputs = len(spec.input_names) - len(spec.cache)
     shapes = [ov.PartialShape([-1, -1])] * token_inputs + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
-    try:
-        ov_model = ov.convert_model(spec.module, example_input=spec.args, input=shapes)
-    except Exception as exc:  # TorchScript tracing and OpenVINO's op conversion raise their own types
-        raise export_failed("OpenVINO", what, exc) from None
+    from qcompiler.plugins.openvino.lower import torch_to_openvino
+
+    ov_model = torch_to_openvino(spec.module, spec.args, shapes, what)
 
     past_names, present_names = [p for p, _ in spec.cache], [p for _, p in spec.cache]
     for port, name in zip(ov_model.inputs, spec.input_names):
