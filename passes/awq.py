@@ -66,10 +66,10 @@ def _apply(graph: Graph, m, axes) -> None:
     w2, t2 = matrix_view(graph.weight(m["w2"]).float(), axes[m["second"]])  # [N2, K2]
     w1, t1 = matrix_view(graph.weight(m["w1"]).float(), axes[m["first"]])  # [N1 = K2, K1]
     scale = 1.0 / torch.clamp(w2.abs().mean(dim=0), min=EPS)
-    new_w2 = restore(w2 * scale[None, :], graph.weight(m["w2"]).shape, t2)
-    new_w1 = restore(w1 / scale[:, None], graph.weight(m["w1"]).shape, t1)
-    graph.set_weight(m["w2"], new_w2.to(graph.weight(m["w2"]).dtype))
-    graph.set_weight(m["w1"], new_w1.to(graph.weight(m["w1"]).dtype))
+    new_w2 = restore(w2 * scale[None, :], graph.tensor(m["w2"]).shape, t2)
+    new_w1 = restore(w1 / scale[:, None], graph.tensor(m["w1"]).shape, t1)
+    graph.set_weight(m["w2"], new_w2.to(graph.tensor(m["w2"]).dtype))
+    graph.set_weight(m["w1"], new_w1.to(graph.tensor(m["w1"]).dtype))
     m["second"].meta["awq"] = True
 
 

@@ -8,6 +8,8 @@ NNCF's rules, data-free:
 - Group size: a ratio-defining weight whose K the group size does not divide follows the
   fallback policy: ADJUST takes the largest power of two dividing K if it is >= 32 (NNCF's rule;
   it also suits the ONNX and torch int4 kernels), else backup; IGNORE sends it to backup; ERROR fails.
+- weights in the config's backup scope (marked "to_backup") are not ratio-defining: they take the
+  backup mode, as in a two-stage config's first stage.
 - ratio < 1: each weight's score is 1 / (backup int8 error + eps), error = max over output channels
   of the mean squared int8 error; weights in ascending score order go primary while the primary
   share of ratio-defining parameters stays below `ratio` (the loop stops at the first that would not).
@@ -67,7 +69,8 @@ class PrecisionAssignment(Pass):
             return PassResult(True, {"primary": len(consts), "backup": 0, "float": len(float_consts)})
 
         last_matmul = next((u.op for u in reversed(uses) if u.op.op == "MatMul"), None)
-        defining = [c for c in consts if _is_ratio_defining(by_const[c], last_matmul, o.all_layers)]
+        defining = [c for c in consts if _is_ratio_defining(by_const[c], last_matmul, o.all_layers)
+                    and not _to_backup(c, by_const[c])]
         group_sizes, adjusted, fallen_back = self._group_sizes(graph, defining, by_const)
         defining = [c for c in defining if c in group_sizes]
         for c in defining:
@@ -90,7 +93,7 @@ class PrecisionAssignment(Pass):
         o: PrecisionOptions = self.options
         sizes, adjusted, fallen_back, bad = {}, {}, [], []
         for c in defining:
-            k = matrix_view(graph.weight(c), by_const[c][0].reduction_axes)[0].shape[1]
+            k = matrix_view(graph.tensor(c), by_const[c][0].reduction_axes)[0].shape[1]
             if o.group_size == -1 or k % o.group_size == 0:
                 sizes[c] = o.group_size
                 continue
@@ -104,7 +107,7 @@ class PrecisionAssignment(Pass):
             else:
                 fallen_back.append(c.name)
         if o.strict and defining and len(sizes) == len(adjusted):
-            ks = sorted({matrix_view(graph.weight(c), by_const[c][0].reduction_axes)[0].shape[1] for c in defining})
+            ks = sorted({matrix_view(graph.tensor(c), by_const[c][0].reduction_axes)[0].shape[1] for c in defining})
             raise QCompilerError(
                 f"group size {o.group_size} divides none of the {len(defining)} layers' input channels "
                 f"({', '.join(map(str, ks[:6]))}): pick one that divides them (such as {ks[0] & -ks[0]}), or add "
@@ -125,10 +128,10 @@ class PrecisionAssignment(Pass):
         for c in defining:
             err = quantization_error(graph.weight(c), by_const[c][0].reduction_axes, error_mode, -1)
             scores.append(1.0 / (err + EPS))
-        total = sum(graph.weight(c).numel() for c in defining)
+        total = sum(graph.tensor(c).numel() for c in defining)
         chosen, in_primary = [], 0
         for i in sorted(range(len(defining)), key=lambda i: scores[i]):
-            size = graph.weight(defining[i]).numel()
+            size = graph.tensor(defining[i]).numel()
             if (in_primary + size) / total >= o.ratio:
                 break
             chosen.append(defining[i])
@@ -138,6 +141,10 @@ class PrecisionAssignment(Pass):
 
 def _ignored(const: Node, uses) -> bool:
     return "ignored" in const.meta or any("ignored" in u.op.meta for u in uses)
+
+
+def _to_backup(const: Node, uses) -> bool:
+    return "to_backup" in const.meta or any("to_backup" in u.op.meta for u in uses)
 
 
 def _is_ratio_defining(uses, last_matmul, all_layers: bool) -> bool:

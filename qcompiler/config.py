@@ -109,6 +109,9 @@ class LoadOptions:
 
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # the backend reads weight values from the IR when lowering (its `lazy_weights`): a frontend may
+    # then leave large weights as placeholders, read when a pass needs them
+    lazy_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,12 @@ class CompressionConfig:
     one layer; naming a fallback accepts any positive group size.
 
     `mode=None` compresses nothing: the backend writes the float model (optimum's `fp32`), the
-    baseline a compressed artifact is measured against.
+    baseline a compressed artifact is measured against; with `int8_above` set, a model of at least
+    that many weight parameters is compressed to int8_asym instead (optimum-intel's rule when no
+    weight format is given; the pipeline decides after tracing).
+
+    `backup_scope` matches weights that skip the primary precision and take the backup one (the
+    first stage of a two-stage config such as gpt-oss's: attention and router in int8).
     """
 
     mode: Mode | None = Mode.INT8_ASYM
@@ -133,6 +141,8 @@ class CompressionConfig:
     awq: bool = False
     dataset: str | None = None
     extra_passes: tuple[str, ...] = ()
+    backup_scope: IgnoredScope = field(default_factory=IgnoredScope)
+    int8_above: int | None = None
 
     def __post_init__(self) -> None:
         for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback)):
@@ -163,6 +173,8 @@ class CompressionConfig:
     def _validate(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise QCompilerError(f"ratio {self.ratio} is outside [0, 1]: pass a fraction such as --ratio 0.8")
+        if self.int8_above is not None and self.mode is not None:
+            raise QCompilerError("int8_above decides the format of a config without one: leave mode unset")
         if self.mode is None:
             if self.awq or self.ratio != 1.0 or self.all_layers:
                 raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio and --all-layers, "

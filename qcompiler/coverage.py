@@ -52,5 +52,5 @@ def float_weights(graph: Graph) -> list[dict]:
         ignored = const.meta.get("ignored") or next((u.op.meta["ignored"] for u in uses if "ignored" in u.op.meta), None)
         reason = (f"ignored scope ({ignored})" if ignored else "backup precision none" if role == "backup"
                   else "no compression asked (fp32)" if role is None else role)
-        out.append({"name": const.attrs["weight"], "params": graph.weight(const).numel(), "reason": reason})
+        out.append({"name": const.attrs["weight"], "params": graph.tensor(const).numel(), "reason": reason})
     return out

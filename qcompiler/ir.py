@@ -57,6 +57,10 @@ class Graph:
         self.nodes: list[Node] = []
         self.outputs: list[Node] = []
         self.weights: dict[str, torch.Tensor] = {}
+        # weights whose values are read on demand: `weights` holds a placeholder of their shape and
+        # dtype (zeros), `weight_source(name)` reads the values (see `weight`)
+        self.placeholders: set[str] = set()
+        self.weight_source = None
         self._names: set[str] = set()
 
     # building -------------------------------------------------------------------------------
@@ -97,10 +101,19 @@ class Graph:
         return users
 
     def weight(self, const: Node) -> torch.Tensor:
+        """The weight's values; a placeholder's are read from the source each call (not kept)."""
+        name = const.attrs["weight"]
+        if name in self.placeholders:
+            return self.weight_source(name)
+        return self.weights[name]
+
+    def tensor(self, const: Node) -> torch.Tensor:
+        """The stored tensor, for its shape and dtype only: a placeholder holds zeros."""
         return self.weights[const.attrs["weight"]]
 
     def set_weight(self, const: Node, tensor: torch.Tensor) -> None:
         self.weights[const.attrs["weight"]] = tensor
+        self.placeholders.discard(const.attrs["weight"])
         const.meta["rewritten"] = True
 
     def weight_uses(self) -> list[WeightUse]:

@@ -34,7 +34,7 @@ def _print_node(graph: Graph, node: Node, meta: tuple[str, ...]) -> str:
         if attrs.get("weight") == node.name:
             attrs.pop("weight")
         if node.name in graph.weights or "weight" in node.attrs:
-            attrs["shape"] = list(graph.weight(node).shape)
+            attrs["shape"] = list(graph.tensor(node).shape)
     text = f"%{node.name} = {node.op}({', '.join('%' + i.name for i in node.inputs)})"
     if attrs:
         text += " {" + ", ".join(f"{k}={v!r}" for k, v in attrs.items()) + "}"

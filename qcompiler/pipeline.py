@@ -11,8 +11,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from qcompiler.config import CompressionConfig, LoadOptions
-from qcompiler.coverage import refuse_unseen_weights
+from qcompiler.config import CompressionConfig, LoadOptions, Mode
+from qcompiler.coverage import parameter_counts, refuse_unseen_weights
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
 from qcompiler.passmanager import PassContext, PassManager, PassResult
@@ -36,6 +36,7 @@ class CompressedModel:
     registry: Registry
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict | None = None
+    defaults: Any = None  # model_defaults.Defaults: the default config applied, if one was
 
     def save(self, output: str | Path, backend: str | None = None, overwrite: bool = False, progress=None,
              backend_options: dict | None = None) -> Path:
@@ -51,6 +52,9 @@ class CompressedModel:
         """Lower into the locked `folder`'s staging folder, write the report, swap it in."""
         backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
+        if self.graph.placeholders and not getattr(lowering, "lazy_weights", False):
+            raise QCompilerError(f"this model was loaded for another backend, with its weights left on disk: call "
+                                 f"compress(..., output=..., backend='{backend}') to write a {backend} artifact")
         options = dict(backend_options or {})  # checked by save() / compress() before the folder was locked
         staging = folder.staging
         try:
@@ -92,13 +96,15 @@ def compress(
     progress: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    defaults: Any = None,
 ) -> CompressedModel:
     """Compress `model` (a folder, a GGUF folder, an nn.Module; None = the default model).
 
     Returns the CompressedModel; with `output`, it is also lowered to `backend` (default: the
     format the model came in; OpenVINO for torch models) and written there. The output location
     is checked and locked before the model is loaded. Code shipped in a model folder runs only
-    with `trust_remote_code`, pickle weights load only with `allow_pickle`.
+    with `trust_remote_code`, pickle weights load only with `allow_pickle`. `defaults` (a
+    `model_defaults.Defaults`) says which default config was applied, for the report.
     """
     config = config or CompressionConfig()
     registry = registry or build_registry()
@@ -109,7 +115,9 @@ def compress(
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
     if folder is not None:
         _check_backend(registry.backend(backend or frontend.default_backend), config, dict(backend_options or {}))
-    load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None
+    load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                               lazy_weights=bool(getattr(lowering, "lazy_weights", False)))
 
     with ExitStack() as stack:
         if folder is not None:
@@ -122,6 +130,8 @@ def compress(
         seconds["load"] = _lap(start, steps, "trace")
         start = time.perf_counter()
         graph = frontend.trace(source)
+        if config.int8_above is not None:
+            config, passes = _decide_format(graph, config, registry, defaults)
         if config.mode is not None:
             refuse_unseen_weights(graph)
         seconds["trace"] = _lap(start, steps, "passes")
@@ -129,10 +139,21 @@ def compress(
         results = PassManager(passes).run(graph, PassContext(config), progress=steps)
         seconds["passes"] = time.perf_counter() - start
 
-        compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds)
+        compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds, defaults=defaults)
         if folder is not None:
             compressed.write(folder, backend, progress=steps, backend_options=backend_options)
     return compressed
+
+
+def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, defaults):
+    """No weight format given: int8_asym for a model of at least `config.int8_above` parameters,
+    float below (optimum-intel's rule, which counts every float constant)."""
+    params = parameter_counts(graph)["total"]
+    mode = Mode.INT8_ASYM if params >= config.int8_above else None
+    config = config.replace(mode=mode, int8_above=None)
+    if defaults is not None:
+        defaults.applied += f"; this model has {params} parameters: {mode.value if mode else 'float'}"
+    return config, build_passes(config, registry)
 
 
 def _check_backend(backend, config: CompressionConfig, options: dict) -> None:

@@ -35,7 +35,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
     total = comp_params = comp_bytes = all_bytes = 0
     theory_bits = 0.0
     for const in graph.weight_constants():
-        numel = graph.weight(const).numel()
+        numel = graph.tensor(const).numel()
         fmt = const.meta.get("format")
         row = rows[_label(fmt)]
         row["params"] += numel
@@ -47,7 +47,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         stored = lowered["weight_bytes"].get(const.attrs["weight"], 0)
         all_bytes += stored
         if fmt is not None:
-            k = matrix_view(graph.weight(const), axes[const])[0].shape[1]
+            k = matrix_view(graph.tensor(const), axes[const])[0].shape[1]
             theory_bits += theoretical_bits_per_weight(fmt.mode, fmt.group_size, k) * numel
             comp_params += numel
             comp_bytes += stored
@@ -74,6 +74,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
             "compressed_theoretical": theory_bits / comp_params if comp_params else None,
             "all_weights": 8 * all_bytes / total if total else None,
         },
+        "defaults": compressed.defaults.as_dict() if compressed.defaults is not None else None,
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
         "backend_seconds": {k: round(v, 3) for k, v in lowered.get("seconds", {}).items()},

@@ -19,20 +19,23 @@ def gguf_folder(tmp_path):
 CASES = {
     "missing model": (["compress", "/no/such/model"], "model /no/such/model does not exist"),
     "unknown mode": (["compress", "--weight-format", "int3"], "invalid choice: 'int3'"),
-    "ratio above 1": (["compress", "--ratio", "1.5"], "ratio 1.5 is outside [0, 1]"),
-    "group size 0": (["compress", "--group-size", "0"], "group size 0 is invalid"),
-    "group size -2": (["compress", "--group-size", "-2"], "group size -2 is invalid"),
+    "ratio above 1": (["compress", "--ratio", "1.5", "--weight-format", "int4"], "ratio 1.5 is outside [0, 1]"),
+    "group size 0": (["compress", "--group-size", "0", "--weight-format", "int4"], "group size 0 is invalid"),
+    "group size -2": (["compress", "--group-size", "-2", "--weight-format", "int4"], "group size -2 is invalid"),
     "int8 with ratio": (["compress", "--weight-format", "int8", "--ratio", "0.5"], "int8_asym is per-channel"),
     "mxfp4 group": (["compress", "--weight-format", "mxfp4", "--group-size", "64"], "mxfp4 uses blocks of 32"),
-    "unknown backup": (["compress", "--backup-mode", "int2"], "unknown backup_mode 'int2'"),
+    "unknown backup": (["compress", "--backup-mode", "int2", "--weight-format", "int4"], "unknown backup_mode 'int2'"),
     "unknown backend": (["compress", "--backend", "tflite"], "unknown backend 'tflite'"),
-    "dataset": (["compress", "--dataset", "wikitext"], "--dataset) is not implemented yet"),
+    "dataset": (["compress", "--dataset", "wikitext", "--weight-format", "int4"], "--dataset) is not implemented yet"),
     "eval missing": (["eval", "/no/artifact", "--text", "x.txt"], "artifact folder /no/artifact does not exist"),
     "onnx option, openvino backend": (["compress", "--onnx-format", "qdq"], "add --backend onnx or drop them"),
     "mxfp4 to onnx": (["compress", "--weight-format", "mxfp4", "--backend", "onnx"], "mxfp4 has no onnxruntime"),
     "qdq with accuracy level": (["compress", "--backend", "onnx", "--onnx-format", "qdq", "--onnx-accuracy-level",
                                  "0"], "a qdq model carries no accuracy level"),
     "fp32 with group size": (["compress", "--weight-format", "fp32", "--group-size", "64"], "drop --group-size"),
+    "options without a format": (["compress", "--sym", "--group-size", "64"], "add --weight-format int4"),
+    "model id with fp32": (["compress", "--weight-format", "fp32", "--model-id", "Qwen/Qwen3-1.7B"],
+                           "--model-id chooses the per-model defaults"),
 }
 
 

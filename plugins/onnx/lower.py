@@ -80,7 +80,7 @@ def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ON
             if cw is not None or const.meta.get("rewritten"):
                 raise QCompilerError(f"weight {name} was not found in the ONNX model: its export renamed it; "
                                      "please report it with the model's name")
-            stored[name] = graph.weight(const).numel() * graph.weight(const).element_size()
+            stored[name] = graph.tensor(const).numel() * graph.tensor(const).element_size()
             continue
         if cw is None:
             if const.meta.get("rewritten"):

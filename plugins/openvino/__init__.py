@@ -30,6 +30,7 @@ if "openvino_telemetry" not in sys.modules:
 
 class OpenVINOBackend:
     name = "openvino"
+    lazy_weights = True  # lowering reads placeholder weights' values from the IR (Graph.weight)
 
     def check(self, config, options: dict) -> None:
         if options:

@@ -95,7 +95,7 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
     compressed = {c.attrs["weight"]: c.meta["compressed"] for c in graph.weight_constants() if "compressed" in c.meta}
     missing = [name for name in compressed if name not in consts]
     missing += [c.attrs["weight"] for c in graph.weight_constants()
-                if c.meta.get("rewritten") and c.attrs["weight"] not in consts]
+                if (c.meta.get("rewritten") or c.attrs["weight"] in graph.placeholders) and c.attrs["weight"] not in consts]
     folded = _folded_transposes(model, graph, missing)
     for name, const in folded.items():  # the converter stored W.T under a new name: decode straight to it
         consts[name] = const
@@ -121,14 +121,13 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         if name in stored:
             continue
         cw: CompressedWeight | None = compressed.get(name)
-        tensor = graph.weight(const)
-        if cw is None and not const.meta.get("rewritten"):
-            stored[name] = tensor.numel() * tensor.element_size()
+        if cw is None and not const.meta.get("rewritten") and name not in graph.placeholders:
+            stored[name] = graph.tensor(const).numel() * graph.tensor(const).element_size()
             continue
         target = consts[name]
-        if name in folded:
-            tensor = tensor.t()
-        if cw is None:
+        if cw is None:  # a rewritten float weight, or a placeholder's values read now
+            tensor = graph.weight(const)
+            tensor = tensor.t() if name in folded else tensor
             new_output, nbytes = _float_constant(tensor.float().contiguous().numpy(), name), tensor.numel() * 4
         else:
             new_output, nbytes = _decompression(cw, name, target.get_element_type(), keep)

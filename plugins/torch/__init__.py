@@ -27,6 +27,7 @@ class TorchSource:
     tokenizer: Any = None
     gguf: str | None = None
     info: dict = field(default_factory=dict)
+    lazy: tuple | None = None  # (placeholders {parameter name: file key}, reader): see lazy.py
 
     @property
     def is_causal_lm(self) -> bool:
@@ -65,11 +66,14 @@ class TorchFrontend:
                 )
             return TorchSource(model, None, _as_kwargs(model, example_input))
         folder = Path(model)
-        module, tokenizer, gguf = hf.load_causal_lm(folder, options or LoadOptions())
-        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf)
+        module, tokenizer, gguf, lazy = hf.load_causal_lm(folder, options or LoadOptions())
+        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy)
 
     def trace(self, source: TorchSource) -> Graph:
-        return trace_module(source.model, source.example_input, type(source.model).__name__)
+        graph = trace_module(source.model, source.example_input, type(source.model).__name__)
+        if source.lazy is not None:
+            _lazy_weights(graph, source)
+        return graph
 
     def runner(self, source: TorchSource):
         return TorchRunner(source.model)
@@ -93,6 +97,21 @@ class TorchRunner:
         }
         with torch.no_grad():
             return self.model(**inputs).logits.float().numpy()
+
+
+def _lazy_weights(graph: Graph, source: TorchSource) -> None:
+    """The IR's weight-bearing placeholders read their values from the files; any other placeholder
+    (a weight the IR does not take over) gets its real values in the module now."""
+    from qcompiler.plugins.torch.lazy import materialize
+
+    placeholders, reader = source.lazy
+    bearing = {c.attrs["weight"] for c in graph.weight_constants()}
+    graph.placeholders = {name for name in placeholders if name in bearing}
+    graph.weight_source = lambda name: reader.read(placeholders[name])
+    params = dict(source.model.named_parameters(remove_duplicate=False))
+    in_ir = {id(params[name]) for name in graph.placeholders}
+    rest = [name for name in placeholders if id(params[name]) not in in_ir]
+    materialize(source.model, placeholders, reader, rest)  # in place: the IR's tensors share the storage
 
 
 def _as_kwargs(module: torch.nn.Module, example_input) -> dict[str, torch.Tensor]:

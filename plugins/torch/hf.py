@@ -66,10 +66,16 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
         kwargs["use_safetensors"], names = check_weight_files(folder, options.allow_pickle)
         check_layer_count(folder, config, names)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    lazy = None
+    if gguf is None and options.lazy_weights and kwargs["use_safetensors"]:
+        lazy = _load_lazy(folder, options.trust_remote_code)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
-            **kwargs)
+        if lazy is not None:
+            model, info = lazy[0], {}
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
+                **kwargs)
     except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
         raise QCompilerError(f"cannot load the model in {folder}: {_first_line(exc)} -- pass a transformers model "
                              "folder (config.json and weights) or a folder with a readable .gguf file") from None
@@ -87,7 +93,28 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
         tokenizer = None
     model.eval()
     model.config.use_cache = False
-    return model, tokenizer, gguf
+    if gguf and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # dequantized to float: exporters must not treat it as quantized
+    return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None)
+
+
+def _load_lazy(folder: Path, trust_remote_code: bool):
+    """(model, placeholders, reader) from `lazy.load_lazy`, or None to load eagerly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from qcompiler.plugins.torch.lazy import load_lazy
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        loaded = load_lazy(folder, AutoModelForCausalLM, config, trust_remote_code)
+    except Exception:  # anything this path does not read exactly goes the eager way, which reports it
+        return None
+    if loaded is not None and (folder / "generation_config.json").is_file():
+        try:
+            loaded[0].generation_config = GenerationConfig.from_pretrained(folder)
+        except Exception:
+            pass  # the eager loader keeps the model's default generation config too
+    return loaded
 
 
 def check_remote_code(folder: Path, trust_remote_code: bool) -> None:

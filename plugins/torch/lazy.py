@@ -1,0 +1,137 @@
+"""A safetensors folder loaded without holding its float weights: the large Linear and Embedding
+weights are placeholders, read from the files when a pass needs them and dropped after.
+
+A placeholder is a zero tensor of the weight's shape in an anonymous mapping whose pages are never
+written (the kernel provides them on first write only), so the traces that run the model (qcompiler's and
+OpenVINO's) see the right shapes at no memory cost, and the OpenVINO model's Constant for it is
+replaced by the compressed weight (or the float values) when lowering. Each placeholder carries one
+distinct value in its first element, so no converter pass can take two of them for the same
+constant. Norms, biases and buffers are real. Weights are read with `pread` into private memory,
+not mapped, so file pages never count in the process's resident set.
+
+Only what this module understands exactly is loaded lazily: safetensors files whose tensors are
+float (f32, f16, bf16) and name every parameter of the model transformers builds from the folder's
+config; anything else (a checkpoint whose keys transformers renames while loading, pickles, GGUF)
+takes the eager path, `hf.load_causal_lm`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MIN_PLACEHOLDER = 1 << 16  # elements: smaller weights are read at load time
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a folder's safetensors files, as float32."""
+
+    def __init__(self, folder: Path) -> None:
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            for key, t in header.items():
+                if key != "__metadata__":
+                    start, end = t["data_offsets"]
+                    self.entries[key] = (path, t["dtype"], tuple(t["shape"]), 8 + n + start, 8 + n + end)
+
+    def floating(self) -> bool:
+        return all(dtype in DTYPES for _, dtype, _, _, _ in self.entries.values())
+
+    def read(self, key: str) -> torch.Tensor:
+        path, dtype, shape, start, end = self.entries[key]
+        data = bytearray(end - start)
+        with open(path, "rb", buffering=0) as f:
+            view, done = memoryview(data), 0
+            while done < len(data):
+                got = os.preadv(f.fileno(), [view[done:]], start + done)
+                if got <= 0:
+                    raise OSError(f"{path} ended while reading {key}")
+                done += got
+        tensor = torch.frombuffer(data, dtype=DTYPES[dtype]) if data else torch.empty(0, dtype=DTYPES[dtype])
+        return tensor.reshape(shape).float()
+
+
+def load_lazy(folder: Path, model_class, config, trust_remote_code: bool):
+    """(model, {parameter name: file key} of its placeholders, reader), or None when the folder is
+    not one this module loads exactly (the caller then loads it eagerly)."""
+    from accelerate import init_empty_weights
+
+    reader = SafetensorsReader(folder)
+    if not reader.entries or not reader.floating():
+        return None
+    with init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does after loading (inside the context it would re-create them)
+    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append((module, attr))
+            names.setdefault(id(param), []).append(f"{module_name}.{attr}" if module_name else attr)
+    keys = {}
+    for pid, pnames in names.items():
+        key = next((_key(reader, n, model) for n in pnames if _key(reader, n, model)), None)
+        if key is None:
+            return None
+        keys[pid] = key
+    placeholders: dict[str, str] = {}
+    for index, (pid, pnames) in enumerate(names.items()):
+        module, attr = holders[pid][0]
+        old = getattr(module, attr)
+        path, dtype, shape, _, _ = reader.entries[keys[pid]]
+        if tuple(old.shape) != shape:
+            return None
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and attr == "weight" and old.numel() >= MIN_PLACEHOLDER:
+            tensor = _zeros(shape)
+            tensor.view(-1)[0] = float(index + 1)  # distinct contents: see the module docstring
+            for name in pnames:
+                placeholders[name] = keys[pid]
+        else:
+            tensor = reader.read(keys[pid])
+        new = torch.nn.Parameter(tensor, requires_grad=False)
+        for holder, holder_attr in holders[pid]:
+            holder._parameters[holder_attr] = new
+    for module_name, module in model.named_modules():
+        for attr, buffer in list(module._buffers.items()):
+            name = f"{module_name}.{attr}" if module_name else attr
+            if buffer is not None and name in reader.entries:
+                module._buffers[attr] = reader.read(name).to(buffer.dtype)
+    return model, placeholders, reader
+
+
+def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 zeros in an anonymous mapping of their own: pages the kernel provides on first write
+    only (malloc / calloc may hand out reused heap memory, which they write)."""
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(4 * count, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared ones fill on read
+    return torch.from_numpy(np.frombuffer(buffer, dtype=np.float32, count=count).reshape(shape))
+
+
+def _key(reader: SafetensorsReader, name: str, model) -> str | None:
+    """The file key of parameter `name`: the same name, or without / with the base model's prefix."""
+    if name in reader.entries:
+        return name
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if name.startswith(prefix) and name[len(prefix):] in reader.entries:
+        return name[len(prefix):]
+    if prefix + name in reader.entries:
+        return prefix + name
+    return None
+
+
+def materialize(model: torch.nn.Module, placeholders: dict[str, str], reader: SafetensorsReader, names) -> None:
+    """Write the real values into the placeholders `names` (weights the IR does not take over)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        with torch.no_grad():
+            params[name].copy_(reader.read(placeholders[name]))

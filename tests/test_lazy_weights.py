@@ -1,0 +1,77 @@
+"""Weights left on disk until a pass needs them (plugins/torch/lazy.py): the OpenVINO artifact of a
+safetensors folder is the one the eagerly loaded model gives, bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qcompiler import CompressionConfig, compress
+from qcompiler.config import LoadOptions
+from qcompiler.plugins.torch import TorchFrontend, lazy
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def every_matrix_lazy(monkeypatch):
+    monkeypatch.setattr(lazy, "MIN_PLACEHOLDER", 1)  # the tiny model's matrices are below the real threshold
+
+CONFIGS = {
+    "int4_sym": CompressionConfig(mode="int4_sym", group_size=32),
+    "int4_ratio_awq": CompressionConfig(mode="int4_asym", group_size=32, ratio=0.6, awq=True),
+    "int8": CompressionConfig(mode="int8_asym"),
+    "fp32": CompressionConfig(mode=None),
+    "backup_none": CompressionConfig(mode="int4_sym", group_size=32, backup_mode="none"),
+}
+
+
+def _bin(folder):
+    return (folder / "openvino_model.bin").read_bytes()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lazy_artifact_equals_the_eager_one(tmp_path, name, tie):
+    model = tiny_llama(tie=tie)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    lazy = compress(folder, CONFIGS[name], output=tmp_path / "lazy", backend="openvino")
+    assert lazy.graph.placeholders, "the folder was not loaded lazily"
+    eager = compress(tiny_llama(tie=tie), CONFIGS[name], output=tmp_path / "eager", backend="openvino")
+    assert not eager.graph.placeholders
+    assert _bin(tmp_path / "lazy") == _bin(tmp_path / "eager")
+    a, b = (json.loads((tmp_path / d / "qcompiler_report.json").read_text()) for d in ("lazy", "eager"))
+    assert a["table"] == b["table"] and a["parameters"] == b["parameters"]
+
+
+def test_placeholders_stay_unread_and_values_come_from_the_files(tmp_path):
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    frontend = TorchFrontend()
+    source = frontend.load(folder, options=LoadOptions(lazy_weights=True))
+    graph = frontend.trace(source)
+    q = next(c for c in graph.weight_constants() if c.attrs["weight"].endswith("layers.0.self_attn.q_proj.weight"))
+    assert q.attrs["weight"] in graph.placeholders
+    assert torch.equal(graph.weight(q), model.model.layers[0].self_attn.q_proj.weight)
+    held = graph.tensor(q).view(-1)
+    assert held[1:].abs().sum() == 0  # a zero placeholder (its first element marks it distinct)
+    norm = dict(source.model.named_parameters())["model.norm.weight"]
+    assert torch.equal(norm, model.model.norm.weight)  # small parameters are real
+
+
+def test_a_folder_the_lazy_path_does_not_read_exactly_loads_eagerly(tmp_path):
+    """bf16 files are read lazily (converted to float32 per weight); integer tensors send the whole
+    folder the eager way."""
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tensors = {k: v for k, v in model.state_dict().items()}
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
+    assert source.lazy is not None
+    save_file({**tensors, "extra.int_table": torch.zeros(4, dtype=torch.int64)}, str(folder / "model.safetensors"))
+    source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
+    assert source.lazy is None and np.isfinite(source.model.lm_head.weight.detach().numpy()).all()

@@ -1,0 +1,126 @@
+"""Per-model defaults (optimum-intel's table) and the default weight format."""
+
+import json
+
+import pytest
+
+from qcompiler import model_defaults
+from qcompiler.cli import main
+from qcompiler.config import CompressionConfig
+from qcompiler.pipeline import compress
+from tests.conftest import tiny_llama
+
+TINY = ["--backend", "torch", "--quiet"]
+
+
+def report(folder):
+    return json.loads((folder / "qcompiler_report.json").read_text())
+
+
+def formats(rep) -> dict:
+    return {row["format"]: row["layers"] for row in rep["table"]}
+
+
+@pytest.fixture
+def named_folder(tmp_path):
+    """A tiny LLaMA saved under a folder named as a model of the table, as `--local-dir` leaves it."""
+    folder = tmp_path / "Qwen3-1.7B"
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_every_row_maps_to_a_valid_config():
+    data = model_defaults.table()
+    assert len(data["int4"]) >= 53 and data["int8"]
+    for section in ("int4", "int8"):
+        for model_id, row in data[section].items():
+            args, skipped = model_defaults.apply_row(row, {})
+            config = CompressionConfig(**args)  # validates: a row that cannot run fails here, named
+            assert config.mode.bits == row.get("bits", 4), model_id
+            assert bool(row.get("scale_estimation")) == any("scale estimation" in s for s in skipped), model_id
+
+
+def test_model_id_candidates(tmp_path):
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "openai/gpt-oss-20b"}))
+    assert model_defaults.find("int4", folder, None)[0] == "openai/gpt-oss-20b"
+    hub = tmp_path / "models--Qwen--Qwen3-8B" / "snapshots" / "abc123"
+    hub.mkdir(parents=True)
+    assert model_defaults.find("int4", hub, None)[0] == "Qwen/Qwen3-8B"
+    named = tmp_path / "Llama-2-7b-chat-hf"
+    named.mkdir()
+    assert model_defaults.find("int4", named, None)[0] == "meta-llama/Llama-2-7b-chat-hf"
+    assert model_defaults.find("int4", named, "no/such-model") is None
+    assert model_defaults.find("int8", tmp_path / "Qwen2.5-Coder-3B-Instruct", None)[0] == \
+        "Qwen/Qwen2.5-Coder-3B-Instruct"
+
+
+def test_int4_alone_applies_the_models_row(named_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(named_folder), "--weight-format", "int4", "-o", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "defaults: the per-model default of Qwen/Qwen3-1.7B: int4_sym, group size 64" in printed
+    assert "defaults: skipped scale estimation" in printed and "pass --sym, --group-size" in printed
+    rep = report(out)
+    assert rep["config"]["mode"] == "int4_sym" and rep["config"]["group_size"] == 64 and rep["config"]["awq"]
+    assert rep["defaults"]["model_id"] == "Qwen/Qwen3-1.7B" and rep["passes"]["awq"]["applied"] > 0
+    # the tiny model's hidden size 96 takes group 32 where 64 does not divide: adjusted, not refused
+    assert rep["passes"]["precision"]["adjusted_group_size"]
+
+
+def test_an_option_besides_the_format_turns_the_row_off(named_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(named_folder), "--weight-format", "int4", "--group-size", "32", "-o", str(out),
+                 *TINY]) == 0
+    rep = report(out)
+    assert rep["defaults"] is None and rep["config"]["mode"] == "int4_asym" and not rep["config"]["awq"]
+    assert "defaults:" not in capsys.readouterr().out
+
+
+def test_a_model_id_not_in_the_table_says_the_generic_default_applies(named_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(named_folder), "--weight-format", "int4", "--model-id", "me/my-model",
+                 "--group-size-fallback", "adjust", "-o", str(out), *TINY]) == 0
+    assert report(out)["defaults"] is None  # an explicit option: the user's config, no default
+    assert main(["compress", str(named_folder), "--weight-format", "int4", "--model-id", "me/my-model",
+                 "-o", str(tmp_path / "o2"), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "defaults: --model-id me/my-model is not in the table: the generic int4 default" in printed
+    rep = report(tmp_path / "o2")
+    assert rep["config"]["mode"] == "int4_asym" and rep["config"]["group_size"] == 128
+
+
+def test_gpt_oss_two_stage_config(tmp_path, capsys):
+    """int4_sym g32 with attention and router skipped, then int8_asym on the rest."""
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "--weight-format", "int4", "--model-id", "openai/gpt-oss-20b",
+                 "-o", str(out), *TINY]) == 0
+    rep = report(out)
+    # 2 layers x 4 attention projections + embeddings + lm_head in int8; 2 x 3 MLP projections in int4
+    assert formats(rep) == {"int4_sym, group size 32": 6, "int8_asym, per-channel": 10}
+    assert rep["passes"]["ignored_scope"]["backup_nodes"] >= 8  # every node of the attention blocks
+    assert rep["passes"]["ignored_scope"]["unmatched_backup"] == ["pattern '.*router.*'"]
+    assert not rep["float_weights"]
+    assert rep["parameters"]["total"] == sum(p.numel() for p in tiny_llama().parameters())
+
+
+def test_no_weight_format_is_float_below_a_billion_parameters(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "-o", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "else float (optimum-intel's rule); this model has" in printed and printed.count("parameters: float") == 1
+    assert formats(report(out)) == {"float (not compressed)": 16}
+
+
+def test_no_weight_format_is_int8_at_the_threshold(llama):
+    params = sum(p.numel() for p in llama.parameters())
+    result = compress(llama, CompressionConfig(mode=None, int8_above=params))
+    assert str(result.config.mode) == "int8_asym"
+    assert all(c.meta["format"] is not None for c in result.graph.weight_constants())
+    result = compress(llama, CompressionConfig(mode=None, int8_above=params + 1))
+    assert result.config.mode is None
