@@ -13,7 +13,8 @@ For each config, both tools start from the same loaded transformers model:
 - compression seconds are the best of two runs for each tool (timings on 2 cores vary by +-30%);
 - the whole pipeline of each tool as a fresh process from the same transformers folder:
   `qcompiler compress` against `optimum-cli export openvino --task text-generation-with-past`,
-  for int4_sym g64 and int8_asym.
+  for int4_sym g64 and int8_asym, with each one's peak RSS (wait4) and qcompiler's step profile;
+  with --tinyllama also on a random TinyLlama-1.1B-shaped model saved as bf16 safetensors.
 Writes benchmarks/results/compare_nncf.json with ratios (qcompiler / NNCF, and NNCF / qcompiler
 for time) and whether each bar of issue 2 is met.
 """
@@ -110,13 +111,11 @@ def score(xml: Path, ids, windows: int) -> float:
 
 
 def whole_pipelines(source, work: Path) -> dict:
-    """Wall time of each tool's whole command, as a fresh process, from the same transformers folder:
-    `qcompiler compress` against `optimum-cli export openvino --task text-generation-with-past`
-    (optimum-intel 2.2 with NNCF; its own venv, as it pins transformers 5.5). Both load, convert to a
-    stateful IR, compress, and write the model, config and tokenizers (OpenVINO ones included)."""
-    optimum_cli = ROOT / ".venv-optimum" / "bin" / "optimum-cli"
-    if not optimum_cli.exists():
-        return {"error": "optimum-cli not installed: run `make bench`, which creates .venv-optimum"}
+    """Wall time and peak RSS of each tool's whole command, as a fresh process, from the same
+    transformers folder (SmolLM2 saved as float32 safetensors): `qcompiler compress` against
+    `optimum-cli export openvino --task text-generation-with-past` (optimum-intel 2.2 with NNCF; its
+    own venv, as it pins transformers 5.5). Both load, convert to a stateful IR, compress, and write
+    the model, config and tokenizers (OpenVINO ones included)."""
     from safetensors.torch import save_model
 
     from qcompiler.plugins.torch.hf import save_companions
@@ -125,17 +124,57 @@ def whole_pipelines(source, work: Path) -> dict:
     folder.mkdir()
     save_model(source.model, str(folder / "model.safetensors"))
     save_companions(source.model, source.tokenizer, folder)
+    return run_pipelines(folder, work, "smollm2")
+
+
+def tinyllama_folder(source, work: Path) -> Path:
+    """A randomly initialised model of TinyLlama-1.1B's config (hidden 2048, 22 layers, 32 heads of
+    which 4 key/value, MLP 5632, vocab 32000), saved as bf16 safetensors with SmolLM2's tokenizer
+    files (the tokenizer is converted by both tools; its vocabulary does not matter to either)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcompiler.plugins.torch.hf import save_companions
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16)
+               for k, s in shapes.items()}
+    folder = work / "tinyllama-1.1b"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    (folder / "config.json").write_text(config.to_json_string())
+    tokenizer_files = work / "tokenizer"
+    tokenizer_files.mkdir()
+    save_companions(source.model, source.tokenizer, tokenizer_files)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_files / name).is_file():
+            (folder / name).write_bytes((tokenizer_files / name).read_bytes())
+    return folder
+
+
+def run_pipelines(folder: Path, work: Path, label: str) -> dict:
+    optimum_cli = ROOT / ".venv-optimum" / "bin" / "optimum-cli"
+    if not optimum_cli.exists():
+        return {"error": "optimum-cli not installed: run `make bench`, which creates .venv-optimum"}
     results = {}
     for mode, flags in (("int4_sym_g64", ["--weight-format", "int4", "--sym", "--group-size", "64", "--ratio", "1.0"]),
                         ("int8_asym", ["--weight-format", "int8"])):
         q_flags = [f for f in flags if f not in ("--ratio", "1.0")]
-        q_out = work / f"pipeline-q-{mode}"
-        q, q_rss, q_rc, _ = timed([sys.executable, "-m", "qcompiler.cli", "compress", str(folder), *q_flags, "-o",
-                                   str(q_out), "--quiet"])
+        q_out, o_out = work / f"pipeline-q-{label}-{mode}", work / f"pipeline-o-{label}-{mode}"
+        q, q_rss, q_rc, q_err = timed([sys.executable, "-m", "qcompiler.cli", "compress", str(folder), *q_flags, "-o",
+                                       str(q_out), "--quiet"])
         o, o_rss, o_rc, o_err = timed([str(optimum_cli), "export", "openvino", "--model", str(folder), "--task",
-                                       "text-generation-with-past", *flags, str(work / f"pipeline-o-{mode}")])
+                                       "text-generation-with-past", *flags, str(o_out)])
         if q_rc or o_rc:
-            results[mode] = {"qcompiler_rc": q_rc, "optimum_cli_rc": o_rc, "error": o_err[-1500:]}
+            results[mode] = {"qcompiler_rc": q_rc, "optimum_cli_rc": o_rc, "error": (q_err or o_err)[-1500:]}
             continue
         report = json.loads((q_out / "qcompiler_report.json").read_text())
         results[mode] = {"qcompiler_seconds": q, "optimum_cli_seconds": o, "speedup": o / q,
@@ -144,8 +183,21 @@ def whole_pipelines(source, work: Path) -> dict:
                          "qcompiler_profile_seconds": {**report["seconds"], **{
                              f"lower.{k}": v for k, v in report["backend_seconds"].items()}},
                          "qcompiler_ir_bytes": ir_bytes(q_out / "openvino_model.xml"),
-                         "optimum_cli_ir_bytes": ir_bytes(work / f"pipeline-o-{mode}" / "openvino_model.xml")}
+                         "optimum_cli_ir_bytes": ir_bytes(o_out / "openvino_model.xml"),
+                         "qcompiler_bin_sha1": sha1(q_out / "openvino_model.bin")}
+        for out in (q_out, o_out):
+            subprocess.run(["rm", "-rf", str(out)], check=False)  # 1.1B artifacts are large; keep the disk free
     return results
+
+
+def sha1(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def timed(cmd: list[str]) -> tuple[float, int, int, str]:
@@ -165,6 +217,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--no-pipeline", action="store_true", help="skip the whole-pipeline timing")
     parser.add_argument("--only-pipeline", action="store_true", help="only the whole-pipeline timing")
+    parser.add_argument("--tinyllama", action="store_true",
+                        help="also the whole pipelines on a random TinyLlama-1.1B-shaped bf16 model (~5 GB of disk)")
     args = parser.parse_args()
 
     from qcompiler.evaluate import perplexity, read_text_ids
@@ -217,6 +271,9 @@ def main() -> None:
         if not args.no_pipeline:
             out["whole_pipeline"] = whole_pipelines(source, work)
             print("whole pipeline", json.dumps(out["whole_pipeline"]), flush=True)
+            if args.tinyllama:
+                out["whole_pipeline_tinyllama_1.1b"] = run_pipelines(tinyllama_folder(source, work), work, "1.1b")
+                print("whole pipeline 1.1B", json.dumps(out["whole_pipeline_tinyllama_1.1b"]), flush=True)
     target = RESULTS / ("whole_pipeline.json" if args.only_pipeline else "compare_nncf.json")
     target.write_text(json.dumps(out, indent=2))
     print(f"written to {target}")

@@ -2,7 +2,8 @@
 
 The math for each format is in `qcompiler.quant`. The compressed weight is stored in the weight
 Constant's meta as "compressed"; the float tensor is left as it is (backends decide what to emit).
-Shared weights (a tied embedding and lm_head) are compressed once.
+Shared weights (a tied embedding and lm_head) are compressed once. Weights are visited largest
+first (the order changes no result), which keeps the peak memory of a lazily loaded model low.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class RoundToNearest(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         axes = {u.const: u.reduction_axes for u in graph.weight_uses()}
         done = Counter()
-        for const, reduction_axes in axes.items():
+        # largest first: a weight's float copy is the largest transient, and it comes while few codes are held
+        for const, reduction_axes in sorted(axes.items(), key=lambda item: -graph.tensor(item[0]).numel()):
             fmt = const.meta.get("format")
             if fmt is None or "compressed" in const.meta:
                 continue

@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qcompiler import output
+from qcompiler import memory, output
 from qcompiler.output import _signals_held
 from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
 from qcompiler.errors import QCompilerError
@@ -50,6 +50,7 @@ def _on_signal(signum, frame):
 
 
 def main(argv=None) -> int:
+    memory.fixed_mmap_threshold()  # large blocks go back to the system when freed (qcompiler.memory)
     previous = _handle_signals()
     stdin = sys.stdin
     written_before = len(output.written)

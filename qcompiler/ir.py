@@ -61,6 +61,7 @@ class Graph:
         # dtype (zeros), `weight_source(name)` reads the values (see `weight`)
         self.placeholders: set[str] = set()
         self.weight_source = None
+        self.released: str | None = None  # why compressed weights' codes are gone (written, then dropped)
         self._names: set[str] = set()
 
     # building -------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class CompressedModel:
         """Lower into the locked `folder`'s staging folder, write the report, swap it in."""
         backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
+        if self.graph.released:
+            raise QCompilerError(f"this model's compressed weights were already written ({self.graph.released}): "
+                                 "compress again to write another artifact")
         if self.graph.placeholders and not getattr(lowering, "lazy_weights", False):
             raise QCompilerError(f"this model was loaded for another backend, with its weights left on disk: call "
                                  f"compress(..., output=..., backend='{backend}') to write a {backend} artifact")

@@ -21,6 +21,7 @@ import openvino as ov
 import openvino.opset13 as ops
 import torch
 
+from qcompiler import memory
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError, export_failed
 from qcompiler.ir import Graph
@@ -109,6 +110,20 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
             "renames its weights; please report it with the model's name"
         )
     stored: dict[str, int] = {}
+    by_name = {c.attrs["weight"]: c for c in graph.weight_constants()}
+    release = bool(graph.placeholders)  # a lazily loaded model: drop each weight's codes once packed
+
+    def packed(names: list[str]) -> None:
+        if release:
+            for name in names:
+                by_name[name].meta.pop("compressed", None)
+            graph.released = "the codes were packed into the OpenVINO model and dropped from the IR"
+            released.append(len(names))
+            if len(released) % 4 == 0:
+                memory.trim()  # the freed codes are heap blocks the C library would keep
+
+    released: list[int] = []
+
     for group in fusable_groups({n: consts[n] for n in compressed}, compressed):
         names = [name for name, _ in group]
         weights = [compressed.pop(name) for name in names]
@@ -116,11 +131,13 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         replace_with_split([matmul for _, matmul in group], out, f"{group[0][1].get_friendly_name()}/fused")
         for name, cw in zip(names, weights):
             stored[name] = -(-cw.storage_bits() // 8)
+        del weights
+        packed(names)
     for const in graph.weight_constants():
         name = const.attrs["weight"]
         if name in stored:
             continue
-        cw: CompressedWeight | None = compressed.get(name)
+        cw: CompressedWeight | None = compressed.pop(name, None)
         if cw is None and not const.meta.get("rewritten") and name not in graph.placeholders:
             stored[name] = graph.tensor(const).numel() * graph.tensor(const).element_size()
             continue
@@ -131,6 +148,8 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
             new_output, nbytes = _float_constant(tensor.float().contiguous().numpy(), name), tensor.numel() * 4
         else:
             new_output, nbytes = _decompression(cw, name, target.get_element_type(), keep)
+            cw = None
+            packed([name])
         for target_input in list(target.output(0).get_target_inputs()):
             target_input.replace_source_output(new_output)
         stored[name] = nbytes
@@ -144,8 +163,8 @@ def _folded_transposes(model: ov.Model, graph: Graph, names: list[str]) -> dict[
     wanted = {}
     for const in graph.weight_constants():
         name = const.attrs["weight"]
-        tensor = graph.weight(const)
-        if name in names and tensor.dim() == 2:
+        if name in names and graph.tensor(const).dim() == 2:
+            tensor = graph.weight(const)
             wanted.setdefault((tuple(tensor.shape[::-1]), _digest(tensor.t())), []).append(name)
     if not wanted:
         return {}

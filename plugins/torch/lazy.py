@@ -28,6 +28,7 @@ import torch
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MIN_PLACEHOLDER = 1 << 16  # elements: smaller weights are read at load time
+READ_CHUNK = 8 << 20  # bytes of f16 / bf16 converted at a time
 
 
 class SafetensorsReader:
@@ -48,17 +49,33 @@ class SafetensorsReader:
         return all(dtype in DTYPES for _, dtype, _, _, _ in self.entries.values())
 
     def read(self, key: str) -> torch.Tensor:
+        """The tensor as float32, read straight into its own memory (f16 / bf16 through a small
+        buffer, so a large weight costs its float32 size and no more)."""
         path, dtype, shape, start, end = self.entries[key]
-        data = bytearray(end - start)
+        width = DTYPES[dtype].itemsize
+        out = torch.empty((end - start) // width, dtype=torch.float32)
         with open(path, "rb", buffering=0) as f:
-            view, done = memoryview(data), 0
-            while done < len(data):
-                got = os.preadv(f.fileno(), [view[done:]], start + done)
-                if got <= 0:
-                    raise OSError(f"{path} ended while reading {key}")
-                done += got
-        tensor = torch.frombuffer(data, dtype=DTYPES[dtype]) if data else torch.empty(0, dtype=DTYPES[dtype])
-        return tensor.reshape(shape).float()
+            if dtype == "F32":
+                _pread_into(f.fileno(), memoryview(out.numpy()).cast("B"), start, path, key)
+            else:
+                step = READ_CHUNK // width * width
+                buffer = bytearray(min(step, end - start))
+                for offset in range(start, end, step):
+                    size = min(step, end - offset)
+                    _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
+                    first = (offset - start) // width
+                    out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype],
+                                                                        count=size // width)
+        return out.reshape(shape)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"{path} ended while reading {key}")
+        done += got
 
 
 def load_lazy(folder: Path, model_class, config, trust_remote_code: bool):
