@@ -41,6 +41,24 @@ for _family in MOE_FAMILIES:
 UNSUPPORTED[("cohere", "onnx", "fp32")] = "export cannot convert"  # torch's TorchScript ONNX exporter fails on it
 
 
+# AWQ patterns per family (2 layers): (matches, why). NNCF also matches an activation -> MatMul
+# (Act_MatMul, Act_Mul_MatMul) with an atomic activation (ReLU, Swish, ...; not GELU), scaling
+# through a Multiply it inserts; qcompiler's backends cannot lower an inserted Multiply yet (#10).
+_GATED = (2, "gated MLP: up_proj -> Multiply(act(gate)) -> down_proj")
+_GELU = (0, "fc -> GELU -> fc: no Multiply, and NNCF's patterns skip GELU too")
+AWQ_MATCHES: dict[str, tuple[int, str]] = {
+    **{f: _GATED for f in ("llama", "mistral", "qwen2", "qwen3", "stablelm", "gemma", "gemma2", "gemma3_text",
+                           "olmo", "olmo2", "granite", "cohere")},
+    **{f: _GELU for f in ("phi", "gpt_neox", "gptj", "bloom", "falcon", "starcoder2", "gpt_bigcode", "codegen",
+                          "gpt2")},
+    "phi3": (0, "fused gate_up_proj split in two: NNCF's Act_Mul_MatMul needs an inserted Multiply (not yet)"),
+    "opt": (0, "fc1 -> ReLU -> fc2: NNCF's Act_MatMul needs an inserted Multiply (not yet)"),
+    "qwen2_moe": (2, "the shared expert's gated MLP (the routed experts are not traced per expert yet)"),
+    **{f: (0, "experts are batched 3-D weights, not traced per expert yet") for f in ("mixtral", "qwen3_moe",
+                                                                                     "gpt_oss")},
+}
+
+
 def build(model_type: str, folder: Path) -> Path:
     """Save a tiny random `model_type` model with the byte-level tokenizer into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM

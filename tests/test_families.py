@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from qcompiler import CompressionConfig, QCompilerError, compress
+from qcompiler.pattern import find_matches
+from qcompiler.plugins.torch import TorchFrontend, lazy
 from qcompiler.registry import build_registry
 from tests import families
 
@@ -36,6 +38,13 @@ FULL = ("llama", "gpt2", "falcon", "gemma2", "phi", "gpt_neox")  # Conv1D, fused
 
 def _configs(family: str, backend: str) -> list[str]:
     return list(CONFIGS) if backend == "torch" or family in FULL else ["fp32"]
+
+
+@pytest.fixture(autouse=True)
+def every_matrix_lazy(monkeypatch):
+    """OpenVINO artifacts come from lazily loaded folders (placeholders for every Linear / Embedding
+    weight, whatever its size), as real models do."""
+    monkeypatch.setattr(lazy, "MIN_PLACEHOLDER", 1)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +104,18 @@ def test_family_on_backend(family, backend, family_dir, tmp_path):
             assert _cosine(logits, want_logits) > 0.99
         else:
             assert report["table"] and any(r["format"].startswith("int4") for r in report["table"])
+
+
+@pytest.mark.parametrize("family", list(families.FAMILIES))
+def test_awq_patterns_found_per_family(family, family_dir):
+    """The AWQ pattern (MatMul -> Multiply -> MatMul) is found by the pattern language in every gated
+    MLP, whatever its activation, and nowhere else (`families.AWQ_MATCHES` says why per family)."""
+    from qcompiler.passes.awq import PATTERN
+
+    folder = family_dir(family)[0]
+    frontend = TorchFrontend()
+    graph = frontend.trace(frontend.load(folder))
+    matches, _ = find_matches(graph, PATTERN)
+    expected, _why = families.AWQ_MATCHES[family]
+    assert len(matches) == expected
+    assert all(m["second"].name.endswith("down_proj/MatMul") for m in matches)

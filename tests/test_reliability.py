@@ -540,9 +540,11 @@ def test_a_really_full_disk_is_one_line_and_leaves_nothing(work, capsys):
 
 
 BAD_OPTIONS = {
-    "group size not a power of two": (["compress", "M", "--group-size", "7"], "group size 7 is not a power of two"),
-    "huge group size": (["compress", "M", "--group-size", "100000"], "is not a power of two"),
-    "group size dividing no layer": (["compress", "M", "--group-size", "1024"], "divides none of the 14 layers"),
+    "group size not a power of two": (["compress", "M", "--weight-format", "int4", "--group-size", "7"],
+                                      "group size 7 is not a power of two"),
+    "huge group size": (["compress", "M", "--weight-format", "int4", "--group-size", "100000"], "is not a power of two"),
+    "group size dividing no layer": (["compress", "M", "--weight-format", "int4", "--group-size", "1024"],
+                                     "divides none of the 14 layers"),
     "asymmetric mode with --sym": (["compress", "M", "--weight-format", "int4_asym", "--sym"],
                                    "--sym contradicts --weight-format int4_asym"),
     "nf4 with --sym": (["compress", "M", "--weight-format", "nf4", "--sym"], "--sym applies to int4 and int8 only"),
@@ -571,7 +573,8 @@ def test_an_option_outside_its_meaningful_range_is_refused(case, work, capsys):
 
 
 def test_a_group_size_that_is_not_a_power_of_two_is_accepted_when_a_fallback_is_asked_for(work, capsys):
-    code, _ = run(["compress", "M", "-o", "out", "--group-size", "48", "--group-size-fallback", "adjust",
+    code, _ = run(["compress", "M", "-o", "out", "--weight-format", "int4", "--group-size", "48",
+                   "--group-size-fallback", "adjust",
                    "--backend", "openvino", "--quiet"], capsys)
     assert code == 0
     assert json.loads((work / "out" / "qcompiler_report.json").read_text())["config"]["group_size"] == 48
@@ -598,7 +601,8 @@ def test_eval_names_a_missing_original_and_the_fix(work, capsys):
 
 
 def test_an_error_after_a_progress_bar_is_on_a_line_of_its_own(work, capsys):
-    code, err = run(["compress", "M", "-o", "out", "--group-size", "1024", "--backend", "torch"], capsys)
+    code, err = run(["compress", "M", "-o", "out", "--weight-format", "int4", "--group-size", "1024", "--backend", "torch"],
+                    capsys)
     assert code == 2 and "%|" in err  # the progress bar was showing
     assert err.splitlines()[-1].startswith("qcompiler: error: group size 1024 divides none")
 
