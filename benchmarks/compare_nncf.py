@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -200,15 +199,28 @@ def sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Runs the command and reports its peak RSS. Linux keeps a process's high-water RSS across exec, so a
+# command forked straight from this benchmark (which holds the models it built, GBs) would report the
+# benchmark's memory; forked from this small launcher it reports its own.
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(f"QC_MAXRSS_KB={usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str]) -> tuple[float, int, int, str]:
-    """(wall seconds, peak RSS in bytes of the process and the children it waited for, exit status,
-    stderr) of one fresh process: os.wait4 gives that process's own rusage."""
+    """(wall seconds, peak RSS in bytes of the command and the children it waited for, exit status,
+    stderr) of one fresh process started from a small launcher (see _LAUNCHER)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, err
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    seconds = time.perf_counter() - start
+    lines = proc.stderr.rstrip().splitlines()
+    rss = int(lines[-1].split("=")[1]) * 1024 if lines and lines[-1].startswith("QC_MAXRSS_KB=") else 0
+    return seconds, rss, proc.returncode, "\n".join(lines[:-1])
 
 
 def main() -> None:

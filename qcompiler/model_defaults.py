@@ -54,13 +54,14 @@ def table() -> dict:
     try:
         data = json.loads(TABLE.read_text())
     except (OSError, ValueError) as exc:
-        raise QCompilerError(f"the per-model defaults table {TABLE} cannot be read ({exc}): reinstall qcompiler") from None
+        raise QCompilerError(f"the per-model defaults table {TABLE} cannot be read ({exc}): reinstall "
+                             "qcompiler") from None
     for section in ("int4", "int8"):
         for model_id, row in data[section].items():
             unknown = set(row) - KNOWN_KEYS
             if unknown:
-                raise QCompilerError(f"{TABLE}: row {model_id} has keys qcompiler does not know ({', '.join(sorted(unknown))})"
-                                     ": fix the row")
+                raise QCompilerError(f"{TABLE}: row {model_id} has keys qcompiler does not know "
+                                     f"({', '.join(sorted(unknown))}): fix the row")
     return data
 
 
@@ -153,7 +154,7 @@ def resolve(weight_format: str | None, explicit: bool, model, model_id: str | No
                                  "int4 (or int8, nf4, ...), as optimum-cli asks")
         config = CompressionConfig(mode=None, int8_above=INT8_ABOVE, **_only(base, ("ignored_scope",)))
         return config, Defaults(
-            f"no --weight-format: int8_asym if the model has at least 1 billion parameters, "
+            "no --weight-format: int8_asym if the model has at least 1 billion parameters, "
             "else float (optimum-intel's rule)", override="pass --weight-format int4 / int8 / fp32 to choose")
     if weight_format not in ("int4", "int8") or explicit:
         return None, None

@@ -6,9 +6,10 @@ that have one); int8, which rewrites every weight, keeps the logits close; int4 
 AWQ, and asym) compresses and runs; the report's parameter counts add up to the model's. A
 tracing export costs about 3 s even for these tiny models, so OpenVINO and ONNX run the compressed
 formats for the families whose layers differ most (`FULL`: Conv1D, fused and transposed weights,
-parallel blocks, sliding windows) and fp32 for the rest; torch runs every format for every family. What does not work yet is refused in one
-line that says why (`families.UNSUPPORTED`), never a traceback or an artifact that silently skips
-weights.
+parallel blocks, sliding windows) and fp32 for the rest; torch runs every format for every
+family. OpenVINO artifacts come from lazily loaded folders, as real models' do. What does not work
+yet is refused in one line that says why (`families.UNSUPPORTED`), never a traceback or an
+artifact that silently skips weights. The AWQ pattern count per family is checked too.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
     consts = consts if consts is not None else _constants_by_name(model, "self." + prefix)
     compressed = {c.attrs["weight"]: c.meta["compressed"] for c in graph.weight_constants() if "compressed" in c.meta}
     missing = [name for name in compressed if name not in consts]
-    missing += [c.attrs["weight"] for c in graph.weight_constants()
-                if (c.meta.get("rewritten") or c.attrs["weight"] in graph.placeholders) and c.attrs["weight"] not in consts]
+    missing += [c.attrs["weight"] for c in graph.weight_constants() if c.attrs["weight"] not in consts
+                and (c.meta.get("rewritten") or c.attrs["weight"] in graph.placeholders)]
     folded = _folded_transposes(model, graph, missing)
     for name, const in folded.items():  # the converter stored W.T under a new name: decode straight to it
         consts[name] = const

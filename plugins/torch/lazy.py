@@ -108,7 +108,8 @@ def load_lazy(folder: Path, model_class, config, trust_remote_code: bool):
         path, dtype, shape, _, _ = reader.entries[keys[pid]]
         if tuple(old.shape) != shape:
             return None
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and attr == "weight" and old.numel() >= MIN_PLACEHOLDER:
+        matrix = isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and attr == "weight"
+        if matrix and old.numel() >= MIN_PLACEHOLDER:
             tensor = _zeros(shape)
             tensor.view(-1)[0] = float(index + 1)  # distinct contents: see the module docstring
             for name in pnames:
