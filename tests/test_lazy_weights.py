@@ -75,3 +75,15 @@ def test_a_folder_the_lazy_path_does_not_read_exactly_loads_eagerly(tmp_path):
     save_file({**tensors, "extra.int_table": torch.zeros(4, dtype=torch.int64)}, str(folder / "model.safetensors"))
     source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
     assert source.lazy is None and np.isfinite(source.model.lm_head.weight.detach().numpy()).all()
+
+
+def test_a_lazily_written_model_cannot_be_written_again_silently(tmp_path):
+    """Its codes were packed into the OpenVINO model and dropped, its placeholders hold zeros: a second
+    artifact would be wrong, so it is refused with the fix."""
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    result = compress(folder, CONFIGS["int4_sym"], output=tmp_path / "ov", backend="openvino")
+    for backend in ("torch", "openvino"):
+        with pytest.raises(Exception, match="compress again"):
+            result.save(tmp_path / f"again-{backend}", backend=backend)
+        assert not (tmp_path / f"again-{backend}").exists()
