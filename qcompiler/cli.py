@@ -283,8 +283,15 @@ def _compress(args) -> int:
     if args.quiet:
         _quiet_libraries()
     load = load_options_from_args(args)
+    options = backend_options_from_args(args)
+    if defaults is not None and defaults.dq_group_size is not None:
+        if args.backend in (None, "openvino") and not str(args.model or "").endswith(".onnx"):
+            options["dq_group_size"] = defaults.dq_group_size
+        else:
+            defaults.skipped.append(f"the OpenVINO runtime hint DYNAMIC_QUANTIZATION_GROUP_SIZE="
+                                    f"{defaults.dq_group_size} (this artifact is not an OpenVINO model)")
     result = compress(args.model, config, output=output, backend=args.backend,
-                      backend_options=backend_options_from_args(args), overwrite=args.overwrite,
+                      backend_options=options, overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
                       allow_pickle=load.allow_pickle, defaults=defaults)
     say(format_report(result.report))

@@ -38,6 +38,11 @@ class Defaults:
     skipped: list[str] = field(default_factory=list)
     override: str = OVERRIDE
 
+    @property
+    def dq_group_size(self) -> int | None:
+        """The row's OpenVINO runtime hint (DYNAMIC_QUANTIZATION_GROUP_SIZE), for the openvino backend."""
+        return (self.row or {}).get("dq_group_size")
+
     def as_dict(self) -> dict:
         return {"applied": self.applied, "model_id": self.model_id, "row": self.row, "skipped": self.skipped,
                 "override": self.override}
@@ -126,9 +131,6 @@ def apply_row(row: dict, base: dict) -> tuple[dict, list[str]]:
         skipped.append("scale estimation (needs calibration data; not implemented yet)")
     if data and not row.get("quant_method") and not row.get("scale_estimation") and row.get("ratio", 1.0) == 1.0:
         skipped.append(f"the calibration dataset '{data}' (no data-aware algorithm of the row runs without it)")
-    if row.get("dq_group_size"):
-        skipped.append(f"the runtime hint DYNAMIC_QUANTIZATION_GROUP_SIZE={row['dq_group_size']} "
-                       "(not written into the model yet)")
     scope = row.get("ignored_scope") or {}
     if scope:
         ignored = IgnoredScope(names=tuple(scope.get("names", ())), patterns=tuple(scope.get("patterns", ())),

@@ -124,3 +124,18 @@ def test_no_weight_format_is_int8_at_the_threshold(llama):
     assert all(c.meta["format"] is not None for c in result.graph.weight_constants())
     result = compress(llama, CompressionConfig(mode=None, int8_above=params + 1))
     assert result.config.mode is None
+
+
+def test_a_rows_runtime_hint_is_written_into_the_openvino_model(tmp_path, capsys):
+    import openvino as ov
+
+    folder = tmp_path / "Qwen2.5-Coder-3B-Instruct"
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "--weight-format", "int8", "-o", str(out), "--quiet"]) == 0
+    model = ov.Core().read_model(out / "openvino_model.xml")
+    assert model.get_rt_info(["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"]).astype(str) == "128"
+    assert report(out)["defaults"]["model_id"] == "Qwen/Qwen2.5-Coder-3B-Instruct"
+    assert main(["compress", str(folder), "--weight-format", "int8", "-o", str(tmp_path / "pt"), *TINY]) == 0
+    assert any("DYNAMIC_QUANTIZATION_GROUP_SIZE=128 (this artifact is not an OpenVINO model)" in s
+               for s in report(tmp_path / "pt")["defaults"]["skipped"])

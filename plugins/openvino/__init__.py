@@ -32,9 +32,15 @@ class OpenVINOBackend:
     name = "openvino"
     lazy_weights = True  # lowering reads placeholder weights' values from the IR (Graph.weight)
 
+    OPTIONS = ("dq_group_size",)  # a runtime hint written into the model's rt_info, as optimum-intel writes it
+
     def check(self, config, options: dict) -> None:
-        if options:
-            raise QCompilerError(f"the openvino backend takes no options ({', '.join(options)}): drop them")
+        unknown = [name for name in options if name not in self.OPTIONS]
+        if unknown:
+            raise QCompilerError(f"the openvino backend takes no option {', '.join(unknown)}: drop it")
+        size = options.get("dq_group_size")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise QCompilerError(f"dq_group_size {size!r} is not a group size: pass a positive integer or 0 (off)")
 
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         import openvino as ov
@@ -54,6 +60,8 @@ class OpenVINOBackend:
         converted = time.perf_counter()
         keep: list = []  # arrays the new constants share memory with, alive until saved
         weight_bytes = apply_weights(model, graph, keep, prefix, consts)
+        if (options or {}).get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
+            model.set_rt_info(str(options["dq_group_size"]), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
