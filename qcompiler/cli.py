@@ -244,19 +244,34 @@ def config_from_args(args):
     )
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
                    for name in COMPRESSION_OPTIONS)
-    config, defaults = model_defaults.resolve(args.weight_format, explicit, args.model, args.model_id,
-                                              {"ignored_scope": scope})
-    if config is not None:
-        return config, defaults
     if args.model_id is not None and args.weight_format not in ("int4", "int8"):
         raise QCompilerError("--model-id chooses the per-model defaults of --weight-format int4 / int8: drop it")
+    config, defaults = model_defaults.resolve(args.weight_format, explicit, args.model, args.model_id,
+                                              {"ignored_scope": scope})
+    if config is None:
+        config = _config_from_options(args, scope)
+    extra = model_defaults.default_ignored_scope(args.model, args.model_id)
+    if extra is not None and (config.mode is not None or config.int8_above is not None):
+        model_id, table_scope = extra
+        config = config.replace(ignored_scope=model_defaults.merged_scope(config.ignored_scope, table_scope))
+        shown = ", ".join(table_scope.get("patterns", []) + table_scope.get("names", []))
+        line = f"the default ignored scope of {model_id} ({shown}) stays float"
+        if defaults is None:
+            defaults = model_defaults.Defaults(line, model_id=model_id,
+                                               override="pass --model-id to name another model")
+        else:
+            defaults.applied += f"; {line}"
+    return config, defaults
+
+
+def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
     mode = args.weight_format
     ratio = 1.0 if args.ratio is None else args.ratio
     if mode == "fp32":
         if args.group_size is not None or args.sym:
             raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
         return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
-                                 dataset=args.dataset), None
+                                 dataset=args.dataset)
     if mode in ("int4", "int8"):
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     elif args.sym and mode.endswith("_asym"):
@@ -268,7 +283,7 @@ def config_from_args(args):
         mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=ratio,
         backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,
         group_size_fallback=args.group_size_fallback, awq=args.awq, dataset=args.dataset,
-    ), None
+    )
 
 
 def _compress(args) -> int:
@@ -285,7 +300,9 @@ def _compress(args) -> int:
     load = load_options_from_args(args)
     options = backend_options_from_args(args)
     if defaults is not None and defaults.dq_group_size is not None:
-        if args.backend in (None, "openvino") and not str(args.model or "").endswith(".onnx"):
+        model = Path(args.model) if args.model else None
+        onnx_input = model is not None and (model.suffix == ".onnx" or (model / "model.onnx").is_file())
+        if args.backend == "openvino" or (args.backend is None and not onnx_input):
             options["dq_group_size"] = defaults.dq_group_size
         else:
             defaults.skipped.append(f"the OpenVINO runtime hint DYNAMIC_QUANTIZATION_GROUP_SIZE="

@@ -133,14 +133,12 @@ def apply_row(row: dict, base: dict) -> tuple[dict, list[str]]:
         skipped.append(f"the calibration dataset '{data}' (no data-aware algorithm of the row runs without it)")
     scope = row.get("ignored_scope") or {}
     if scope:
-        ignored = IgnoredScope(names=tuple(scope.get("names", ())), patterns=tuple(scope.get("patterns", ())),
-                               types=tuple(scope.get("types", ())), validate=False)
         if row.get("then"):  # two stages: the scope skips the 4-bit stage, then takes the second stage's format
             then = row["then"]
-            args["backup_scope"] = ignored
+            args["backup_scope"] = as_scope(scope)
             args["backup_mode"] = f"int8_{'sym' if then.get('sym') else 'asym'}"
         else:
-            args["ignored_scope"] = ignored
+            args["ignored_scope"] = merged_scope(base.get("ignored_scope"), scope)
     if row.get("text_part_of"):
         skipped.append("the multimodal parts other than the language model (qcompiler compresses text models)")
     return args, skipped
@@ -170,8 +168,37 @@ def resolve(weight_format: str | None, explicit: bool, model, model_id: str | No
                                 model_id=model_id, row=GENERIC_INT4)
     found_id, row = found
     args, skipped = apply_row(row, base)
-    return CompressionConfig(**args), Defaults(f"the per-model default of {found_id}: {_describe(args)}",
+    described = _describe({**args, "row_scope": bool(row.get("ignored_scope")) and not row.get("then")})
+    return CompressionConfig(**args), Defaults(f"the per-model default of {found_id}: {described}",
                                                model_id=found_id, row=row, skipped=skipped)
+
+
+def as_scope(scope: dict) -> IgnoredScope:
+    """A table's ignored scope: names and patterns of optimum's OpenVINO nodes may match none of
+    qcompiler's, so they are not validated."""
+    return IgnoredScope(names=tuple(scope.get("names", ())), patterns=tuple(scope.get("patterns", ())),
+                        types=tuple(scope.get("types", ())), validate=False)
+
+
+def merged_scope(user: IgnoredScope | None, scope: dict) -> IgnoredScope:
+    """The user's ignored scope with a table's added (the union; names that match nothing are then
+    not an error, since the table's may not)."""
+    user = user or IgnoredScope()
+    table_scope = as_scope(scope)
+    return IgnoredScope(names=user.names + table_scope.names, patterns=user.patterns + table_scope.patterns,
+                        types=user.types + table_scope.types, subgraphs=user.subgraphs, validate=False)
+
+
+def default_ignored_scope(model, model_id: str | None) -> tuple[str, dict] | None:
+    """The table's per-model ignored scope (its "ignored_scope" section, which optimum-intel applies
+    to every compressed format), for the language model: (model id, scope) or None."""
+    section = table().get("ignored_scope", {})
+    for candidate in model_ids(model, model_id):
+        parts = section.get(candidate) or {}
+        scope = parts.get("lm_model") or parts.get("model")
+        if scope:
+            return candidate, scope
+    return None
 
 
 def _only(args: dict, keys) -> dict:
@@ -190,6 +217,6 @@ def _describe(args: dict) -> str:
         parts.append(f"{', '.join(args['backup_scope'].patterns)} in {args['backup_mode']}")
     elif args.get("backup_mode") not in (None, "int8_asym"):
         parts.append(f"backup {args['backup_mode']}")
-    if args.get("ignored_scope"):
+    if args.get("row_scope"):
         parts.append("the row's ignored scope")
     return ", ".join(parts)

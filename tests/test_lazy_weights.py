@@ -87,3 +87,71 @@ def test_a_lazily_written_model_cannot_be_written_again_silently(tmp_path):
         with pytest.raises(Exception, match="compress again"):
             result.save(tmp_path / f"again-{backend}", backend=backend)
         assert not (tmp_path / f"again-{backend}").exists()
+
+
+def _save(folder, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+
+
+def test_a_tied_weight_stored_twice_with_different_values_loads_eagerly(tmp_path):
+    """transformers unties such a checkpoint; the lazy path would tie it, so it steps aside."""
+    model = tiny_llama(tie=True)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tensors = dict(model.state_dict())
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    _save(folder, tensors)
+    source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
+    eager = TorchFrontend().load(folder)
+    assert source.lazy is None
+    assert torch.equal(source.model.lm_head.weight, eager.model.lm_head.weight)
+
+
+def test_only_the_files_transformers_reads_are_read(tmp_path):
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    stale = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    save_file(stale, str(folder / "zz-stale-copy.safetensors"))
+    source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
+    graph = TorchFrontend().trace(source)
+    q = next(c for c in graph.weight_constants() if c.attrs["weight"].endswith("layers.0.self_attn.q_proj.weight"))
+    assert torch.equal(graph.weight(q), model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(dict(source.model.named_parameters())["model.norm.weight"], model.model.norm.weight)
+
+
+def test_a_non_persistent_buffer_is_computed_not_read(tmp_path):
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tensors = dict(model.state_dict())
+    tensors["model.rotary_emb.inv_freq"] = model.model.rotary_emb.inv_freq + 1.0  # a stray copy in the file
+    _save(folder, tensors)
+    source = TorchFrontend().load(folder, options=LoadOptions(lazy_weights=True))
+    assert source.lazy is not None
+    assert torch.equal(source.model.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+def test_a_placeholder_also_read_by_another_op_gets_its_values(tmp_path):
+    """An exporter would fold `W * 2` from the placeholder's zeros into a constant qcompiler never
+    replaces: such a weight is read into memory before any export."""
+    from qcompiler.plugins.torch import TorchSource
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(300, 64)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return h @ (self.emb.weight * 2).T
+
+    real = Head()
+    save_file({"emb.weight": real.emb.weight.detach().clone()}, str(tmp_path / "model.safetensors"))
+    reader = lazy.SafetensorsReader(tmp_path)
+    held = Head()
+    held.emb.weight = torch.nn.Parameter(lazy._zeros((300, 64)), requires_grad=False)
+    source = TorchSource(held, None, {"ids": torch.tensor([[1, 2, 3]])}, lazy=({"emb.weight": "emb.weight"}, reader))
+    graph = TorchFrontend().trace(source)
+    assert not graph.placeholders
+    assert torch.equal(held.emb.weight, real.emb.weight)

@@ -139,3 +139,26 @@ def test_a_rows_runtime_hint_is_written_into_the_openvino_model(tmp_path, capsys
     assert main(["compress", str(folder), "--weight-format", "int8", "-o", str(tmp_path / "pt"), *TINY]) == 0
     assert any("DYNAMIC_QUANTIZATION_GROUP_SIZE=128 (this artifact is not an OpenVINO model)" in s
                for s in report(tmp_path / "pt")["defaults"]["skipped"])
+
+
+def test_a_rows_ignored_scope_adds_to_the_users(tmp_path, capsys):
+    folder = tmp_path / "Phi-4-multimodal-instruct"
+    tiny_llama().save_pretrained(folder)
+    args = ["compress", str(folder), "--weight-format", "int4", "--ignored-scope-pattern", ".*layers\\.0\\.mlp.*",
+            "-o", str(tmp_path / "out"), *TINY]
+    assert main(args) == 0
+    rep = report(tmp_path / "out")
+    assert ".*layers\\.0\\.mlp.*" in rep["config"]["ignored_scope"]["patterns"]
+    assert len(rep["config"]["ignored_scope"]["patterns"]) == 2
+    assert any("ignored scope (pattern .*layers" in r["reason"] for r in rep["float_weights"])
+
+
+def test_the_tables_default_ignored_scope_applies_to_every_compressed_format(tmp_path, capsys):
+    folder = tmp_path / "gemma-4-26B-A4B"  # the table keeps its routers float; this tiny model has none
+    tiny_llama().save_pretrained(folder)
+    assert main(["compress", str(folder), "--weight-format", "int4", "--model-id", "google/gemma-4-26B-A4B",
+                 "--sym", "--group-size", "32", "-o", str(tmp_path / "out"), *TINY]) == 0
+    rep = report(tmp_path / "out")
+    assert ".*router.*" in rep["config"]["ignored_scope"]["patterns"]
+    assert "the default ignored scope of google/gemma-4-26B-A4B (.*router.*) stays float" in rep["defaults"]["applied"]
+    assert "the row's ignored scope" not in capsys.readouterr().out

@@ -71,11 +71,11 @@ def torch_to_openvino(module, example, shapes: list, what: str) -> ov.Model:
         for index, shape in enumerate(shapes):
             model_input.set_partial_shape(model_input.get_place_by_input_index(index), shape)
         model = frontend.convert(model_input)
+        apply_moc_transformations(model, cf=False, smart_reshape=True)
+        compress_quantize_weights_transformation(model)
+        apply_fused_names_cleanup(model)
     except Exception as exc:  # TorchScript tracing and OpenVINO's op conversion raise their own types
         raise export_failed("OpenVINO", what, exc) from None
-    apply_moc_transformations(model, cf=False, smart_reshape=True)
-    compress_quantize_weights_transformation(model)
-    apply_fused_names_cleanup(model)
     return model
 
 

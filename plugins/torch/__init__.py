@@ -101,11 +101,14 @@ class TorchRunner:
 
 def _lazy_weights(graph: Graph, source: TorchSource) -> None:
     """The IR's weight-bearing placeholders read their values from the files; any other placeholder
-    (a weight the IR does not take over) gets its real values in the module now."""
+    (one the IR does not take over, or also reads through another op, whose result an exporter would
+    fold from the zeros) gets its real values in the module now."""
     from qcompiler.plugins.torch.lazy import materialize
 
     placeholders, reader = source.lazy
-    bearing = {c.attrs["weight"] for c in graph.weight_constants()}
+    readers = graph.consumers()
+    bearing = {const.attrs["weight"] for const, uses in graph.uses_by_weight().items()
+               if set(readers[const]) == {use.op for use in uses}}  # read as a weight and in no other way
     graph.placeholders = {name for name in placeholders if name in bearing}
     graph.weight_source = lambda name: reader.read(placeholders[name])
     params = dict(source.model.named_parameters(remove_duplicate=False))

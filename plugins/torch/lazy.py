@@ -9,10 +9,12 @@ distinct value in its first element, so no converter pass can take two of them f
 constant. Norms, biases and buffers are real. Weights are read with `pread` into private memory,
 not mapped, so file pages never count in the process's resident set.
 
-Only what this module understands exactly is loaded lazily: safetensors files whose tensors are
-float (f32, f16, bf16) and name every parameter of the model transformers builds from the folder's
-config; anything else (a checkpoint whose keys transformers renames while loading, pickles, GGUF)
-takes the eager path, `hf.load_causal_lm`.
+Only what this module understands exactly is loaded lazily: the safetensors files transformers
+reads (`weight_files`), whose tensors are float (f32, f16, bf16) and name every parameter of the
+model transformers builds from the folder's config, each once; anything else (a checkpoint whose
+keys transformers renames while loading, a tied weight stored twice, pickles, GGUF) takes the eager
+path, `hf.load_causal_lm`. A placeholder the IR reads other than as a weight gets its real values
+before any export (`plugins/torch/__init__.py`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,27 @@ MIN_PLACEHOLDER = 1 << 16  # elements: smaller weights are read at load time
 READ_CHUNK = 8 << 20  # bytes of f16 / bf16 converted at a time
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The files transformers reads: the shards the index names, else model.safetensors; none (so
+    the eager loader decides) for any other layout. Other .safetensors files beside them (a stale
+    shard, a second copy) are not weights of this model."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        return [folder / name for name in names if "/" not in name and (folder / name).is_file()]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
 class SafetensorsReader:
     """Reads one tensor at a time from a folder's safetensors files, as float32."""
 
     def __init__(self, folder: Path) -> None:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
-        for path in sorted(folder.glob("*.safetensors")):
+        for path in weight_files(folder):
             with open(path, "rb") as f:
                 n = struct.unpack("<Q", f.read(8))[0]
                 header = json.loads(f.read(n))
@@ -97,10 +114,10 @@ def load_lazy(folder: Path, model_class, config, trust_remote_code: bool):
             names.setdefault(id(param), []).append(f"{module_name}.{attr}" if module_name else attr)
     keys = {}
     for pid, pnames in names.items():
-        key = next((_key(reader, n, model) for n in pnames if _key(reader, n, model)), None)
-        if key is None:
+        found = {_key(reader, n, model) for n in pnames} - {None}
+        if len(found) != 1:  # none, or a tied parameter stored twice (transformers may untie it): eager
             return None
-        keys[pid] = key
+        keys[pid] = found.pop()
     placeholders: dict[str, str] = {}
     for index, (pid, pnames) in enumerate(names.items()):
         module, attr = holders[pid][0]
@@ -122,7 +139,8 @@ def load_lazy(folder: Path, model_class, config, trust_remote_code: bool):
     for module_name, module in model.named_modules():
         for attr, buffer in list(module._buffers.items()):
             name = f"{module_name}.{attr}" if module_name else attr
-            if buffer is not None and name in reader.entries:
+            persistent = attr not in module._non_persistent_buffers_set  # the others are computed, not loaded
+            if buffer is not None and persistent and name in reader.entries:
                 module._buffers[attr] = reader.read(name).to(buffer.dtype)
     return model, placeholders, reader
 
