@@ -250,18 +250,7 @@ def config_from_args(args):
                                               {"ignored_scope": scope})
     if config is None:
         config = _config_from_options(args, scope)
-    extra = model_defaults.default_ignored_scope(args.model, args.model_id)
-    if extra is not None and (config.mode is not None or config.int8_above is not None):
-        model_id, table_scope = extra
-        config = config.replace(ignored_scope=model_defaults.merged_scope(config.ignored_scope, table_scope))
-        shown = ", ".join(table_scope.get("patterns", []) + table_scope.get("names", []))
-        line = f"the default ignored scope of {model_id} ({shown}) stays float"
-        if defaults is None:
-            defaults = model_defaults.Defaults(line, model_id=model_id,
-                                               override="pass --model-id to name another model")
-        else:
-            defaults.applied += f"; {line}"
-    return config, defaults
+    return model_defaults.with_table_scope(config, defaults, args.model, args.model_id)
 
 
 def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:

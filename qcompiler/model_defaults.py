@@ -152,7 +152,7 @@ def resolve(weight_format: str | None, explicit: bool, model, model_id: str | No
         if explicit:
             raise QCompilerError("compression options were given without a weight format: add --weight-format "
                                  "int4 (or int8, nf4, ...), as optimum-cli asks")
-        config = CompressionConfig(mode=None, int8_above=INT8_ABOVE, **_only(base, ("ignored_scope",)))
+        config = CompressionConfig(mode=None, int8_above=INT8_ABOVE, **base)
         return config, Defaults(
             "no --weight-format: int8_asym if the model has at least 1 billion parameters, "
             "else float (optimum-intel's rule)", override="pass --weight-format int4 / int8 / fp32 to choose")
@@ -189,20 +189,26 @@ def merged_scope(user: IgnoredScope | None, scope: dict) -> IgnoredScope:
                         types=user.types + table_scope.types, subgraphs=user.subgraphs, validate=False)
 
 
-def default_ignored_scope(model, model_id: str | None) -> tuple[str, dict] | None:
-    """The table's per-model ignored scope (its "ignored_scope" section, which optimum-intel applies
-    to every compressed format), for the language model: (model id, scope) or None."""
+def with_table_scope(config: CompressionConfig, defaults: Defaults | None, model, model_id: str | None
+                     ) -> tuple[CompressionConfig, Defaults | None]:
+    """`config` with the table's per-model ignored scope added (its "ignored_scope" section, which
+    optimum-intel applies to every compressed format; the language model's part), and `defaults`
+    saying so."""
+    if config.mode is None and config.int8_above is None:
+        return config, defaults
     section = table().get("ignored_scope", {})
     for candidate in model_ids(model, model_id):
         parts = section.get(candidate) or {}
         scope = parts.get("lm_model") or parts.get("model")
         if scope:
-            return candidate, scope
-    return None
-
-
-def _only(args: dict, keys) -> dict:
-    return {k: v for k, v in args.items() if k in keys}
+            config = config.replace(ignored_scope=merged_scope(config.ignored_scope, scope))
+            shown = ", ".join(scope.get("patterns", []) + scope.get("names", []))
+            line = f"the default ignored scope of {candidate} ({shown}) stays float"
+            if defaults is None:
+                return config, Defaults(line, model_id=candidate, override="pass --model-id to name another model")
+            defaults.applied += f"; {line}"
+            return config, defaults
+    return config, defaults
 
 
 def _describe(args: dict) -> str:

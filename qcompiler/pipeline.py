@@ -116,9 +116,9 @@ def compress(
     frontend = registry.frontend_for(model)
     inputs = [model] if isinstance(model, (str, Path)) else []
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
-    if folder is not None:
-        _check_backend(registry.backend(backend or frontend.default_backend), config, dict(backend_options or {}))
     lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None
+    if lowering is not None:
+        _check_backend(lowering, config, dict(backend_options or {}))
     load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                lazy_weights=bool(getattr(lowering, "lazy_weights", False)))
 

@@ -20,7 +20,7 @@ class Runner(Protocol):
 
 @dataclass
 class ExportSpec:
-    """How a backend that traces a torch module (OpenVINO's convert_model, the ONNX exporter) calls
+    """How a backend that traces a torch module (OpenVINO's PyTorch frontend, the ONNX exporter) calls
     it: a source's `export_spec()` gives it, so backends need no frontend's code.
 
     `module(*args)` returns the outputs named `output_names`; `cache` pairs each past-cache input

@@ -119,7 +119,8 @@ def check_ir_xml(xml: Path, what: str, fix: str) -> None:
             if root is None:
                 root = element.tag
                 if root != "net":
-                    raise QCompilerError(f"{what} {xml}: not an OpenVINO IR (its root element is <{root[:40]}>) -- {fix}")
+                    raise QCompilerError(f"{what} {xml}: not an OpenVINO IR (its root element is <{root[:40]}>) "
+                                         f"-- {fix}")
             elif event == "end":
                 element.clear()
     except ET.ParseError as exc:
@@ -140,8 +141,8 @@ class OpenVINORunner:
         try:
             self.compiled = ov.Core().compile_model(str(xml), "CPU", RUNNER_CONFIG if config is None else config)
         except RuntimeError as exc:
-            raise QCompilerError(f"OpenVINO cannot load {xml}: {openvino_reason(exc)} -- the artifact is damaged (a truncated .bin "
-                                 "or an edited .xml); compress the model again") from None
+            raise QCompilerError(f"OpenVINO cannot load {xml}: {openvino_reason(exc)} -- the artifact is damaged (a "
+                                 "truncated .bin or an edited .xml); compress the model again") from None
         self.input_names = {i.get_any_name() for i in self.compiled.inputs}
         self.stateful = "beam_idx" in self.input_names
         self.request = self.compiled.create_infer_request()

@@ -1,8 +1,8 @@
 """Lowering compressed weights into an OpenVINO model.
 
 The float graph comes from OpenVINO's PyTorch frontend on the source module (weights shared, not
-copied; `torch_to_openvino`). Each IR weight with codes replaces its OpenVINO Constant by the decompression subgraph
-OpenVINO's CPU plugin fuses into its compressed FullyConnected / Gather kernels:
+copied; `torch_to_openvino`). Each IR weight with codes replaces its OpenVINO Constant by the
+decompression subgraph OpenVINO's CPU plugin fuses into its compressed FullyConnected / Gather kernels:
 
     Constant(codes: u8|i8|u4|i4|nf4|f4e2m1 [N, K/g, g]) -> Convert(f16)
       -> [Subtract(Convert(zero point u8|u4 [N, K/g, 1]))] -> Multiply(scale f16 | Convert(f8e8m0))
@@ -40,7 +40,6 @@ def convert(source) -> tuple[ov.Model, str]:
     A causal LM becomes a stateful model with its KV cache (see stateful.py); any other module is
     converted as it is, with the activations' last dimension static so its MatMuls fuse.
     """
-    no_telemetry()
     if source.is_causal_lm:
         from qcompiler.plugins.openvino.stateful import convert_stateful
 
@@ -112,17 +111,17 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
     stored: dict[str, int] = {}
     by_name = {c.attrs["weight"]: c for c in graph.weight_constants()}
     release = bool(graph.placeholders)  # a lazily loaded model: drop each weight's codes once packed
+    packs = 0
 
     def packed(names: list[str]) -> None:
+        nonlocal packs
         if release:
             for name in names:
                 by_name[name].meta.pop("compressed", None)
             graph.released = "the codes were packed into the OpenVINO model and dropped from the IR"
-            released.append(len(names))
-            if len(released) % 4 == 0:
+            packs += 1
+            if packs % 4 == 0:
                 memory.trim()  # the freed codes are heap blocks the C library would keep
-
-    released: list[int] = []
 
     for group in fusable_groups({n: consts[n] for n in compressed}, compressed):
         names = [name for name, _ in group]

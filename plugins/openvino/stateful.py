@@ -7,8 +7,9 @@ output logits [batch, seq, vocab]; per layer two variables holding past keys and
 [batch, kv_heads, past, head_dim], read at the start of a call (reordered by beam_idx, zeros of
 length 0 after a reset) and written with the new cache at its end.
 
-The float graph is traced by OpenVINO's PyTorch frontend (`lower.torch_to_openvino`) through the source's export module, whose
-forward takes the past as plain tensors and returns the present ones (`Source.export_spec()`).
+The float graph is traced by OpenVINO's PyTorch frontend (`lower.torch_to_openvino`) through the
+source's export module, whose forward takes the past as plain tensors and returns the present ones
+(`Source.export_spec()`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from qcompiler.plugins.openvino.lower import torch_to_openvino
 from qcompiler.protocols import ExportSpec
 
 
@@ -24,8 +26,6 @@ def convert_stateful(spec: ExportSpec, what: str) -> ov.Model:
     """`spec`: a causal LM's export signature with its cache (`Source.export_spec()`)."""
     token_inputs = len(spec.input_names) - len(spec.cache)
     shapes = [ov.PartialShape([-1, -1])] * token_inputs + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
-    from qcompiler.plugins.openvino.lower import torch_to_openvino
-
     ov_model = torch_to_openvino(spec.module, spec.args, shapes, what)
 
     past_names, present_names = [p for p, _ in spec.cache], [p for _, p in spec.cache]

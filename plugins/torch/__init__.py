@@ -114,7 +114,7 @@ def _lazy_weights(graph: Graph, source: TorchSource) -> None:
     params = dict(source.model.named_parameters(remove_duplicate=False))
     in_ir = {id(params[name]) for name in graph.placeholders}
     rest = [name for name in placeholders if id(params[name]) not in in_ir]
-    materialize(source.model, placeholders, reader, rest)  # in place: the IR's tensors share the storage
+    materialize(params, placeholders, reader, rest)  # in place: the IR's tensors share the storage
 
 
 def _as_kwargs(module: torch.nn.Module, example_input) -> dict[str, torch.Tensor]:

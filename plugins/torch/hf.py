@@ -81,9 +81,9 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
                              "folder (config.json and weights) or a folder with a readable .gguf file") from None
     missing = sorted(info.get("missing_keys") or []) if gguf is None else []
     if missing:
-        raise QCompilerError(f"the weights in {folder} lack {len(missing)} of the model's tensors ({', '.join(missing[:3])}"
-                             f"{', ...' if len(missing) > 3 else ''}), which would be random: the folder's config.json "
-                             "and weights do not belong together")
+        raise QCompilerError(f"the weights in {folder} lack {len(missing)} of the model's tensors "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random: "
+                             "the folder's config.json and weights do not belong together")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
                                                   **{k: v for k, v in kwargs.items() if k == "gguf_file"})
@@ -148,7 +148,7 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> tuple[bool, list[str
     tensors = sorted(folder.glob("*.safetensors"))
     names = []
     for path in tensors:
-        names += check_safetensors(path)
+        names += list(safetensors_header(path)[0])
     if tensors:
         return True, names
     pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
@@ -170,14 +170,15 @@ def check_layer_count(folder: Path, config: dict, names: list[str]) -> None:
                              f"{max(indices) + 1}: the folder's config.json and weights do not belong together")
 
 
-def check_safetensors(path: Path) -> list[str]:
-    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes; check
-    that the header parses and every tensor lies inside the file."""
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes: the header's
+    tensors (name -> dtype, shape, data_offsets) and the offset their data starts at, once the header
+    parses and every tensor lies inside the file."""
     if not path.is_file():
         raise QCompilerError(f"{path} is not a regular file (a folder, a broken link or a pipe): remove it or "
                              "restore the model's weights")
     size = path.stat().st_size
-    problem, header = None, {}
+    problem, header, start = None, {}, 0
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -185,16 +186,17 @@ def check_safetensors(path: Path) -> list[str]:
             if n is None or n > size - 8 or n > 100 * 2**20:
                 problem = "its header is cut off or is not a safetensors header"
             else:
-                header = json.loads(f.read(n))
-                ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-                if 8 + n + max(ends, default=0) > size:
-                    problem = f"it is truncated ({size} bytes, its tensors need {8 + n + max(ends)})"
+                header = {k: t for k, t in json.loads(f.read(n)).items() if k != "__metadata__"}
+                start = 8 + n
+                ends = [t["data_offsets"][1] for t in header.values()]
+                if start + max(ends, default=0) > size:
+                    problem = f"it is truncated ({size} bytes, its tensors need {start + max(ends)})"
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
         problem = f"its header is not valid ({_first_line(exc)[:100]})"
     if problem:
         raise QCompilerError(f"{path} is not a readable safetensors file: {problem} -- download or save the "
                              "model again")
-    return [k for k in header if k != "__metadata__"]
+    return header, start
 
 
 def _flat(value) -> list:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qcompiler.plugins.torch.hf import safetensors_header
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MIN_PLACEHOLDER = 1 << 16  # elements: smaller weights are read at load time
@@ -54,13 +55,10 @@ class SafetensorsReader:
     def __init__(self, folder: Path) -> None:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         for path in weight_files(folder):
-            with open(path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
+            header, data = safetensors_header(path)
             for key, t in header.items():
-                if key != "__metadata__":
-                    start, end = t["data_offsets"]
-                    self.entries[key] = (path, t["dtype"], tuple(t["shape"]), 8 + n + start, 8 + n + end)
+                start, end = t["data_offsets"]
+                self.entries[key] = (path, t["dtype"], tuple(t["shape"]), data + start, data + end)
 
     def floating(self) -> bool:
         return all(dtype in DTYPES for _, dtype, _, _, _ in self.entries.values())
@@ -165,9 +163,10 @@ def _key(reader: SafetensorsReader, name: str, model) -> str | None:
     return None
 
 
-def materialize(model: torch.nn.Module, placeholders: dict[str, str], reader: SafetensorsReader, names) -> None:
-    """Write the real values into the placeholders `names` (weights the IR does not take over)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def materialize(params: dict[str, torch.nn.Parameter], placeholders: dict[str, str], reader: SafetensorsReader,
+                names) -> None:
+    """Write the real values into the placeholders `names` of `params` (the model's parameters by
+    name), for weights the IR does not take over."""
     for name in names:
         with torch.no_grad():
             params[name].copy_(reader.read(placeholders[name]))
