@@ -26,7 +26,7 @@ class DataFreeAWQ(Pass):
 
     @classmethod
     def options_from(cls, config):
-        return cls.Options() if config.awq else None
+        return cls.Options() if config.awq and config.dataset is None else None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         matches, _ = find_matches(graph, PATTERN)

@@ -13,6 +13,12 @@ NNCF's rules, data-free:
 - ratio < 1: each weight's score is 1 / (backup int8 error + eps), error = max over output channels
   of the mean squared int8 error; weights in ascending score order go primary while the primary
   share of ratio-defining parameters stays below `ratio` (the loop stops at the first that would not).
+- with calibration data, NNCF's data-aware metrics multiply that score by a statistic of the
+  weight's input x [seq, K] per sample, averaged over samples: max_activation_variance = max over
+  channels of var over the sequence, mean_activation_variance = its mean over channels,
+  mean_activation_magnitude = mean over channels of max |x| over the sequence;
+  hessian_input_activation = ||deq_int8(W) - W||_F * 2 mean(x^2). Embeddings score 0 (4-bit first);
+  a weight outside the transformer blocks has no statistics and stays in backup.
 Results go to the weight Constant's meta: "format" (WeightFormat or None = float) and "role".
 """
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode, WeightFormat
+from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode, SensitivityMetric, WeightFormat
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph, Node
@@ -39,6 +45,7 @@ class PrecisionOptions:
     all_layers: bool
     fallback: GroupSizeFallback
     strict: bool = False  # the user's group size must divide at least one ratio-defining layer
+    metric: SensitivityMetric = SensitivityMetric.WEIGHT_QUANTIZATION_ERROR
 
 
 class PrecisionAssignment(Pass):
@@ -51,7 +58,7 @@ class PrecisionAssignment(Pass):
             return None  # fp32: no weight gets a format
         return PrecisionOptions(
             config.mode, config.effective_group_size, config.ratio, config.backup_mode.mode,
-            config.all_layers, config.fallback, config.strict_group_size,
+            config.all_layers, config.fallback, config.strict_group_size, config.metric,
         )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -75,7 +82,7 @@ class PrecisionAssignment(Pass):
         defining = [c for c in defining if c in group_sizes]
         for c in defining:
             c.meta["ratio_defining"] = True
-        primary = self._select(graph, defining, by_const) if o.ratio < 1.0 else defining
+        primary = self._select(graph, defining, by_const, ctx) if o.ratio < 1.0 else defining
 
         backup = WeightFormat(o.backup, -1) if o.backup else None
         for c in consts:
@@ -87,6 +94,7 @@ class PrecisionAssignment(Pass):
             "primary": len(primary), "backup": len(consts) - len(primary), "float": len(float_consts),
             "ratio_defining": len(defining) + len(fallen_back),
             "adjusted_group_size": adjusted, "group_size_fallback_to_backup": fallen_back,
+            **({"sensitivity_metric": o.metric.value} if o.ratio < 1.0 else {}),
         })
 
     def _group_sizes(self, graph, defining, by_const):
@@ -121,13 +129,25 @@ class PrecisionAssignment(Pass):
             )
         return sizes, adjusted, fallen_back
 
-    def _select(self, graph, defining, by_const) -> list[Node]:
+    def _select(self, graph, defining, by_const, ctx) -> list[Node]:
         o: PrecisionOptions = self.options
         error_mode = o.backup or Mode.INT8_ASYM
+        activations = _activation_scores(graph, defining, by_const, ctx, o.metric) if o.metric.data_aware else {}
         scores = []
         for c in defining:
-            err = quantization_error(graph.weight(c), by_const[c][0].reduction_axes, error_mode, -1)
-            scores.append(1.0 / (err + EPS))
+            axes = by_const[c][0].reduction_axes
+            if o.metric is SensitivityMetric.HESSIAN_INPUT_ACTIVATION:
+                weight_score = _frobenius_error(graph.weight(c), axes, error_mode)
+            else:
+                weight_score = 1.0 / (quantization_error(graph.weight(c), axes, error_mode, -1) + EPS)
+            if o.metric.data_aware:
+                if all(u.op.op == "Gather" for u in by_const[c]):
+                    weight_score = 0.0  # embeddings: no activation statistics, 4-bit first (as NNCF)
+                elif c.attrs["weight"] in activations:
+                    weight_score *= activations[c.attrs["weight"]]
+                else:
+                    weight_score = float("inf")  # outside the blocks: no statistics, stays in backup
+            scores.append(weight_score)
         total = sum(graph.tensor(c).numel() for c in defining)
         chosen, in_primary = [], 0
         for i in sorted(range(len(defining)), key=lambda i: scores[i]):
@@ -137,6 +157,33 @@ class PrecisionAssignment(Pass):
             chosen.append(defining[i])
             in_primary += size
         return chosen
+
+
+def _activation_scores(graph, defining, by_const, ctx, metric: SensitivityMetric) -> dict[str, float]:
+    """Each defining MatMul weight's activation statistic for `metric`, from one engine sweep."""
+    if ctx.engine is None:
+        raise QCompilerError(f"--sensitivity-metric {metric.value} needs calibration data: add --dataset FILE")
+    wanted = {c.attrs["weight"]: frozenset({"sequence"}) for c in defining
+              if any(u.op.op == "MatMul" for u in by_const[c])}
+    column = {SensitivityMetric.MAX_ACTIVATION_VARIANCE: 0, SensitivityMetric.MEAN_ACTIVATION_VARIANCE: 1,
+              SensitivityMetric.MEAN_ACTIVATION_MAGNITUDE: 2, SensitivityMetric.HESSIAN_INPUT_ACTIVATION: 3}[metric]
+    out = {}
+
+    def on_block(block, stats) -> None:
+        for name, st in stats.items():
+            if st.sequence:
+                value = sum(row[column] for row in st.sequence) / len(st.sequence)
+                out[name] = 2.0 * value if metric is SensitivityMetric.HESSIAN_INPUT_ACTIVATION else value
+
+    ctx.engine.sweep(wanted, on_block)
+    return out
+
+
+def _frobenius_error(weight, axes, mode: Mode) -> float:
+    from qcompiler.quant import quantize
+
+    matrix = matrix_view(weight.float(), axes)[0]
+    return float((quantize(matrix, (1,), mode, -1).dequantize() - matrix).norm())
 
 
 def _ignored(const: Node, uses) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qcompiler import memory, output
 from qcompiler.output import _signals_held
-from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, parse_enum
+from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, SensitivityMetric, parse_enum
 from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
@@ -149,7 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--backup-mode", help="int8_asym (the default), int8_sym or none")
     c.add_argument("--all-layers", action="store_true", help="embeddings and the last MatMul in 4-bit too")
     c.add_argument("--awq", action="store_true", help="AWQ (data-free when no --dataset)")
-    c.add_argument("--dataset", help="calibration text file or dataset name (data-aware algorithms)")
+    c.add_argument("--dataset", help="calibration data for the data-aware algorithms: a plain-text file, auto (text "
+                   "the model writes itself), or a datasets name available offline")
+    c.add_argument("--num-samples", type=int, help="calibration samples (default 128, as optimum-cli)")
+    c.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 128)")
+    c.add_argument("--scale-estimation", action="store_true", help="refit 4-bit scales on calibration data")
+    c.add_argument("--gptq", action="store_true", help="GPTQ rounding on calibration data")
+    c.add_argument("--lora-correction", action="store_true", help="not implemented yet")
+    c.add_argument("--sensitivity-metric", choices=[m.value for m in SensitivityMetric],
+                   help="how --ratio < 1 picks the 4-bit layers (default: max_activation_variance with --dataset, "
+                        "weight_quantization_error without)")
     c.add_argument("--group-size-fallback", choices=["adjust", "ignore", "error"],
                    help="layers the group size does not divide: adjust (the default; the largest power of two "
                         "dividing the layer), ignore (backup precision) or error; naming one also accepts a group "
@@ -229,7 +238,8 @@ def at_least(value, low, flag: str, fix: str) -> None:
 
 
 COMPRESSION_OPTIONS = ("ratio", "group_size", "sym", "all_layers", "awq", "dataset", "backup_mode",
-                       "group_size_fallback")  # optimum's no_compression_parameter_provided()
+                       "group_size_fallback", "num_samples", "seqlen", "scale_estimation", "gptq", "lora_correction",
+                       "sensitivity_metric")  # optimum's no_compression_parameter_provided()
 
 
 def config_from_args(args):
@@ -260,7 +270,7 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
         if args.group_size is not None or args.sym:
             raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
         return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
-                                 dataset=args.dataset)
+                                 **_data_aware(args))
     if mode in ("int4", "int8"):
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     elif args.sym and mode.endswith("_asym"):
@@ -271,8 +281,14 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
     return CompressionConfig(
         mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=ratio,
         backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,
-        group_size_fallback=args.group_size_fallback, awq=args.awq, dataset=args.dataset,
+        group_size_fallback=args.group_size_fallback, awq=args.awq, **_data_aware(args),
     )
+
+
+def _data_aware(args) -> dict:
+    return {"dataset": args.dataset, "num_samples": args.num_samples, "seqlen": args.seqlen,
+            "scale_estimation": args.scale_estimation, "gptq": args.gptq, "lora_correction": args.lora_correction,
+            "sensitivity_metric": args.sensitivity_metric}
 
 
 def _compress(args) -> int:

@@ -63,6 +63,20 @@ class BackupMode(str, Enum):
         return None if self is BackupMode.NONE else Mode(self.value)
 
 
+class SensitivityMetric(str, Enum):
+    """How ratio < 1 ranks the ratio-defining weights (NNCF's `SensitivityMetric`)."""
+
+    WEIGHT_QUANTIZATION_ERROR = "weight_quantization_error"
+    HESSIAN_INPUT_ACTIVATION = "hessian_input_activation"
+    MEAN_ACTIVATION_VARIANCE = "mean_activation_variance"
+    MAX_ACTIVATION_VARIANCE = "max_activation_variance"
+    MEAN_ACTIVATION_MAGNITUDE = "mean_activation_magnitude"
+
+    @property
+    def data_aware(self) -> bool:
+        return self is not SensitivityMetric.WEIGHT_QUANTIZATION_ERROR
+
+
 class GroupSizeFallback(str, Enum):
     """What to do with a layer whose input channels the group size does not divide."""
 
@@ -129,6 +143,12 @@ class CompressionConfig:
 
     `backup_scope` matches weights that skip the primary precision and take the backup one (the
     first stage of a two-stage config such as gpt-oss's: attention and router in int8).
+
+    Data-aware compression: `dataset` is a text file, `auto` (text the model writes), a local
+    `datasets` name, or a list of strings / token sequences; `num_samples` chunks of `seqlen`
+    tokens are taken from it. `awq` then searches its scales on the data; `scale_estimation`,
+    `gptq` and a data-aware `sensitivity_metric` need it (the metric defaults to
+    max_activation_variance with data, weight_quantization_error without, as NNCF).
     """
 
     mode: Mode | None = Mode.INT8_ASYM
@@ -143,11 +163,20 @@ class CompressionConfig:
     extra_passes: tuple[str, ...] = ()
     backup_scope: IgnoredScope = field(default_factory=IgnoredScope)
     int8_above: int | None = None
+    scale_estimation: bool = False
+    gptq: bool = False
+    lora_correction: bool = False
+    num_samples: int | None = None
+    seqlen: int | None = None
+    sensitivity_metric: SensitivityMetric | None = None
 
     def __post_init__(self) -> None:
-        for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback)):
+        if isinstance(self.dataset, list):
+            object.__setattr__(self, "dataset", tuple(self.dataset))
+        for name, enum in (("mode", Mode), ("backup_mode", BackupMode), ("group_size_fallback", GroupSizeFallback),
+                           ("sensitivity_metric", SensitivityMetric)):
             value = getattr(self, name)
-            if value is None and name in ("mode", "group_size_fallback"):
+            if value is None and name in ("mode", "group_size_fallback", "sensitivity_metric"):
                 continue
             if not isinstance(value, enum):
                 object.__setattr__(self, name, parse_enum(enum, value, name))
@@ -157,6 +186,22 @@ class CompressionConfig:
     def effective_group_size(self) -> int:
         """The group size in force: the one given, or the mode's default."""
         return default_group_size(self.mode) if self.group_size is None else self.group_size
+
+    @property
+    def metric(self) -> SensitivityMetric:
+        """The sensitivity metric in force (NNCF's default: max_activation_variance with data)."""
+        if self.sensitivity_metric is not None:
+            return self.sensitivity_metric
+        return (SensitivityMetric.MAX_ACTIVATION_VARIANCE if self.dataset is not None
+                else SensitivityMetric.WEIGHT_QUANTIZATION_ERROR)
+
+    @property
+    def samples(self) -> tuple[int, int]:
+        """(num_samples, seqlen) in force."""
+        from qcompiler.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQLEN
+
+        return (DEFAULT_NUM_SAMPLES if self.num_samples is None else self.num_samples,
+                DEFAULT_SEQLEN if self.seqlen is None else self.seqlen)
 
     @property
     def fallback(self) -> GroupSizeFallback:
@@ -175,10 +220,11 @@ class CompressionConfig:
             raise QCompilerError(f"ratio {self.ratio} is outside [0, 1]: pass a fraction such as --ratio 0.8")
         if self.int8_above is not None and self.mode is not None:
             raise QCompilerError("int8_above decides the format of a config without one: leave mode unset")
+        self._validate_data_aware()
         if self.mode is None:
-            if self.awq or self.ratio != 1.0 or self.all_layers:
-                raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio and --all-layers, "
-                                     "or pick a compressed weight format such as int4")
+            if self.awq or self.ratio != 1.0 or self.all_layers or self.dataset is not None:
+                raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio, --all-layers and the "
+                                     "data-aware options, or pick a compressed weight format such as int4")
             return
         group_size = self.effective_group_size
         if group_size == 0 or group_size < -1:
@@ -192,22 +238,41 @@ class CompressionConfig:
                 "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
             )
         if self.mode.bits == 8:
-            if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq:
+            if self.scale_estimation:
+                raise QCompilerError(f"scale estimation refits 4-bit scales; {self.mode} has none to refit (NNCF "
+                                     "refuses it too): drop --scale-estimation or pick a 4-bit mode such as int4_sym")
+            if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or self.dataset is not None:
                 raise QCompilerError(
-                    f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers "
-                    "and --awq, or pick a 4-bit mode such as int4_sym"
+                    f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers, "
+                    "--awq and the data-aware options (as NNCF), or pick a 4-bit mode such as int4_sym"
                 )
         if self.mode is Mode.MXFP4 and group_size != 32:
             raise QCompilerError(
                 f"mxfp4 uses blocks of 32 (OCP MX format), not {group_size}: drop --group-size or pass 32"
             )
-        if self.awq and self.mode is Mode.MXFP4:
-            raise QCompilerError("AWQ is not available for mxfp4: drop --awq or use int4_sym / int4_asym / nf4")
+        if (self.awq or self.scale_estimation or self.gptq) and self.mode is Mode.MXFP4:
+            raise QCompilerError("AWQ, scale estimation and GPTQ are not available for mxfp4 (NNCF refuses them "
+                                 "too): drop them or use int4_sym / int4_asym / nf4")
+
+    def _validate_data_aware(self) -> None:
+        if self.gptq and self.lora_correction:
+            raise QCompilerError("GPTQ and LoRA correction cannot be combined (as in NNCF): drop --gptq or "
+                                 "--lora-correction")
+        if self.lora_correction:
+            raise QCompilerError("--lora-correction is not implemented yet: use --awq --scale-estimation (or --gptq) "
+                                 "for data-aware accuracy")
+        needs = [flag for flag, on in (("--scale-estimation", self.scale_estimation), ("--gptq", self.gptq),
+                                       ("--num-samples", self.num_samples is not None),
+                                       ("--seqlen", self.seqlen is not None)) if on]
+        if self.sensitivity_metric is not None and self.sensitivity_metric.data_aware:
+            needs.append(f"--sensitivity-metric {self.sensitivity_metric.value}")
+        if needs and self.dataset is None:
+            raise QCompilerError(f"{', '.join(needs)} need calibration data: add --dataset FILE (a plain-text file) "
+                                 "or --dataset auto (text the model writes itself)")
         if self.dataset is not None:
-            raise QCompilerError(
-                "data-aware compression (--dataset) is not implemented yet: drop --dataset to run the data-free "
-                "algorithms (--awq works without a dataset)"
-            )
+            from qcompiler.calibration import check_counts
+
+            check_counts(*self.samples)
 
 
 def default_group_size(mode: Mode | None) -> int:

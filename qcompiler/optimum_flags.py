@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from qcompiler.errors import QCompilerError
 
-DATA_AWARE = "comes with data-aware compression (the calibration engine), which qcompiler does not have yet"
+DATA_AWARE = "is not implemented yet"
 # flag -> why it is refused today; each takes a value unless listed in SWITCHES
 NOT_YET = {
     "--quant-mode": "activation quantization is not implemented yet; compress the weights with --weight-format",
-    "--scale-estimation": DATA_AWARE,
-    "--gptq": DATA_AWARE,
-    "--lora-correction": DATA_AWARE,
-    "--sensitivity-metric": DATA_AWARE + "; the data-free metric (weight quantization error) is what --ratio uses",
-    "--num-samples": DATA_AWARE,
-    "--quantization-statistics-path": DATA_AWARE,
-    "--smooth-quant-alpha": DATA_AWARE,
+    "--quantization-statistics-path": "the statistics cache is not implemented yet; the statistics are collected "
+                                      "again on each run",
+    "--smooth-quant-alpha": "SmoothQuant (activation quantization) is not implemented yet",
     "--disable-stateful": "qcompiler writes the stateful KV-cache model optimum-intel and openvino_genai load; a "
                           "stateless export is not implemented",
     "--pad-token-id": "the model's own config sets it; editing config.json is not implemented",
@@ -27,7 +23,7 @@ NOT_YET = {
     "--cache_dir": "qcompiler reads local folders only and never downloads a model",
     "--disable-convert-tokenizer": "the OpenVINO tokenizer models are always written (openvino_genai needs them)",
 }
-SWITCHES = ("--scale-estimation", "--gptq", "--lora-correction", "--disable-stateful", "--disable-convert-tokenizer")
+SWITCHES = ("--disable-stateful", "--disable-convert-tokenizer")
 TASKS = ("text-generation-with-past", "text-generation", "auto")
 
 

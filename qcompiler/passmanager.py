@@ -3,6 +3,12 @@
 A pass has a `name`, an `Options` frozen dataclass, and `run(graph, ctx) -> PassResult`.
 `options_from(config)` maps the user's CompressionConfig to its options, or None to skip the pass.
 The manager adds logging, timing and error context ("failed in pass X after A, B"), nothing clever.
+
+A block pass (`BlockPass`) works on calibration statistics instead: it declares the statistics it
+needs (`statistics`, see `qcompiler.engine`) and for which weights (`wants`), and the manager runs
+consecutive block passes in one sweep of the calibration engine: for each transformer block, the
+statistics of its weights' inputs are collected once, then each pass's `run_block` sees them in
+order (a pass that rescales an input updates the statistics for the passes after it).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share besides the graph: the config and the results of earlier passes."""
+    """What passes share besides the graph: the config, the results of earlier passes, and the
+    calibration engine (None without calibration data)."""
 
     config: CompressionConfig
     results: dict[str, PassResult] = field(default_factory=dict)
+    engine: Any = None
 
 
 class Pass:
@@ -54,27 +62,96 @@ class Pass:
         raise NotImplementedError
 
 
+class BlockPass(Pass):
+    """A pass on calibration statistics, run block by block by the calibration engine."""
+
+    statistics: ClassVar[frozenset] = frozenset()
+    propagate_compressed: ClassVar[bool] = False  # feed each block the outputs of the compressed blocks before it
+
+    def wants(self, graph: Graph, ctx: PassContext) -> list[str]:
+        """The IR weight names whose input statistics this pass needs."""
+        raise NotImplementedError
+
+    def start(self, graph: Graph, ctx: PassContext) -> None:
+        """Before the sweep."""
+
+    def run_block(self, graph: Graph, block, stats: dict, ctx: PassContext) -> None:
+        raise NotImplementedError
+
+    def finish(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
 class PassManager:
     def __init__(self, passes: list[Pass]) -> None:
         self.passes = passes
 
     def run(self, graph: Graph, ctx: PassContext, progress=None) -> dict[str, PassResult]:
         done: list[str] = []
-        for p in self.passes:
+        i = 0
+        while i < len(self.passes):
+            group = [self.passes[i]]
+            while isinstance(group[0], BlockPass) and i + len(group) < len(self.passes) and isinstance(
+                    self.passes[i + len(group)], BlockPass):
+                group.append(self.passes[i + len(group)])
             start = time.perf_counter()
+            names = " + ".join(p.name for p in group)
             if progress is not None:
-                progress.set_description(f"pass {p.name}")
+                progress.set_description(f"pass {names}")
             try:
-                result = p.run(graph, ctx)
+                if isinstance(group[0], BlockPass):
+                    results = run_block_passes(group, graph, ctx, progress)
+                else:
+                    results = [group[0].run(graph, ctx)]
             except QCompilerError:
                 raise
             except Exception as exc:
                 after = f" after {', '.join(done)}" if done else " (first pass)"
-                raise PassError(f"failed in pass {p.name}{after}: {type(exc).__name__}: {exc}") from exc
-            result.summary.setdefault("seconds", round(time.perf_counter() - start, 4))
-            ctx.results[p.name] = result
-            log.info("pass %s: %s", p.name, result.summary)
-            done.append(p.name)
-            if progress is not None:
-                progress.update(1)
+                raise PassError(f"failed in pass {names}{after}: {type(exc).__name__}: {exc}") from exc
+            for p, result in zip(group, results):
+                result.summary.setdefault("seconds", round((time.perf_counter() - start) / len(group), 4))
+                ctx.results[p.name] = result
+                log.info("pass %s: %s", p.name, result.summary)
+                done.append(p.name)
+                if progress is not None:
+                    progress.update(1)
+            i += len(group)
         return ctx.results
+
+
+def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, progress=None) -> list[PassResult]:
+    """One sweep of the calibration engine for consecutive block passes (see the module docstring)."""
+    if ctx.engine is None:
+        raise QCompilerError(f"{', '.join(p.name for p in group)} need calibration data: pass --dataset FILE "
+                             "(or --dataset auto)")
+    wanted: dict[str, frozenset] = {}
+    for p in group:
+        p.start(graph, ctx)
+        for name in p.wants(graph, ctx):
+            wanted[name] = wanted.get(name, frozenset()) | p.statistics
+    consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
+
+    def current(block) -> dict:  # the block's rewritten weights, as the IR holds them now
+        return {n: graph.weight(consts[n]) for n in block.weights if n in consts and consts[n].meta.get("rewritten")}
+
+    def compressed(block) -> dict:  # the block as the artifact will compute it
+        values = current(block)
+        for n in block.weights:
+            cw = consts[n].meta.get("compressed") if n in consts else None
+            if cw is not None:
+                values[n] = cw.dequantize().to(graph.tensor(consts[n]).dtype)
+        return values
+
+    def on_block(block, stats) -> None:
+        for p in group:
+            p.run_block(graph, block, stats, ctx)
+
+    ticker = None
+    if progress is not None:
+        count = len(ctx.engine.blocks)
+        names = " + ".join(p.name for p in group)
+        ticker = lambda block: progress.set_description(  # noqa: E731
+            f"pass {names}: block {ctx.engine.blocks.index(block) + 1}/{count}")
+    propagate = compressed if any(p.propagate_compressed for p in group) else None
+    ctx.engine.sweep(wanted, on_block, weights=current, propagate=propagate, progress=ticker)
+    return [p.finish(graph, ctx) for p in group]

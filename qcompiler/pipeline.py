@@ -21,7 +21,7 @@ from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
-DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "rtn")
+DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "scale_estimation", "gptq", "rtn")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class CompressedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     report: dict | None = None
     defaults: Any = None  # model_defaults.Defaults: the default config applied, if one was
+    calibration: dict | None = None  # the calibration data and engine figures, when data was used
 
     def save(self, output: str | Path, backend: str | None = None, overwrite: bool = False, progress=None,
              backend_options: dict | None = None) -> Path:
@@ -119,8 +120,9 @@ def compress(
     lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None
     if lowering is not None:
         _check_backend(lowering, config, dict(backend_options or {}))
+    # data-aware passes run the model's blocks with the real weights: no placeholders then
     load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                               lazy_weights=bool(getattr(lowering, "lazy_weights", False)))
+                               lazy_weights=bool(getattr(lowering, "lazy_weights", False)) and config.dataset is None)
 
     with ExitStack() as stack:
         if folder is not None:
@@ -139,13 +141,39 @@ def compress(
             refuse_unseen_weights(graph)
         seconds["trace"] = _lap(start, steps, "passes")
         start = time.perf_counter()
-        results = PassManager(passes).run(graph, PassContext(config), progress=steps)
+        ctx = PassContext(config)
+        if config.dataset is not None:
+            steps.set_description("calibration data")
+            ctx.engine = calibration_engine(frontend, source, graph, config)
+            seconds["calibration_data"] = time.perf_counter() - start
+            start = time.perf_counter()
+        results = PassManager(passes).run(graph, ctx, progress=steps)
         seconds["passes"] = time.perf_counter() - start
 
         compressed = CompressedModel(graph, source, frontend, config, results, registry, seconds, defaults=defaults)
+        if ctx.engine is not None:
+            compressed.calibration = {**ctx.engine.data.describe(), "blocks": len(ctx.engine.blocks),
+                                      "block_forwards": ctx.engine.block_forwards,
+                                      "method": "block by block, statistics reduced over tokens as they stream by"}
         if folder is not None:
             compressed.write(folder, backend, progress=steps, backend_options=backend_options)
     return compressed
+
+
+def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig):
+    """The calibration data and the engine that runs the source model on it, block by block."""
+    from qcompiler import calibration
+    from qcompiler.engine import CalibrationEngine
+
+    make = getattr(frontend, "executor", None)
+    if make is None:
+        raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
+                             "and the data-aware options, or start from the transformers model")
+    executor = make(source, graph)
+    num_samples, seqlen = config.samples
+    data = calibration.load(config.dataset, getattr(source, "tokenizer", None), num_samples, seqlen,
+                            generate=getattr(executor, "generate", None))
+    return CalibrationEngine(executor, data)
 
 
 def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, defaults):

@@ -53,6 +53,25 @@ class Source(Protocol):
         """Optional, for sources a backend may trace again (torch): the module and its signature."""
 
 
+class BlockExecutor(Protocol):
+    """The calibration engine's seam (`qcompiler.engine`): runs the source model block by block.
+    A frontend offers one through `executor(source, graph)`; without it, data-aware options are refused."""
+
+    blocks: list  # engine.Block: each transformer block's name and the IR weight names inside it
+
+    def first_inputs(self, samples: list) -> list:
+        """Run the model on each sample (1-D token ids) up to its first block; return what that block
+        receives, one opaque entry per sample."""
+
+    def run(self, block, inputs: list, weights: dict, taps: dict) -> list:
+        """Run `block` on `inputs` (from `first_inputs` or the previous `run`) with the IR weights in
+        `weights` (name -> tensor) replacing the model's, calling `taps[name](x)` with the input x
+        of each tapped weight's op; return the next block's inputs."""
+
+    def generate(self, num_samples: int, seqlen: int, seed: int) -> list:
+        """Optional: `num_samples` token sequences of `seqlen` the model writes itself (`--dataset auto`)."""
+
+
 class Frontend(Protocol):
     name: str
     default_backend: str  # the backend a model read by this frontend is written to unless told

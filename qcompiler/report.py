@@ -75,6 +75,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
             "all_weights": 8 * all_bytes / total if total else None,
         },
         "defaults": compressed.defaults.as_dict() if compressed.defaults is not None else None,
+        "calibration": compressed.calibration,
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
         "backend_seconds": {k: round(v, 3) for k, v in lowered.get("seconds", {}).items()},

@@ -38,17 +38,20 @@ class ONNXBackend:
 
         opts = lower.ONNXOptions.from_dict(options or {})
         start = time.perf_counter()
-        spec = None
+        spec, converted_with = None, set()
         if isinstance(source, ONNXSource):
             model, prefix = source.model, ""
         elif hasattr(source.model, "forward"):
-            model, spec = export.export_float(source, out_dir / MODEL_FILE)
+            from qcompiler.rewrites import in_module
+
+            with in_module(source.model, graph) as converted_with:
+                model, spec = export.export_float(source, out_dir / MODEL_FILE)
             prefix = spec.weight_prefix
         else:
             raise QCompilerError(f"the onnx backend writes torch or ONNX models, not {type(source.model).__name__}: "
                                  "use --backend openvino for an OpenVINO model")
         exported = time.perf_counter()
-        weight_bytes = lower.apply_weights(model, graph, prefix, opts)
+        weight_bytes = lower.apply_weights(model, graph, prefix, opts, converted_with)
         applied = time.perf_counter()
         files = export.save(model, out_dir / MODEL_FILE)
         if spec is not None and spec.cache:

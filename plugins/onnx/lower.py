@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler.config import CompressionConfig, Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
+from qcompiler.rewrites import rewritten_params
 from qcompiler.plugins.onnx import layout
 from qcompiler.plugins.onnx.export import OPSET
 from qcompiler.plugins.onnx.onnxgraph import GraphIndex, WeightUse
@@ -66,8 +67,10 @@ def check_config(config: CompressionConfig, options: ONNXOptions) -> None:
                              "as MatMulBnb4) or use int4_sym / int4_asym")
 
 
-def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions) -> dict[str, int]:
-    """Rewrite `model` in place with the graph's compressed weights; return bytes stored per weight."""
+def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions, converted=()
+                  ) -> dict[str, int]:
+    """Rewrite `model` in place with the graph's compressed weights; return bytes stored per weight.
+    `converted` names rewritten parameters the model was exported with already (`qcompiler.rewrites`)."""
     index = GraphIndex(model.graph)
     edit = _Edit(model, index, options)
     stored: dict[str, int] = {}
@@ -93,6 +96,15 @@ def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ON
             raise QCompilerError(f"weight {name} feeds an op other than MatMul / Gather in the ONNX model, so it "
                                  "cannot be compressed there: add it to the ignored scope")
         stored[name] = edit.compress(tensor_name, tensor, uses, cw)
+    for const in rewritten_params(graph, set(stored) | set(converted)):  # a norm weight AWQ scaled, ...
+        name = const.attrs["weight"]
+        tensor = index.tensor(prefix + name)
+        if tensor is None:
+            raise QCompilerError(f"the rewritten weight {name} was not found in the ONNX model (the exporter folded "
+                                 "it into another constant): use --backend torch, or report it")
+        edit.replace_tensor(prefix + name, graph.weight(const).float().numpy().astype(
+            helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims)))
+        stored[name] = _nbytes(tensor)
     edit.commit()
     return stored
 

@@ -47,19 +47,22 @@ class OpenVINOBackend:
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
         from qcompiler.plugins.openvino.lower import apply_weights, convert
+        from qcompiler.rewrites import in_module
 
         self.check(None, options or {})
         start = time.perf_counter()
+        converted_with = set()
         if isinstance(source, OpenVINOSource):
             model, prefix, consts = source.model, "", source.constants
         elif hasattr(source.model, "forward"):
-            (model, prefix), consts = convert(source), None
+            with in_module(source.model, graph) as converted_with:
+                (model, prefix), consts = convert(source), None
         else:
             raise QCompilerError(f"the openvino backend converts torch or OpenVINO models, not "
                                  f"{type(source.model).__name__}: use --backend onnx for an ONNX model")
         converted = time.perf_counter()
         keep: list = []  # arrays the new constants share memory with, alive until saved
-        weight_bytes = apply_weights(model, graph, keep, prefix, consts)
+        weight_bytes = apply_weights(model, graph, keep, prefix, consts, converted_with)
         if (options or {}).get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
             model.set_rt_info(str(options["dq_group_size"]), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         applied = time.perf_counter()

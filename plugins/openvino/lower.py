@@ -27,6 +27,7 @@ from qcompiler.errors import QCompilerError, export_failed
 from qcompiler.ir import Graph
 from qcompiler.plugins.openvino.fuse import concatenate, fusable_groups, replace_with_split
 from qcompiler.quant import CompressedWeight
+from qcompiler.rewrites import rewritten_params
 
 CODE_TYPES = {
     Mode.INT8_ASYM: ov.Type.u8, Mode.INT8_SYM: ov.Type.i8, Mode.INT4_ASYM: ov.Type.u4,
@@ -86,11 +87,12 @@ def no_telemetry() -> None:
     telemetry_utils.tm = convert_impl.tm = telemetry_stub
 
 
-def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None
-                  ) -> dict[str, int]:
+def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None,
+                  converted=()) -> dict[str, int]:
     """Replace rewritten weights in `model`; return bytes stored per IR weight. The new constants
     share memory with the arrays appended to `keep`: hold it until the model is saved. `consts` maps
-    IR weight names to the model's Constants; by default they are found by name."""
+    IR weight names to the model's Constants; by default they are found by name. `converted` names
+    rewritten parameters the model was converted with already (see `qcompiler.rewrites`)."""
     consts = consts if consts is not None else _constants_by_name(model, "self." + prefix)
     compressed = {c.attrs["weight"]: c.meta["compressed"] for c in graph.weight_constants() if "compressed" in c.meta}
     missing = [name for name in compressed if name not in consts]
@@ -152,6 +154,20 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         for target_input in list(target.output(0).get_target_inputs()):
             target_input.replace_source_output(new_output)
         stored[name] = nbytes
+    for const in rewritten_params(graph, set(stored) | set(converted)):  # a norm weight AWQ scaled, ...
+        name = const.attrs["weight"]
+        target = consts.get(name)
+        if target is None:
+            raise QCompilerError(f"the rewritten weight {name} was not found in the converted OpenVINO model (the "
+                                 "converter folded it into another constant): use --backend torch, or report it")
+        values = graph.weight(const).float().numpy()
+        if tuple(target.get_output_shape(0)) != values.shape:
+            values = values.reshape(tuple(target.get_output_shape(0)))
+        new_output = ops.constant(values.astype(target.get_element_type().to_dtype())).output(0)
+        new_output.get_node().set_friendly_name(target.get_friendly_name())
+        for target_input in list(target.output(0).get_target_inputs()):
+            target_input.replace_source_output(new_output)
+        stored[name] = values.nbytes
     model.validate_nodes_and_infer_types()
     return stored
 

@@ -78,6 +78,16 @@ class TorchFrontend:
     def runner(self, source: TorchSource):
         return TorchRunner(source.model)
 
+    def executor(self, source: TorchSource, graph: Graph):
+        """The calibration engine's block executor (see `qcompiler.protocols.BlockExecutor`)."""
+        from qcompiler.plugins.torch.blocks import TorchBlockExecutor
+
+        if not source.is_causal_lm:
+            raise QCompilerError(f"calibration runs transformers causal LMs block by block; a plain "
+                                 f"{type(source.model).__name__} cannot take --dataset yet: drop the data-aware options")
+        names = [c.attrs["weight"] for c in graph.parameter_constants()]
+        return TorchBlockExecutor(source.model, names, source.tokenizer)
+
     def save_companions(self, source: TorchSource, out_dir: Path) -> list[str]:
         if not source.is_causal_lm:
             return []

@@ -1,0 +1,179 @@
+"""AWQ with calibration data: per-input-channel scales searched on the block's own activations.
+
+Two patterns, found by the pattern language, each a place where a scale s on the input channels of
+the target MatMuls can be folded into the op before them, so the float function is unchanged:
+- `gated`: MatMul -> Multiply -> MatMul (a gated MLP's down projection): W2[:, k] *= s_k and the
+  first MatMul's output channel k is divided by s_k;
+- `norm`: Multiply(gamma, y) -> MatMuls (q/k/v after an RMSNorm, gate/up after the second one):
+  every target's W[:, k] *= s_k, and gamma_k /= s_k. All consumers of the norm must be targets.
+
+For a group of targets reading the same input x (rows X of the calibration sub-sample), the search
+is AWQ's: s = mean|x|^alpha / sqrt(max * min) for alpha in 0, 1/grid, ..., (grid-1)/grid, keeping the s
+minimising sum over targets of ||X W^T - (X / s) Q(W * s)^T||^2, Q being the weight's assigned format.
+alpha = 0 (s = 1) is the round-to-nearest baseline, so a scale is applied only where it lowers
+that error. The statistics of the scaled input are updated (x / s) for the passes after this one.
+The summary counts matches and applications per pattern, and the error before and after per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompiler.hookspecs import hookimpl
+from qcompiler.ir import Graph
+from qcompiler.passmanager import BlockPass, PassContext, PassResult
+from qcompiler.pattern import P, Var, Weight, find_matches
+from qcompiler.quant import matrix_view, quantize, restore
+
+GATED = P.MatMul(P.Multiply(P.MatMul(Var("x"), Weight("w1"), name="first"), Var("y"), name="mul"),
+                 Weight("w2"), name="second")
+NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    grid: int = 20
+
+
+@dataclass
+class _Site:
+    pattern: str
+    targets: list  # (MatMul node, weight Constant)
+    fold: object  # the Constant whose values absorb 1/s
+    fold_rows: bool  # True: the fold weight's output channels (rows); False: a 1-D norm weight
+
+
+class DataAwareAWQ(BlockPass):
+    name = "awq_data"
+    Options = AWQOptions
+    statistics = frozenset({"abs_mean", "rows"})
+
+    @classmethod
+    def options_from(cls, config):
+        return cls.Options() if config.awq and config.dataset is not None else None
+
+    def start(self, graph: Graph, ctx: PassContext) -> None:
+        self.sites, self.skipped = _sites(graph)
+        self.applied = {"gated": 0, "norm": 0}
+        self.layers: dict[str, dict] = {}
+
+    def wants(self, graph, ctx) -> list[str]:
+        return [c.attrs["weight"] for site in self.sites for _, c in site.targets]
+
+    def run_block(self, graph: Graph, block, stats, ctx) -> None:
+        mine = [s for s in self.sites if s.targets[0][1].attrs["weight"] in stats]
+        for site in mine:
+            st = stats[site.targets[0][1].attrs["weight"]]
+            x = st.rows
+            if x.numel() == 0:
+                continue
+            weights = [matrix_view(graph.weight(c).float(), (1,))[0] for _, c in site.targets]
+            fmts = [c.meta["format"] for _, c in site.targets]
+            reference = [x @ w.t() for w in weights]
+            best, best_loss, base_loss = None, None, None
+            mean = st.abs_mean.clamp(min=1e-8)
+            for step in range(self.options.grid):
+                alpha = step / self.options.grid
+                s = mean.pow(alpha)
+                s = s / (s.max() * s.min()).sqrt()
+                loss = sum(float(((x / s) @ _fake(w * s, f).t() - ref).pow(2).sum())
+                           for w, f, ref in zip(weights, fmts, reference))
+                if step == 0:
+                    base_loss = loss
+                if best_loss is None or loss < best_loss:
+                    best, best_loss = (alpha, s), loss
+            norm = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+            name = site.targets[-1][1].attrs["weight"]
+            self.layers[name] = {"pattern": site.pattern, "alpha": best[0],
+                                 "error_before": base_loss / norm, "error_after": best_loss / norm}
+            if best[0] == 0.0:
+                continue
+            _apply(graph, site, best[1])
+            for seen in {id(stats[c.attrs["weight"]]): stats[c.attrs["weight"]] for _, c in site.targets}.values():
+                seen.scale_channels(1.0 / best[1])
+            self.applied[site.pattern] += 1
+
+    def finish(self, graph, ctx) -> PassResult:
+        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "norm")}
+        return PassResult(any(self.applied.values()), {
+            "matched": counts, "applied": dict(self.applied), "skipped": self.skipped,
+            "layers": self.layers, "grid": self.options.grid})
+
+
+def _fake(w: torch.Tensor, fmt) -> torch.Tensor:
+    return quantize(w, (1,), fmt.mode, fmt.group_size).dequantize()
+
+
+def _eligible(const, op, users) -> str:
+    fmt = const.meta.get("format")
+    if const.meta.get("role") != "primary" or fmt is None or fmt.mode.bits != 4:
+        return "not in 4-bit primary precision"
+    if "ignored" in op.meta:
+        return "in the ignored scope"
+    if users[const] != [op]:
+        return "the weight is shared with another op"
+    if not op.attrs.get("transpose_b") or graph_rank(const) != 2:
+        return "not a [out, in] linear weight"
+    return ""
+
+
+def graph_rank(const) -> int:
+    return len(const.meta.get("shape", ()))
+
+
+def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
+    users = graph.consumers()
+    sites, skipped, taken = [], {}, set()
+    for m in find_matches(graph, GATED)[0]:
+        reason = _eligible(m["w2"], m["second"], users) or (
+            "the first MatMul's output has other consumers" if users[m["first"]] != [m["mul"]] else "") or (
+            "the product has other consumers" if users[m["mul"]] != [m["second"]] else "") or (
+            "the first MatMul's weight is shared or not [out, in]" if users[m["w1"]] != [m["first"]]
+            or not m["first"].attrs.get("transpose_b") else "")
+        if reason:
+            skipped[m["second"].name] = f"gated: {reason}"
+            continue
+        sites.append(_Site("gated", [(m["second"], m["w2"])], m["w1"], True))
+        taken.add(m["second"])
+    by_norm: dict = {}
+    for m in find_matches(graph, NORM)[0]:
+        by_norm.setdefault(m["norm"], (m["gamma"], []))[1].append((m["mm"], m["w"]))
+    for norm, (gamma, targets) in by_norm.items():
+        readers = users[norm]
+        reason = ""
+        if len(graph.tensor(gamma).shape) != 1 or users[gamma] != [norm]:
+            reason = "the norm weight is not a 1-D weight read only by the norm"
+        elif len(readers) != len(targets) or any(op in taken for op, _ in targets):
+            reason = "the norm's output feeds ops other than the target MatMuls"
+        else:
+            reason = next((r for op, c in targets if (r := _eligible(c, op, users))), "")
+        if reason:
+            skipped[targets[0][0].name] = f"norm: {reason}"
+            continue
+        sites.append(_Site("norm", targets, gamma, False))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites.sort(key=lambda s: order[s.targets[0][0]])
+    return sites, skipped
+
+
+def _apply(graph: Graph, site: _Site, s: torch.Tensor) -> None:
+    for _, c in site.targets:
+        w = graph.weight(c)
+        graph.set_weight(c, (w.float() * s[None, :]).to(w.dtype))
+    fold = graph.weight(site.fold)
+    if site.fold_rows:
+        matrix, transposed = matrix_view(fold.float(), (1,))
+        new = restore(matrix / s[:, None], graph.tensor(site.fold).shape, transposed)
+    else:
+        new = fold.float() / s
+    graph.set_weight(site.fold, new.to(fold.dtype))
+    for op, _ in site.targets:
+        op.meta["awq"] = True
+
+
+@hookimpl
+def qcompiler_register_passes():
+    return [DataAwareAWQ]
+

@@ -1,0 +1,160 @@
+"""GPTQ: round a weight column by column, pushing each column's rounding error onto the columns not yet
+rounded, weighted by the inverse Hessian of the layer's calibration inputs (Frantar et al. 2022).
+
+For W [N, K] with H = X^T X over the calibration tokens (the engine's "hessian"):
+- dead input channels (H_kk = 0) are zeroed; H += damp * mean(diag H) * I;
+- U = chol(H^-1) (upper); in blocks of `block` columns, for each column j: at a group start the
+  group's scale (and zero point) is computed from the current, already updated columns (RTN's
+  formulas, or scale estimation's refit on the calibration rows when both are asked for), then
+  q_j = Q(w_j), e = (w_j - q_j) / U_jj, and w_{j+1..} -= e U_{j, j+1..}; after a block, the
+  remaining columns take the block's errors at once.
+- blocks run in order and each takes the outputs of the compressed blocks before it.
+The codes are computed from the f16-stored scales, so the artifact computes what was optimised.
+The summary has each layer's output error tr(D H D^T) / tr(W H W^T) (D = W - Q(W)) with RTN and GPTQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qcompiler.config import Mode
+from qcompiler.hookspecs import hookimpl
+from qcompiler.ir import Graph
+from qcompiler.passmanager import BlockPass, PassContext, PassResult
+from qcompiler.quant import CompressedWeight, decode_values, matrix_view, quantize, quantize_matrix_with_scale
+
+MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01
+    block: int = 128
+    scale_estimation: bool = False
+
+
+class GPTQ(BlockPass):
+    name = "gptq"
+    Options = GPTQOptions
+    propagate_compressed = True
+
+    @classmethod
+    def options_from(cls, config):
+        return cls.Options(scale_estimation=config.scale_estimation) if config.gptq else None
+
+    @property
+    def statistics(self):
+        return frozenset({"hessian", "rows", "abs_max"}) if self.options.scale_estimation else frozenset({"hessian"})
+
+    def start(self, graph: Graph, ctx: PassContext) -> None:
+        self.layers: dict[str, dict] = {}
+
+    def wants(self, graph, ctx) -> list[str]:
+        return [c.attrs["weight"] for c in targets(graph)]
+
+    def run_block(self, graph: Graph, block, stats, ctx) -> None:
+        for const in targets(graph):
+            name = const.attrs["weight"]
+            st = stats.get(name)
+            if st is None or st.hessian is None:
+                continue
+            fmt = const.meta["format"]
+            w, transposed = matrix_view(graph.weight(const).float(), (1,))
+            refit = None
+            if self.options.scale_estimation and fmt.mode.bits == 4:
+                from qcompiler.passes.scale_estimation import estimate
+
+                rows, importance = st.rows, st.abs_max
+                refit = lambda group, cols: estimate(group, rows[:, cols], importance[cols], fmt.mode, -1)[0]  # noqa: E731
+            cw, before, after = gptq(w, st.hessian / max(st.tokens, 1), fmt.mode, fmt.group_size,
+                                     self.options.damp, self.options.block, refit)
+            cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
+            const.meta["compressed"] = cw
+            self.layers[name] = {"error_rtn": before, "error_after": after}
+
+    def finish(self, graph, ctx) -> PassResult:
+        return PassResult(bool(self.layers), {"quantized": len(self.layers), "layers": self.layers,
+                                              "damp": self.options.damp})
+
+
+def targets(graph: Graph) -> list:
+    """Primary linear weights ([out, in], read by one MatMul) in an integer or NF4 mode, not yet compressed."""
+    out = []
+    for const, uses in graph.uses_by_weight().items():
+        fmt = const.meta.get("format")
+        if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in MODES
+                and "compressed" not in const.meta and len(uses) == 1 and uses[0].op.op == "MatMul"
+                and uses[0].op.attrs.get("transpose_b") and len(const.meta.get("shape", ())) == 2):
+            out.append(const)
+    return out
+
+
+def _params(group: torch.Tensor, mode: Mode, cols: slice, refit):
+    cw = refit(group, cols) if refit is not None else quantize(group, (1,), mode, -1)
+    return cw.scale.reshape(-1, 1), None if cw.zero_point is None else cw.zero_point.reshape(-1, 1)
+
+
+def _decode(mode: Mode, codes: torch.Tensor, scale: torch.Tensor, zp) -> torch.Tensor:
+    values = decode_values(mode, codes)
+    if zp is not None:
+        values = values - zp.float()
+    return values * scale.float()
+
+
+def output_error(d: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: float = 0.01, block: int = 128,
+         refit=None) -> tuple[CompressedWeight, float, float]:
+    """(compressed W [N, K], relative output error of RTN, of GPTQ) for the mean Hessian h [K, K]."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    if g != k:
+        block = max(block // g, 1) * g
+    h_metric = h.float()
+    h = h.clone().double()
+    w0 = w.clone()
+    W = w.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    W[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(n, k, dtype=torch.int8 if mode in (Mode.INT4_SYM, Mode.INT8_SYM) else torch.uint8)
+    scales, zps = [], []
+    scale = zp = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                source = W[:, col:col + g] if g > i2 - i1 else w1[:, i:i + g]
+                scale, zp = _params(source.float(), mode, slice(col, col + g), refit)
+                scales.append(scale)
+                zps.append(zp)
+            q = quantize_matrix_with_scale(w1[:, i:i + 1].float(), mode, scale, zp)
+            codes[:, col] = q[:, 0]
+            e = (w1[:, i] - _decode(mode, q, scale, zp)[:, 0].double()) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if g == k:
+        scale_t, zp_t = scales[0], zps[0]
+        cw = CompressedWeight(mode, group_size, codes, scale_t, zp_t, (n, k))
+    else:
+        scale_t = torch.stack(scales, 1)  # [N, G, 1]
+        zp_t = None if zps[0] is None else torch.stack(zps, 1)
+        cw = CompressedWeight(mode, group_size, codes.reshape(n, k // g, g), scale_t, zp_t, (n, k))
+    rtn = quantize(w0, (1,), mode, group_size).dequantize()
+    return cw, output_error(w0 - rtn, w0, h_metric), output_error(w0 - cw.dequantize(), w0, h_metric)
+
+
+@hookimpl
+def qcompiler_register_passes():
+    return [GPTQ]

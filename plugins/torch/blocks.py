@@ -1,0 +1,135 @@
+"""The torch frontend's side of the calibration engine: run a transformers model block by block.
+
+The blocks are the children of the model's largest `nn.ModuleList` of same-typed modules (the
+decoder layers, whatever the family calls them); nothing here is per-architecture. The first
+block's inputs (hidden states and keyword arguments: masks, rotary tables) are captured by a
+pre-hook that stops the forward there; each block then runs on its own, with `functional_call`
+replacing weights (AWQ-scaled or dequantized ones) and forward pre-hooks on the modules that own
+the tapped weights handing their inputs to the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler.engine import Block
+from qcompiler.errors import QCompilerError
+
+
+class _Stop(Exception):
+    pass
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(path, list) of the ModuleList of same-typed modules holding the most parameters."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise QCompilerError(f"{type(model).__name__} has no list of transformer blocks, so the calibration engine "
+                             "cannot run it block by block: drop the data-aware options (--dataset, --awq with "
+                             "data, --scale-estimation, --gptq, --sensitivity-metric)")
+    return best
+
+
+class TorchBlockExecutor:
+    """`BlockExecutor` for a transformers causal LM (see `qcompiler.protocols`)."""
+
+    def __init__(self, model: torch.nn.Module, weight_names: list[str], tokenizer=None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.path, self.layers = find_blocks(model)
+        names = set(weight_names)
+        self.blocks = []
+        for i in range(len(self.layers)):
+            prefix = f"{self.path}.{i}."
+            self.blocks.append(Block(f"{self.path}.{i}", [n for n in weight_names if n.startswith(prefix)]))
+        self.outside = sorted(names - {n for b in self.blocks for n in b.weights})
+        self.modules = dict(model.named_modules())
+
+    def first_inputs(self, samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+        captured = []
+
+        def stop(module, args, kwargs):
+            captured.append((args, kwargs))
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for ids in samples:
+                    ids = ids.reshape(1, -1)
+                    try:
+                        self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   position_ids=torch.arange(ids.shape[1])[None], use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        if len(captured) != len(samples):
+            raise QCompilerError(f"{type(self.model).__name__}'s forward did not reach its first block "
+                                 f"({self.path}.0): this model cannot be calibrated block by block")
+        return captured
+
+    def run(self, block: Block, inputs, weights: dict[str, torch.Tensor], taps: dict) -> list[tuple[tuple, dict]]:
+        index = self.blocks.index(block)
+        layer = self.layers[index]
+        prefix = block.name + "."
+        params = {name[len(prefix):]: value for name, value in weights.items()}
+        handles = []
+        for name, tap in taps.items():
+            owner = self.modules[name.rsplit(".", 1)[0]]
+            handles.append(owner.register_forward_pre_hook(_input_tap(tap), with_kwargs=True))
+        outputs = []
+        try:
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    out = torch.func.functional_call(layer, params, args, kwargs, strict=False)
+                    hidden = out[0] if isinstance(out, (tuple, list)) else out
+                    if args:
+                        outputs.append(((hidden, *args[1:]), kwargs))
+                    else:
+                        outputs.append(((), {**kwargs, "hidden_states": hidden}))
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def generate(self, num_samples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
+        """Text the model writes from random one-token prefixes (sampling, top-k 50), as NNCF's
+        `generate_text_data`; deterministic for a seed on a given machine."""
+        if not hasattr(self.model, "generate"):
+            raise QCompilerError("--dataset auto needs a model that generates text: pass a text file with --dataset")
+        generator = torch.Generator().manual_seed(seed)
+        vocab = self.model.config.vocab_size
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        candidates = torch.tensor([i for i in range(min(vocab, 50000)) if i not in special])
+        prefixes = candidates[torch.randint(len(candidates), (num_samples,), generator=generator)]
+        torch.manual_seed(seed)
+        samples = []
+        use_cache = self.model.config.use_cache
+        self.model.config.use_cache = True
+        try:
+            with torch.no_grad():
+                for start in range(0, num_samples, 32):
+                    ids = prefixes[start:start + 32, None]
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
+                                              max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                              pad_token_id=getattr(self.tokenizer, "pad_token_id", None) or 0)
+                    samples.extend(list(out[:, :seqlen]))
+        finally:
+            self.model.config.use_cache = use_cache
+        return samples
+
+
+def _input_tap(tap):
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        tap(x)
+
+    return hook

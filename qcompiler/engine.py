@@ -1,0 +1,166 @@
+"""The calibration engine: runs the original model on calibration data, block by block, and hands
+each block's input statistics to the passes that asked for them.
+
+A frontend provides a `BlockExecutor` (see `qcompiler.protocols`): the model's transformer blocks
+(each with the IR weights inside it), the cached inputs of the first block, and `run(block, inputs,
+weights, taps)`, which runs one block on cached inputs with some weights replaced and a callback on
+the input of each tapped weight. The engine never names a framework.
+
+Statistics of a weight's input x (rows of K channels, reduced over tokens as they stream by):
+- "abs_mean": mean |x| per channel; "abs_max": max |x| per channel;
+- "hessian": H = sum x^T x over tokens (with the token count), GPTQ's Hessian up to a factor;
+- "rows": a fixed sub-sample of raw rows (at most `max_rows`), for searches that need X itself;
+- "sequence": per sample, the per-channel variance and max |x| over the sequence reduced over
+  channels (max and mean of the variance, mean of the magnitude) and sum x^2 / numel (NNCF's
+  sensitivity statistics).
+Peak memory is one block's weights, the cached activations, and the statistics of one block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from qcompiler.calibration import CalibrationData
+
+log = logging.getLogger("qcompiler")
+
+STATISTICS = frozenset({"abs_mean", "abs_max", "hessian", "rows", "sequence"})
+MAX_ROWS = 512
+
+
+@dataclass
+class Block:
+    """One transformer block: its name (a module path) and the IR weight names inside it."""
+
+    name: str
+    weights: list[str]
+
+
+@dataclass
+class InputStats:
+    """Statistics of the input of one weight-bearing op (K channels)."""
+
+    tokens: int = 0
+    abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+    row_chunks: list[torch.Tensor] = field(default_factory=list)
+    sequence: list[tuple[float, float, float, float]] = field(default_factory=list)  # var max, var mean, mag, sq
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.row_chunks) if self.row_chunks else torch.empty(0)
+
+    def scale_channels(self, factor: torch.Tensor) -> None:
+        """The statistics of x * factor (per channel): after AWQ divided this input by its scale."""
+        factor = factor.float()
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum * factor.abs()
+        if self.abs_max is not None:
+            self.abs_max = self.abs_max * factor.abs()
+        if self.hessian is not None:
+            self.hessian = self.hessian * factor[:, None] * factor[None, :]
+        self.row_chunks = [r * factor for r in self.row_chunks]
+
+
+class Collector:
+    """Reduces the inputs of the tapped weights as they stream by. Weights that read the same tensor
+    one after the other (q, k and v after one norm) share one `InputStats` object."""
+
+    def __init__(self, wanted: dict[str, frozenset], rows_per_sample: int, seed: int = 0) -> None:
+        self.wanted = wanted
+        self.stats = {name: InputStats() for name in wanted}
+        self.rows_per_sample = rows_per_sample
+        self.generator = torch.Generator().manual_seed(seed)
+        self.alias: dict[str, str] = {}
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def tap(self, name: str) -> Callable[[torch.Tensor], None]:
+        return lambda x: self.add(name, x)
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name in self.alias:
+            return
+        if self._last is not None and x is self._last[0] and self.stats[name].tokens == 0:
+            root = self.alias.get(self._last[1], self._last[1])
+            if self.wanted[name] <= self.wanted[root]:
+                self.alias[name] = root
+                self.stats[name] = self.stats[root]
+                return
+        self._last = (x, name)
+        kinds, st = self.wanted[name], self.stats[name]
+        x = x.detach()
+        rows = x.reshape(-1, x.shape[-1]).float()
+        st.tokens += rows.shape[0]
+        if "abs_mean" in kinds or "abs_max" in kinds:
+            a = rows.abs()
+            st.abs_sum = a.sum(0) if st.abs_sum is None else st.abs_sum + a.sum(0)
+            m = a.amax(0)
+            st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+        if "hessian" in kinds:
+            h = rows.t() @ rows
+            st.hessian = h if st.hessian is None else st.hessian.add_(h)
+        if "rows" in kinds and self.rows_per_sample > 0:
+            take = min(self.rows_per_sample, rows.shape[0])
+            index = torch.randperm(rows.shape[0], generator=self.generator)[:take]
+            st.row_chunks.append(rows[index].clone())
+        if "sequence" in kinds:
+            per_sample = x.float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else rows[None]
+            for s in per_sample:
+                var = s.var(dim=0, unbiased=False) if s.shape[0] > 1 else torch.zeros(s.shape[-1])
+                st.sequence.append((float(var.max()), float(var.mean()), float(s.abs().amax(0).mean()),
+                                    float((s * s).sum()) / s.numel()))
+
+
+class CalibrationEngine:
+    """Runs the float model block by block on the calibration data (see the module docstring)."""
+
+    def __init__(self, executor, data: CalibrationData, max_rows: int = MAX_ROWS) -> None:
+        self.executor, self.data, self.max_rows = executor, data, max_rows
+        self.blocks: list[Block] = executor.blocks
+        self._first_inputs = None
+        self.block_forwards = 0
+
+    def first_inputs(self):
+        if self._first_inputs is None:
+            self._first_inputs = self.executor.first_inputs(self.data.samples)
+        return self._first_inputs
+
+    def sweep(self, wanted: dict[str, frozenset], on_block: Callable[[Block, dict[str, InputStats]], None],
+              weights: Callable[[Block], dict[str, torch.Tensor]] | None = None,
+              propagate: Callable[[Block], dict[str, torch.Tensor]] | None = None, progress=None) -> None:
+        """For each block in order: run it on its inputs with taps on the weights in `wanted` (name ->
+        statistics), call `on_block(block, stats)`, then make the next block's inputs.
+
+        `weights(block)` gives the weight values to run the block with (default: the model's own);
+        the next block's inputs are the outputs of that same run, unless `propagate(block)` is given:
+        then the block runs again after `on_block` with those weights (GPTQ feeds each block the
+        outputs of the compressed blocks before it)."""
+        unknown = {k for kinds in wanted.values() for k in kinds} - STATISTICS
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(STATISTICS)}")
+        inputs = self.first_inputs()
+        rows_per_sample = -(-self.max_rows // max(len(self.data.samples), 1))
+        for block in self.blocks:
+            mine = {name: kinds for name, kinds in wanted.items() if name in block.weights}
+            collector = Collector(mine, rows_per_sample)
+            taps = {name: collector.tap(name) for name in mine}
+            values = weights(block) if weights is not None else {}
+            outputs = self.executor.run(block, inputs, values, taps)
+            self.block_forwards += 1
+            on_block(block, collector.stats)
+            del collector
+            if propagate is not None:
+                outputs = self.executor.run(block, inputs, propagate(block), {})
+                self.block_forwards += 1
+            inputs = outputs
+            if progress is not None:
+                progress(block)

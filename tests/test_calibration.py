@@ -1,0 +1,239 @@
+"""Calibration data, the calibration engine, and the data-aware passes on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from qcompiler import CompressionConfig, compress
+from qcompiler.calibration import CalibrationData, from_text_file, load
+from qcompiler.config import Mode
+from qcompiler.errors import QCompilerError
+from qcompiler.passes.gptq import gptq
+from qcompiler.passes.scale_estimation import estimate
+from qcompiler.quant import quantize
+from tests.conftest import tiny_llama, tiny_tokenizer
+
+
+def _samples(n=8, seqlen=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (seqlen,), generator=g) for _ in range(n)]
+
+
+def _apply(model, result):
+    """The model computing what the compressed IR computes (decoded weights, rewritten floats)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for c in result.graph.parameter_constants():
+        name = c.attrs["weight"]
+        if c.meta.get("compressed") is not None:
+            params[name].data = c.meta["compressed"].dequantize().to(params[name].dtype)
+        elif c.meta.get("rewritten"):
+            params[name].data = result.graph.weight(c).clone()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# calibration data -------------------------------------------------------------------------------
+def test_text_file_takes_the_first_consecutive_chunks(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 10)
+    data = from_text_file(text, tiny_tokenizer(), 3, 7)
+    ids = tiny_tokenizer()(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert [s.tolist() for s in data.samples] == [ids[0:7], ids[7:14], ids[14:21]]
+    assert data.describe()["tokens"] == 21 and len(data.digest()) == 40
+
+
+def test_short_text_says_how_many_tokens(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(QCompilerError, match=r"has 5 tokens; 4 samples of 8 need 32"):
+        from_text_file(text, tiny_tokenizer(), 4, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 0}, "--num-samples 0"),
+    ({"gptq": True, "lora_correction": True}, "cannot be combined"),
+    ({"mode": "int8_asym", "scale_estimation": True}, "scale estimation refits 4-bit scales"),
+    ({"mode": "mxfp4", "gptq": True}, "not available for mxfp4"),
+])
+def test_impossible_data_aware_options(kwargs, message):
+    with pytest.raises(QCompilerError, match=message):
+        CompressionConfig(**{"mode": "int4_sym", "dataset": "x.txt", **kwargs})
+
+
+def test_data_aware_options_need_data():
+    with pytest.raises(QCompilerError, match="--scale-estimation, --gptq need calibration data"):
+        CompressionConfig(mode="int4_sym", scale_estimation=True, gptq=True)
+    with pytest.raises(QCompilerError, match="need calibration data"):
+        CompressionConfig(mode="int4_sym", sensitivity_metric="max_activation_variance", ratio=0.8)
+    assert CompressionConfig(mode="int4_sym", awq=True).dataset is None  # data-free AWQ stays
+
+
+def test_hub_dataset_name_is_refused_offline():
+    with pytest.raises(QCompilerError, match="'wikitext2' is not available offline"):
+        load("wikitext2", tiny_tokenizer(), 2, 8)
+
+
+def test_auto_data_is_generated_by_the_model_and_deterministic():
+    from qcompiler.plugins.torch.blocks import TorchBlockExecutor
+
+    model = tiny_llama()
+    executor = TorchBlockExecutor(model, [], tiny_tokenizer())
+    a = load("auto", None, 3, 10, generate=executor.generate, seed=1)
+    b = load("auto", None, 3, 10, generate=executor.generate, seed=1)
+    assert [s.tolist() for s in a.samples] == [s.tolist() for s in b.samples]
+    assert all(len(s) == 10 for s in a.samples)
+
+
+# the engine -------------------------------------------------------------------------------------
+def test_engine_statistics_match_the_full_model():
+    """Block-by-block statistics equal those of hooks on the whole model's forward."""
+    from qcompiler.engine import CalibrationEngine
+    from qcompiler.plugins.torch import TorchFrontend
+
+    model = tiny_llama()
+    source = TorchFrontend().load(model)
+    graph = TorchFrontend().trace(source)
+    data = CalibrationData(_samples(), "test")
+    engine = CalibrationEngine(TorchFrontend().executor(source, graph), data)
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
+    got = {}
+    engine.sweep({n: frozenset({"abs_max", "hessian"}) for n in names},
+                 lambda block, stats: got.update({n: stats[n] for n in stats}))
+    seen = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n.rsplit(".", 1)[0]].register_forward_pre_hook(
+        lambda m, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    for s in data.samples:
+        _logits(model, s[None])
+    for h in hooks:
+        h.remove()
+    for n in names:
+        x = torch.cat(seen[n])
+        assert torch.allclose(got[n].abs_max, x.abs().amax(0), atol=1e-5)
+        assert torch.allclose(got[n].hessian, x.t() @ x, rtol=1e-4, atol=1e-3)
+    assert engine.block_forwards == 2
+
+
+# the algorithms ---------------------------------------------------------------------------------
+def test_gptq_beats_rtn_on_the_output_error():
+    g = torch.Generator().manual_seed(0)  # correlated inputs, as activations are: GPTQ's error feedback uses them
+    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 128, generator=g) + 0.1 * torch.randn(512, 128, generator=g)
+    w = torch.randn(64, 128, generator=g)
+    for mode in (Mode.INT4_SYM, Mode.INT4_ASYM):
+        cw, before, after = gptq(w, x.t() @ x / 512, mode, 32)
+        assert cw.codes.shape == (64, 4, 32) and after < 0.8 * before
+        out_rtn = x @ quantize(w, (1,), mode, 32).dequantize().t()
+        out_gptq = x @ cw.dequantize().t()
+        assert (out_gptq - x @ w.t()).pow(2).sum() < (out_rtn - x @ w.t()).pow(2).sum()
+
+
+def test_scale_estimation_never_worse_than_rtn():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=g) * torch.linspace(0.1, 3, 128)
+    w = torch.randn(64, 128, generator=g)
+    for mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4):
+        cw, before, after = estimate(w, x, x.abs().amax(0), mode, 32)
+        assert after <= before and cw.scale.dtype == torch.float16
+        assert after < before  # a refit finds something on outlier channels
+
+
+def test_awq_with_data_keeps_the_float_function():
+    """The scales fold into the norms and the first MatMuls: before rounding, the function is unchanged."""
+    model = tiny_llama()
+    reference = _logits(model, _samples(1, 12, seed=5)[0][None])
+    config = CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=_samples(), num_samples=8)
+    result = compress(model, config)
+    awq = result.results["awq_data"].summary
+    assert awq["matched"] == {"gated": 2, "norm": 4} and sum(awq["applied"].values()) > 0
+    params = dict(model.named_parameters())
+    for c in result.graph.parameter_constants():
+        if c.meta.get("rewritten"):
+            params[c.attrs["weight"]].data = result.graph.weight(c).clone()
+    assert torch.allclose(_logits(model, _samples(1, 12, seed=5)[0][None]), reference, atol=1e-4)
+
+
+def test_data_aware_passes_lower_the_error_of_the_model():
+    model = tiny_llama(seed=1)
+    ids = _samples(1, 32, seed=9)[0][None]
+    reference = _logits(model, ids)
+    errors = {}
+    for name, extra in (("rtn", {}), ("gptq", {"gptq": True}), ("se", {"scale_estimation": True})):
+        m = tiny_llama(seed=1)
+        cfg = CompressionConfig(mode="int4_asym", group_size=32, **({"dataset": _samples(16, 32)} if extra else {}),
+                                **extra)
+        result = compress(m, cfg)
+        _apply(m, result)
+        errors[name] = float((_logits(m, ids) - reference).pow(2).mean())
+        if extra:
+            layers = result.results[name if name == "gptq" else "scale_estimation"].summary["layers"]
+            assert len(layers) == 14 and all(v["error_after"] <= v["error_rtn"] + 1e-9 for v in layers.values())
+    assert errors["gptq"] < errors["rtn"] and errors["se"] < errors["rtn"]
+
+
+def test_sensitivity_metric_with_data_picks_by_activations():
+    model = tiny_llama()
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, ratio=0.5, dataset=_samples(), num_samples=8)
+    result = compress(model, cfg)
+    summary = result.results["precision"].summary
+    assert summary["sensitivity_metric"] == "max_activation_variance"
+    assert 0 < summary["primary"] < summary["ratio_defining"]
+    data_free = compress(tiny_llama(), CompressionConfig(mode="int4_sym", group_size=32, ratio=0.5))
+    assert data_free.results["precision"].summary.get("sensitivity_metric") == "weight_quantization_error"
+
+
+def test_report_records_the_calibration(tmp_path):
+    from tests.families import build
+
+    folder = build("llama", tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, awq=True, scale_estimation=True, dataset=str(text),
+                            num_samples=4, seqlen=32)
+    result = compress(folder, cfg, output=tmp_path / "out", backend="torch")
+    calib = result.report["calibration"]
+    assert calib["samples"] == 4 and calib["seqlen"] == 32 and calib["source"].startswith("t.txt")
+    assert result.report["passes"]["scale_estimation"]["estimated"] > 0
+
+
+# every backend receives rewritten non-MatMul weights --------------------------------------------
+class _ScaleNorm:
+    """A plugin pass that rewrites a norm weight (not a MatMul weight)."""
+
+    from qcompiler.hookspecs import hookimpl
+
+    @hookimpl
+    def qcompiler_register_passes(self):
+        from qcompiler.passmanager import Pass, PassResult
+
+        class ScaleNorm(Pass):
+            name = "scale_norm"
+
+            def run(self, graph, ctx):
+                const = graph.node("model.layers.0.input_layernorm.weight")
+                graph.set_weight(const, graph.weight(const) * 3.0)
+                return PassResult(True)
+
+        return [ScaleNorm]
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx", "torch"])
+def test_a_rewritten_norm_weight_reaches_every_backend(backend, tmp_path):
+    from qcompiler.registry import build_registry
+    from tests.families import build
+
+    folder = build("llama", tmp_path / "m")
+    registry = build_registry(plugins=[_ScaleNorm()])
+    cfg = CompressionConfig(mode=None, extra_passes=("scale_norm",))
+    compress(folder, cfg, output=tmp_path / "out", backend=backend, registry=registry)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(3.0)
+    ids = np.array([[5, 17, 42, 99, 3, 7]])
+    expected = _logits(model, torch.from_numpy(ids)).numpy()[0]
+    got = registry.backend(backend).runner(tmp_path / "out").logits(ids)[0]
+    assert np.abs(got - expected).max() < 1e-3
