@@ -25,7 +25,7 @@ from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler.pattern import P, Var, Weight, find_matches
-from qcompiler.quant import matrix_view, quantize, restore
+from qcompiler.quant import fake_quantize, matrix_view, restore
 
 GATED = P.MatMul(P.Multiply(P.MatMul(Var("x"), Weight("w1"), name="first"), Var("y"), name="mul"),
                  Weight("w2"), name="second")
@@ -35,6 +35,7 @@ NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"),
 @dataclass(frozen=True)
 class AWQOptions:
     grid: int = 20
+    rows: int = 256  # calibration rows the search measures the error on
 
 
 @dataclass
@@ -66,25 +67,25 @@ class DataAwareAWQ(BlockPass):
         mine = [s for s in self.sites if s.targets[0][1].attrs["weight"] in stats]
         for site in mine:
             st = stats[site.targets[0][1].attrs["weight"]]
-            x = st.rows
+            x = st.rows[: self.options.rows]
             if x.numel() == 0:
                 continue
             weights = [matrix_view(graph.weight(c).float(), (1,))[0] for _, c in site.targets]
             fmts = [c.meta["format"] for _, c in site.targets]
-            reference = [x @ w.t() for w in weights]
             best, best_loss, base_loss = None, None, None
             mean = st.abs_mean.clamp(min=1e-8)
             for step in range(self.options.grid):
                 alpha = step / self.options.grid
                 s = mean.pow(alpha)
                 s = s / (s.max() * s.min()).sqrt()
-                loss = sum(float(((x / s) @ _fake(w * s, f).t() - ref).pow(2).sum())
-                           for w, f, ref in zip(weights, fmts, reference))
+                # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
+                loss = sum(float((x @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).t()).pow(2).sum())
+                           for w, f in zip(weights, fmts))
                 if step == 0:
                     base_loss = loss
                 if best_loss is None or loss < best_loss:
                     best, best_loss = (alpha, s), loss
-            norm = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+            norm = sum(float((x @ w.t()).pow(2).sum()) for w in weights) or 1.0
             name = site.targets[-1][1].attrs["weight"]
             self.layers[name] = {"pattern": site.pattern, "alpha": best[0],
                                  "error_before": base_loss / norm, "error_after": best_loss / norm}
@@ -102,8 +103,6 @@ class DataAwareAWQ(BlockPass):
             "layers": self.layers, "grid": self.options.grid})
 
 
-def _fake(w: torch.Tensor, fmt) -> torch.Tensor:
-    return quantize(w, (1,), fmt.mode, fmt.group_size).dequantize()
 
 
 def _eligible(const, op, users) -> str:

@@ -52,16 +52,16 @@ class GPTQ(BlockPass):
         self.layers: dict[str, dict] = {}
 
     def wants(self, graph, ctx) -> list[str]:
-        return [c.attrs["weight"] for c in targets(graph)]
+        self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
+        return list(self.pending)
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
-        for const in targets(graph):
-            name = const.attrs["weight"]
+        for name, (const, axes) in list(self.pending.items()):
             st = stats.get(name)
             if st is None or st.hessian is None:
                 continue
             fmt = const.meta["format"]
-            w, transposed = matrix_view(graph.weight(const).float(), (1,))
+            w, transposed = matrix_view(graph.weight(const).float(), axes)
             refit = None
             if self.options.scale_estimation and fmt.mode.bits == 4:
                 from qcompiler.passes.scale_estimation import estimate
@@ -73,10 +73,13 @@ class GPTQ(BlockPass):
             cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
             const.meta["compressed"] = cw
             self.layers[name] = {"error_rtn": before, "error_after": after}
+            del self.pending[name]
 
     def finish(self, graph, ctx) -> PassResult:
-        return PassResult(bool(self.layers), {"quantized": len(self.layers), "layers": self.layers,
-                                              "damp": self.options.damp})
+        skipped = {name: "no calibration statistics (outside the transformer blocks): rounded to nearest"
+                   for name in self.pending}
+        return PassResult(bool(self.layers), {"quantized": len(self.layers), "skipped": skipped,
+                                              "layers": self.layers, "damp": self.options.damp})
 
 
 def targets(graph: Graph) -> list:
@@ -86,8 +89,8 @@ def targets(graph: Graph) -> list:
         fmt = const.meta.get("format")
         if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in MODES
                 and "compressed" not in const.meta and len(uses) == 1 and uses[0].op.op == "MatMul"
-                and uses[0].op.attrs.get("transpose_b") and len(const.meta.get("shape", ())) == 2):
-            out.append(const)
+                and len(const.meta.get("shape", ())) == 2):
+            out.append((const, uses[0].reduction_axes))
     return out
 
 

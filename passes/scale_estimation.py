@@ -49,23 +49,27 @@ class ScaleEstimation(BlockPass):
         self.layers: dict[str, dict] = {}
 
     def wants(self, graph, ctx) -> list[str]:
-        return [c.attrs["weight"] for c in targets(graph)]
+        self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
+        return list(self.pending)
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
-        for const in targets(graph):
-            name = const.attrs["weight"]
+        for name, (const, axes) in list(self.pending.items()):
             if name not in stats or stats[name].tokens == 0:
                 continue
             fmt = const.meta["format"]
-            w, transposed = matrix_view(graph.weight(const).float(), (1,))
+            w, transposed = matrix_view(graph.weight(const).float(), axes)
             cw, before, after = estimate(w, stats[name].rows, stats[name].abs_max, fmt.mode, fmt.group_size,
                                          self.options.initial_steps, self.options.scale_steps)
             cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
             const.meta["compressed"] = cw
             self.layers[name] = {"error_rtn": before, "error_after": after}
+            del self.pending[name]
 
     def finish(self, graph, ctx) -> PassResult:
-        return PassResult(bool(self.layers), {"estimated": len(self.layers), "layers": self.layers})
+        skipped = {name: "no calibration statistics (outside the transformer blocks): rounded to nearest"
+                   for name in self.pending}
+        return PassResult(bool(self.layers), {"estimated": len(self.layers), "skipped": skipped,
+                                              "layers": self.layers})
 
 
 def targets(graph: Graph) -> list:
@@ -74,9 +78,8 @@ def targets(graph: Graph) -> list:
     for const, uses in graph.uses_by_weight().items():
         fmt = const.meta.get("format")
         if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in MODES and "compressed" not in const.meta
-                and len(uses) == 1 and uses[0].op.op == "MatMul" and uses[0].op.attrs.get("transpose_b")
-                and len(const.meta.get("shape", ())) == 2):
-            out.append(const)
+                and len(uses) == 1 and uses[0].op.op == "MatMul" and len(const.meta.get("shape", ())) == 2):
+            out.append((const, uses[0].reduction_axes))
     return out
 
 

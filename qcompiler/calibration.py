@@ -80,6 +80,24 @@ def load(dataset: Any, tokenizer, num_samples: int, seqlen: int, generate=None, 
     return from_dataset_name(name, tokenizer, num_samples, seqlen)
 
 
+def check_source(dataset: Any) -> None:
+    """Refuse, before the model is loaded, a dataset that cannot be read: a missing file, or a name
+    when the `datasets` library is not installed (a cached dataset is looked up after loading)."""
+    if dataset is None or isinstance(dataset, (list, tuple)) or str(dataset) == AUTO:
+        return
+    path = Path(str(dataset))
+    if path.is_file():
+        return
+    if path.suffix or "/" in str(dataset):
+        raise QCompilerError(f"calibration text {dataset} does not exist: pass a plain-text file or --dataset auto")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise QCompilerError(f"dataset '{dataset}' is not available offline (qcompiler never downloads, and the "
+                             "`datasets` library is not installed): pass a plain-text file with --dataset FILE, or "
+                             "--dataset auto to let the model write its own calibration text") from None
+
+
 def _need_tokenizer(tokenizer, what: str) -> None:
     if tokenizer is None:
         raise QCompilerError(f"{what} needs the model's tokenizer, and this model has none: add the tokenizer files "

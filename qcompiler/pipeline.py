@@ -114,6 +114,10 @@ def compress(
     registry = registry or build_registry()
     passes = build_passes(config, registry)
     model = resolve_model(model, registry)
+    if config.dataset is not None:
+        from qcompiler.calibration import check_source
+
+        check_source(config.dataset)
     frontend = registry.frontend_for(model)
     inputs = [model] if isinstance(model, (str, Path)) else []
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location

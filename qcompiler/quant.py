@@ -141,6 +141,16 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
     return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
 
 
+def fake_quantize(matrix: torch.Tensor, mode: Mode, group_size: int) -> torch.Tensor:
+    """Q(W) decoded, for a float matrix [N, K]: what `quantize(...).dequantize()` gives, without the
+    layout bookkeeping (searches call it many times)."""
+    cw = quantize(matrix, (1,), mode, group_size)
+    values = decode_values(mode, cw.codes)
+    if cw.zero_point is not None:
+        values = values.sub_(cw.zero_point)
+    return values.mul_(scale_values(cw)).reshape(matrix.shape)
+
+
 def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point):
     """Codes of grouped weights `w` for a given stored scale (and zero point): the rounding step alone."""
     s = scale.float() if mode is not Mode.MXFP4 else torch.exp2(scale.float() - 127.0)

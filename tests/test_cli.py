@@ -26,7 +26,7 @@ CASES = {
     "mxfp4 group": (["compress", "--weight-format", "mxfp4", "--group-size", "64"], "mxfp4 uses blocks of 32"),
     "unknown backup": (["compress", "--backup-mode", "int2", "--weight-format", "int4"], "unknown backup_mode 'int2'"),
     "unknown backend": (["compress", "--backend", "tflite"], "unknown backend 'tflite'"),
-    "dataset": (["compress", "--dataset", "wikitext", "--weight-format", "int4"], "--dataset) is not implemented yet"),
+    "dataset": (["compress", "--dataset", "wikitext", "--weight-format", "int4"], "'wikitext' is not available offline"),
     "eval missing": (["eval", "/no/artifact", "--text", "x.txt"], "artifact folder /no/artifact does not exist"),
     "onnx option, openvino backend": (["compress", "--onnx-format", "qdq"], "add --backend onnx or drop them"),
     "mxfp4 to onnx": (["compress", "--weight-format", "mxfp4", "--backend", "onnx"], "mxfp4 has no onnxruntime"),

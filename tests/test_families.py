@@ -120,3 +120,41 @@ def test_awq_patterns_found_per_family(family, family_dir):
     expected, _why = families.AWQ_MATCHES[family]
     assert len(matches) == expected
     assert all(m["second"].name.endswith("down_proj/MatMul") for m in matches)
+
+
+DATA = [torch.tensor([(7 * i + 3 * j) % 250 + 3 for j in range(16)]) for i in range(4)]
+DATA_AWARE = CompressionConfig(mode="int4_sym", group_size=32, awq=True, scale_estimation=True, gptq=True,
+                               dataset=DATA, num_samples=4, seqlen=16)
+
+
+@pytest.mark.parametrize("family", list(families.FAMILIES))
+def test_data_aware_on_every_family(family, family_dir, tmp_path):
+    """AWQ + scale estimation + GPTQ run block by block on every family; AWQ's folding keeps the float
+    function; the torch artifact runs (OpenVINO and ONNX too for a few families)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _, want_logits, _ = family_dir(family)
+    backends = ["torch"] + (["openvino", "onnx"] if family in ("llama", "phi", "gpt2") else [])
+    for backend in backends:
+        refusal = _refusal(family, backend, "int4")
+        out = tmp_path / backend
+        if refusal is not None:
+            with pytest.raises(QCompilerError, match=refusal):
+                compress(folder, DATA_AWARE, output=out, backend=backend)
+            assert not out.exists()
+            return
+        result = compress(folder, DATA_AWARE, output=out, backend=backend)
+        gptq = result.report["passes"]["gptq"]
+        primary = [c for c in result.graph.weight_constants() if c.meta.get("role") == "primary"]
+        assert gptq["quantized"] == len(primary) > 0
+        logits = build_registry().backend(backend).runner(out).logits(np.array([PROMPT]))[0]
+        assert np.isfinite(logits).all() and _cosine(logits, want_logits) > 0.5
+    awq_only = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=DATA))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    for c in awq_only.graph.parameter_constants():
+        if c.meta.get("rewritten"):
+            params[c.attrs["weight"]].data = awq_only.graph.weight(c).clone()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(logits - want_logits).max() < 1e-3 * np.abs(want_logits).max()
