@@ -169,6 +169,7 @@ class CompressionConfig:
     num_samples: int | None = None
     seqlen: int | None = None
     sensitivity_metric: SensitivityMetric | None = None
+    statistics_path: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, list):
@@ -263,7 +264,8 @@ class CompressionConfig:
                                  "for data-aware accuracy")
         needs = [flag for flag, on in (("--scale-estimation", self.scale_estimation), ("--gptq", self.gptq),
                                        ("--num-samples", self.num_samples is not None),
-                                       ("--seqlen", self.seqlen is not None)) if on]
+                                       ("--seqlen", self.seqlen is not None),
+                                       ("--quantization-statistics-path", self.statistics_path is not None)) if on]
         if self.sensitivity_metric is not None and self.sensitivity_metric.data_aware:
             needs.append(f"--sensitivity-metric {self.sensitivity_metric.value}")
         if needs and self.dataset is None:

@@ -123,11 +123,12 @@ class Collector:
 class CalibrationEngine:
     """Runs the float model block by block on the calibration data (see the module docstring)."""
 
-    def __init__(self, executor, data: CalibrationData, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, executor, data: CalibrationData, max_rows: int = MAX_ROWS, cache=None) -> None:
         self.executor, self.data, self.max_rows = executor, data, max_rows
         self.blocks: list[Block] = executor.blocks
         self._first_inputs = None
         self.block_forwards = 0
+        self.cache = cache  # statistics_cache.StatisticsCache or None
 
     def first_inputs(self):
         if self._first_inputs is None:
@@ -147,6 +148,16 @@ class CalibrationEngine:
         unknown = {k for kinds in wanted.values() for k in kinds} - STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(STATISTICS)}")
+        if self.cache is not None and propagate is None and weights is None:
+            cached = self.cache.lookup(wanted, self.max_rows, [b.name for b in self.blocks])
+            if cached is not None:  # float statistics of this model, data and request: no block runs
+                for block in self.blocks:
+                    on_block(block, cached(block.name))
+                    if progress is not None:
+                        progress(block)
+                return
+        saving = self.cache.writer(wanted, self.max_rows) if (
+            self.cache is not None and propagate is None and weights is None) else None
         inputs = self.first_inputs()
         rows_per_sample = -(-self.max_rows // max(len(self.data.samples), 1))
         for block in self.blocks:
@@ -156,6 +167,8 @@ class CalibrationEngine:
             values = weights(block) if weights is not None else {}
             outputs = self.executor.run(block, inputs, values, taps)
             self.block_forwards += 1
+            if saving is not None:
+                saving.save(block.name, collector.stats)
             on_block(block, collector.stats)
             del collector
             if propagate is not None:
@@ -164,3 +177,5 @@ class CalibrationEngine:
             inputs = outputs
             if progress is not None:
                 progress(block)
+        if saving is not None:
+            saving.close()

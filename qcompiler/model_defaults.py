@@ -25,6 +25,7 @@ INT8_ABOVE = 10**9  # optimum-intel's _MAX_UNCOMPRESSED_SIZE: weight parameters 
 GENERIC_INT4 = {"bits": 4, "sym": False, "group_size": 128, "ratio": 1.0}  # optimum-intel's _DEFAULT_4BIT_WQ_CONFIG
 KNOWN_KEYS = {"bits", "sym", "group_size", "ratio", "all_layers", "quant_method", "dataset", "scale_estimation",
               "dq_group_size", "group_size_fallback", "backup_precision", "ignored_scope", "then", "text_part_of"}
+AUTO_DATA = "auto"
 OVERRIDE = "pass --sym, --group-size, --ratio or --awq to choose yourself"
 
 
@@ -122,14 +123,15 @@ def apply_row(row: dict, base: dict) -> tuple[dict, list[str]]:
     data = row.get("dataset")
     if row.get("quant_method") == "awq":
         args["awq"] = True
-        if data:
-            skipped.append(f"AWQ's calibration on '{data}' (no calibration engine yet): AWQ runs data-free")
-    if data and row.get("ratio", 1.0) < 1.0:
-        skipped.append(f"the data-aware sensitivity for ratio {row['ratio']} on '{data}': the data-free metric "
-                       "(weight quantization error) chose the 4-bit layers")
     if row.get("scale_estimation"):
-        skipped.append("scale estimation (needs calibration data; not implemented yet)")
-    if data and not row.get("quant_method") and not row.get("scale_estimation") and row.get("ratio", 1.0) == 1.0:
+        args["scale_estimation"] = True
+    data_aware = args.get("awq") or args.get("scale_estimation") or row.get("ratio", 1.0) < 1.0
+    if data and data_aware:
+        # the row's dataset (wikitext2) needs the hub: the model writes its own calibration text instead
+        args["dataset"] = AUTO_DATA
+        skipped.append(f"the row's calibration dataset '{data}' (it needs the hub): the model's own text "
+                       f"(--dataset auto) calibrates instead; pass --dataset FILE to choose")
+    elif data:
         skipped.append(f"the calibration dataset '{data}' (no data-aware algorithm of the row runs without it)")
     scope = row.get("ignored_scope") or {}
     if scope:

@@ -13,8 +13,6 @@ DATA_AWARE = "is not implemented yet"
 # flag -> why it is refused today; each takes a value unless listed in SWITCHES
 NOT_YET = {
     "--quant-mode": "activation quantization is not implemented yet; compress the weights with --weight-format",
-    "--quantization-statistics-path": "the statistics cache is not implemented yet; the statistics are collected "
-                                      "again on each run",
     "--smooth-quant-alpha": "SmoothQuant (activation quantization) is not implemented yet",
     "--disable-stateful": "qcompiler writes the stateful KV-cache model optimum-intel and openvino_genai load; a "
                           "stateless export is not implemented",

@@ -153,5 +153,6 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
         ticker = lambda block: progress.set_description(  # noqa: E731
             f"pass {names}: block {ctx.engine.blocks.index(block) + 1}/{count}")
     propagate = compressed if any(p.propagate_compressed for p in group) else None
-    ctx.engine.sweep(wanted, on_block, weights=current, propagate=propagate, progress=ticker)
+    untouched = not any(c.meta.get("rewritten") for c in consts.values())  # the float model: statistics may be cached
+    ctx.engine.sweep(wanted, on_block, weights=None if untouched else current, propagate=propagate, progress=ticker)
     return [p.finish(graph, ctx) for p in group]

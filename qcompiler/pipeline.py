@@ -158,6 +158,7 @@ def compress(
         if ctx.engine is not None:
             compressed.calibration = {**ctx.engine.data.describe(), "blocks": len(ctx.engine.blocks),
                                       "block_forwards": ctx.engine.block_forwards,
+                                      "statistics_cache": ctx.engine.cache.events if ctx.engine.cache else None,
                                       "method": "block by block, statistics reduced over tokens as they stream by"}
         if folder is not None:
             compressed.write(folder, backend, progress=steps, backend_options=backend_options)
@@ -177,7 +178,12 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
     num_samples, seqlen = config.samples
     data = calibration.load(config.dataset, getattr(source, "tokenizer", None), num_samples, seqlen,
                             generate=getattr(executor, "generate", None))
-    return CalibrationEngine(executor, data)
+    cache = None
+    if config.statistics_path is not None:
+        from qcompiler.statistics_cache import StatisticsCache, weights_digest
+
+        cache = StatisticsCache(Path(config.statistics_path), weights_digest(graph), data.digest())
+    return CalibrationEngine(executor, data, cache=cache)
 
 
 def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, defaults):

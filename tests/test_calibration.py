@@ -237,3 +237,29 @@ def test_a_rewritten_norm_weight_reaches_every_backend(backend, tmp_path):
     expected = _logits(model, torch.from_numpy(ids)).numpy()[0]
     got = registry.backend(backend).runner(tmp_path / "out").logits(ids)[0]
     assert np.abs(got - expected).max() < 1e-3
+
+
+def test_statistics_cache_is_reused_only_for_the_same_model_and_data(tmp_path):
+    cache = tmp_path / "stats"
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, awq=True, scale_estimation=True, dataset=_samples(),
+                            statistics_path=str(cache))
+    first = compress(tiny_llama(), cfg)
+    second = compress(tiny_llama(), cfg)
+    assert first.calibration["statistics_cache"] == ["collected"] and first.calibration["block_forwards"] == 2
+    assert second.calibration["statistics_cache"][0].startswith("reused") and second.calibration["block_forwards"] == 0
+    for a, b in zip(first.graph.weight_constants(), second.graph.weight_constants()):
+        assert a.meta["compressed"].same_codes(b.meta["compressed"])
+    other_data = compress(tiny_llama(), cfg.replace(dataset=_samples(seed=3)))
+    other_model = compress(tiny_llama(seed=2), cfg)
+    for run in (other_data, other_model):
+        assert run.calibration["statistics_cache"][0].startswith("collected (statistics of another")
+        assert run.calibration["block_forwards"] == 2
+    entry = next(p for p in cache.iterdir() if (p / "key.json").is_file())
+    next(entry.glob("*.pt")).write_bytes(b"not a torch file")
+    broken = {p.name for p in cache.iterdir()}
+    with pytest.raises(QCompilerError, match="cannot be read"):
+        for _ in range(4):  # whichever entry was damaged, one of the runs above reads it
+            for model, data in ((tiny_llama(), _samples()), (tiny_llama(), _samples(seed=3)),
+                                (tiny_llama(seed=2), _samples())):
+                compress(model, cfg.replace(dataset=data))
+    assert {p.name for p in cache.iterdir()} == broken

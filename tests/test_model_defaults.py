@@ -37,7 +37,9 @@ def test_every_row_maps_to_a_valid_config():
             args, skipped = model_defaults.apply_row(row, {})
             config = CompressionConfig(**args)  # validates: a row that cannot run fails here, named
             assert config.mode.bits == row.get("bits", 4), model_id
-            assert bool(row.get("scale_estimation")) == any("scale estimation" in s for s in skipped), model_id
+            assert config.scale_estimation == bool(row.get("scale_estimation")), model_id
+            uses_data = config.awq or config.scale_estimation or config.ratio < 1.0
+            assert (config.dataset == "auto") == bool(row.get("dataset") and uses_data), model_id
 
 
 def test_model_id_candidates(tmp_path):
@@ -61,10 +63,11 @@ def test_int4_alone_applies_the_models_row(named_folder, tmp_path, capsys):
     assert main(["compress", str(named_folder), "--weight-format", "int4", "-o", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "defaults: the per-model default of Qwen/Qwen3-1.7B: int4_sym, group size 64" in printed
-    assert "defaults: skipped scale estimation" in printed and "pass --sym, --group-size" in printed
+    assert "(--dataset auto) calibrates instead" in printed and "pass --sym, --group-size" in printed
     rep = report(out)
     assert rep["config"]["mode"] == "int4_sym" and rep["config"]["group_size"] == 64 and rep["config"]["awq"]
-    assert rep["defaults"]["model_id"] == "Qwen/Qwen3-1.7B" and rep["passes"]["awq"]["applied"] > 0
+    assert rep["defaults"]["model_id"] == "Qwen/Qwen3-1.7B" and rep["config"]["scale_estimation"]
+    assert rep["calibration"]["source"].startswith("auto") and rep["passes"]["scale_estimation"]["estimated"] > 0
     # the tiny model's hidden size 96 takes group 32 where 64 does not divide: adjusted, not refused
     assert rep["passes"]["precision"]["adjusted_group_size"]
 

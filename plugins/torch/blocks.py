@@ -10,6 +10,8 @@ the tapped weights handing their inputs to the engine.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from qcompiler.engine import Block
@@ -101,29 +103,29 @@ class TorchBlockExecutor:
         return outputs
 
     def generate(self, num_samples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
-        """Text the model writes from random one-token prefixes (sampling, top-k 50), as NNCF's
-        `generate_text_data`; deterministic for a seed on a given machine."""
-        if not hasattr(self.model, "generate"):
-            raise QCompilerError("--dataset auto needs a model that generates text: pass a text file with --dataset")
+        """Text the model writes from random one-token prefixes (sampling among the 50 likeliest
+        tokens, as NNCF's `generate_text_data`), in batches, with the model's KV cache; the same
+        sequences for a seed on a given machine."""
         generator = torch.Generator().manual_seed(seed)
         vocab = self.model.config.vocab_size
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         candidates = torch.tensor([i for i in range(min(vocab, 50000)) if i not in special])
         prefixes = candidates[torch.randint(len(candidates), (num_samples,), generator=generator)]
-        torch.manual_seed(seed)
         samples = []
-        use_cache = self.model.config.use_cache
-        self.model.config.use_cache = True
-        try:
-            with torch.no_grad():
-                for start in range(0, num_samples, 32):
-                    ids = prefixes[start:start + 32, None]
-                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
-                                              max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
-                                              pad_token_id=getattr(self.tokenizer, "pad_token_id", None) or 0)
-                    samples.extend(list(out[:, :seqlen]))
-        finally:
-            self.model.config.use_cache = use_cache
+        # transformers 5.2x renamed `past_key_values` to `cache`
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            for start in range(0, num_samples, 64):
+                ids = prefixes[start:start + 64, None]
+                past, step_ids = None, ids
+                for _ in range(seqlen - 1):
+                    out = self.model(input_ids=step_ids, use_cache=True, **{key: past})
+                    past = getattr(out, key, None) or out.past_key_values
+                    top = out.logits[:, -1].float().topk(min(50, vocab), dim=-1)
+                    pick = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+                    step_ids = top.indices.gather(1, pick)
+                    ids = torch.cat([ids, step_ids], 1)
+                samples.extend(list(ids))
         return samples
 
 
