@@ -114,6 +114,7 @@ def format_report(report: dict) -> str:
     awq = report["passes"].get("awq")
     if awq is not None:
         lines.append(f"AWQ: {awq['matched']} patterns matched, {awq['applied']} applied")
+    lines += _data_aware_lines(report)
     adjusted = report["passes"].get("precision", {}).get("adjusted_group_size") or {}
     if adjusted:
         sizes = sorted(set(adjusted.values()))
@@ -122,6 +123,40 @@ def format_report(report: dict) -> str:
     if fallen:
         lines.append(f"group size does not divide {len(fallen)} layers: they use the backup precision")
     return "\n".join(lines)
+
+
+def _data_aware_lines(report: dict) -> list[str]:
+    """The calibration data and what each data-aware pass did, with the mean per-layer output error."""
+    lines = []
+    calib = report.get("calibration")
+    if calib:
+        cache = calib.get("statistics_cache")
+        lines.append(f"calibration: {calib['source']} ({calib['samples']} samples, {calib['tokens']} tokens, sha1 "
+                     f"{calib['sha1'][:12]}), {calib['blocks']} blocks, {calib['block_forwards']} block runs"
+                     + (f"; statistics {', '.join(cache)}" if cache else ""))
+    passes = report["passes"]
+    metric = passes.get("precision", {}).get("sensitivity_metric")
+    if metric:
+        lines.append(f"ratio: layers chosen by {metric}")
+    awq = passes.get("awq_data")
+    if awq is not None:
+        found = ", ".join(f"{k} {awq['applied'][k]}/{v}" for k, v in awq["matched"].items())
+        lines.append(f"AWQ (data-aware): applied / matched per pattern: {found}{_errors(awq.get('layers'), 'error_before')}")
+    for name, label, count in (("scale_estimation", "scale estimation", "estimated"), ("gptq", "GPTQ", "quantized")):
+        summary = passes.get(name)
+        if summary is not None:
+            skipped = len(summary.get("skipped") or {})
+            lines.append(f"{label}: {summary[count]} layers{_errors(summary.get('layers'), 'error_rtn')}"
+                         + (f"; {skipped} without statistics, rounded to nearest" if skipped else ""))
+    return lines
+
+
+def _errors(layers: dict | None, before_key: str) -> str:
+    if not layers:
+        return ""
+    before = sum(v[before_key] for v in layers.values()) / len(layers)
+    after = sum(v["error_after"] for v in layers.values()) / len(layers)
+    return f"; mean relative output error {before:.4f} -> {after:.4f} (report: passes.*.layers)"
 
 
 def _label(fmt) -> str:
