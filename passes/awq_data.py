@@ -8,10 +8,11 @@ the target MatMuls can be folded into the op before them, so the float function 
   every target's W[:, k] *= s_k, and gamma_k /= s_k. All consumers of the norm must be targets.
 
 For a group of targets reading the same input x (rows X of the calibration sub-sample), the search
-is AWQ's: s = mean|x|^alpha / sqrt(max * min) for alpha in 0, 1/grid, ..., (grid-1)/grid, keeping the s
+is AWQ's: s = mean|x|^alpha / mean|W|^(1 - alpha) (AutoAWQ's duo scaling; |W| relative to its
+group's max, averaged over output channels), normalised by sqrt(max * min), for alpha in 0, 1/grid,
+..., (grid-1)/grid, keeping the s
 minimising sum over targets of ||X W^T - (X / s) Q(W * s)^T||^2, Q being the weight's assigned format.
-alpha = 0 (s = 1) is the round-to-nearest baseline, so a scale is applied only where it lowers
-that error. The statistics of the scaled input are updated (x / s) for the passes after this one.
+Round to nearest (s = 1) is the baseline, so a scale is applied only where it lowers that error. The statistics of the scaled input are updated (x / s) for the passes after this one.
 The summary counts matches and applications per pattern, and the error before and after per layer.
 """
 
@@ -36,6 +37,7 @@ NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"),
 class AWQOptions:
     grid: int = 20
     rows: int = 256  # calibration rows the search measures the error on
+    duo: bool = True  # divide by mean|W|^(1 - alpha) too (AutoAWQ's duo scaling)
 
 
 @dataclass
@@ -72,24 +74,29 @@ class DataAwareAWQ(BlockPass):
                 continue
             weights = [matrix_view(graph.weight(c).float(), (1,))[0] for _, c in site.targets]
             fmts = [c.meta["format"] for _, c in site.targets]
-            best, best_loss, base_loss = None, None, None
             mean = st.abs_mean.clamp(min=1e-8)
+            w_mean = _weight_magnitude(weights, fmts[0].group_size) if self.options.duo else None
+
+            def loss(s: torch.Tensor) -> float:  # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
+                return sum(float((x @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).t()).pow(2).sum())
+                           for w, f in zip(weights, fmts))
+
+            base_loss = loss(torch.ones_like(mean))  # round to nearest, no scale
+            best, best_loss = (None, None), base_loss
             for step in range(self.options.grid):
                 alpha = step / self.options.grid
                 s = mean.pow(alpha)
+                if w_mean is not None:
+                    s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
                 s = s / (s.max() * s.min()).sqrt()
-                # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
-                loss = sum(float((x @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).t()).pow(2).sum())
-                           for w, f in zip(weights, fmts))
-                if step == 0:
-                    base_loss = loss
-                if best_loss is None or loss < best_loss:
-                    best, best_loss = (alpha, s), loss
+                value = loss(s)
+                if value < best_loss:
+                    best, best_loss = (alpha, s), value
             norm = sum(float((x @ w.t()).pow(2).sum()) for w in weights) or 1.0
             name = site.targets[-1][1].attrs["weight"]
             self.layers[name] = {"pattern": site.pattern, "alpha": best[0],
                                  "error_before": base_loss / norm, "error_after": best_loss / norm}
-            if best[0] == 0.0:
+            if best[0] is None:
                 continue
             _apply(graph, site, best[1])
             for seen in {id(stats[c.attrs["weight"]]): stats[c.attrs["weight"]] for _, c in site.targets}.values():
@@ -103,6 +110,14 @@ class DataAwareAWQ(BlockPass):
             "layers": self.layers, "grid": self.options.grid})
 
 
+
+
+def _weight_magnitude(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per input channel, the mean over output channels of |W| relative to its group's max (AutoAWQ)."""
+    w = torch.cat(weights)
+    g = w.shape[1] if group_size == -1 else group_size
+    grouped = w.abs().reshape(w.shape[0], -1, g)
+    return (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
 
 
 def _eligible(const, op, users) -> str:

@@ -5,7 +5,7 @@ For W [N, K] with H = X^T X over the calibration tokens (the engine's "hessian")
 - dead input channels (H_kk = 0) are zeroed; H += damp * mean(diag H) * I;
 - U = chol(H^-1) (upper); in blocks of `block` columns, for each column j: at a group start the
   group's scale (and zero point) is computed from the current, already updated columns (RTN's
-  formulas, or scale estimation's refit on the calibration rows when both are asked for), then
+  formulas, or scale estimation's refit on the group's Hessian block when both are asked for), then
   q_j = Q(w_j), e = (w_j - q_j) / U_jj, and w_{j+1..} -= e U_{j, j+1..}; after a block, the
   remaining columns take the block's errors at once.
 - blocks run in order and each takes the outputs of the compressed blocks before it.
@@ -46,7 +46,7 @@ class GPTQ(BlockPass):
 
     @property
     def statistics(self):
-        return frozenset({"hessian", "rows", "abs_max"}) if self.options.scale_estimation else frozenset({"hessian"})
+        return frozenset({"hessian", "abs_max"}) if self.options.scale_estimation else frozenset({"hessian"})
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.layers: dict[str, dict] = {}
@@ -66,8 +66,8 @@ class GPTQ(BlockPass):
             if self.options.scale_estimation and fmt.mode.bits == 4:
                 from qcompiler.passes.scale_estimation import estimate
 
-                rows, importance = st.rows, st.abs_max
-                refit = lambda group, cols: estimate(group, rows[:, cols], importance[cols], fmt.mode, -1)[0]  # noqa: E731
+                mean_h, importance = st.hessian / max(st.tokens, 1), st.abs_max
+                refit = lambda group, cols: estimate(group, mean_h[cols, cols][None], importance[cols], fmt.mode, -1)[0]  # noqa: E731
             cw, before, after = gptq(w, st.hessian / max(st.tokens, 1), fmt.mode, fmt.group_size,
                                      self.options.damp, self.options.block, refit)
             cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
@@ -106,6 +106,19 @@ def _decode(mode: Mode, codes: torch.Tensor, scale: torch.Tensor, zp) -> torch.T
     return values * scale.float()
 
 
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """chol(H^-1) (upper) of H + damp * mean(diag H) * I; the damping grows tenfold (up to 3 times)
+    where rounding left H not positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(4):
+        try:
+            damped = h + damp * 10**attempt * torch.diag(h).mean() * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("the calibration Hessian is not positive definite even with 10x damping: try more samples")
+
+
 def output_error(d: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
 
@@ -124,8 +137,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     W[:, dead] = 0
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = _inverse_cholesky(h, damp)
     codes = torch.empty(n, k, dtype=torch.int8 if mode in (Mode.INT4_SYM, Mode.INT8_SYM) else torch.uint8)
     scales, zps = [], []
     scale = zp = None

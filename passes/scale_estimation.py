@@ -1,9 +1,11 @@
-"""Scale estimation: refit each group's scale of a 4-bit weight to the layer's output on calibration rows.
+"""Scale estimation: refit each group's scale of a 4-bit weight to the layer's output on calibration data.
 
-For a weight W [N, K] in groups of g, with calibration rows X [R, K] and per-channel importance
-a_k = max|x_k| (NNCF's algorithm, `scale_estimation.py`):
+For a weight W [N, K] in groups of g, with the calibration Hessian H = X^T X / T over all T tokens
+and per-channel importance a_k = max|x_k| (NNCF's algorithm, `scale_estimation.py`):
 - start from the round-to-nearest scale s0 and codes q (the zero point z stays fixed);
-- the error of a group is mean over rows of (W_g x_g - Q(W_g) x_g)^2, per output channel;
+- the error of a group is the mean over tokens of (W_g x_g - Q(W_g) x_g)^2, per output channel,
+  computed exactly from H's g x g diagonal block: d^T H_g d with d = W_g - Q(W_g) (NNCF measures it
+  on per-sample mean activations instead);
 - a candidate scale is the importance-weighted mean of the per-element ideal scales,
   s = sum_i a_i |w_i| / sum_i a_i |v_i| ... written as sum_i a_i' |w_i| / (|v_i| + 0.001 [v_i = 0]) with
   a' = a zeroed where v_i = 0 and normalised per group, v = decode(q) - z;
@@ -11,7 +13,7 @@ a_k = max|x_k| (NNCF's algorithm, `scale_estimation.py`):
   where the error drops; then `scale_steps` candidates from the codes of (1 - 0.05 k) * s0.
 The scales are stored as f16 and the codes computed from the stored scale, as RTN does, so the
 artifact computes exactly what was measured. The summary has each layer's output error (relative,
-on the calibration rows) with RTN and with the refitted scales.
+on the calibration data, summed over groups) with RTN and with the refitted scales.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ScaleEstimationOptions:
 class ScaleEstimation(BlockPass):
     name = "scale_estimation"
     Options = ScaleEstimationOptions
-    statistics = frozenset({"abs_max", "rows"})
+    statistics = frozenset({"abs_max"})  # and each weight's "hessian_blocks:<group size>" (see wants)
 
     @classmethod
     def options_from(cls, config):
@@ -50,7 +52,8 @@ class ScaleEstimation(BlockPass):
 
     def wants(self, graph, ctx) -> list[str]:
         self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
-        return list(self.pending)
+        return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}
+                for name, (c, axes) in self.pending.items()}
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
         for name, (const, axes) in list(self.pending.items()):
@@ -58,8 +61,9 @@ class ScaleEstimation(BlockPass):
                 continue
             fmt = const.meta["format"]
             w, transposed = matrix_view(graph.weight(const).float(), axes)
-            cw, before, after = estimate(w, stats[name].rows, stats[name].abs_max, fmt.mode, fmt.group_size,
-                                         self.options.initial_steps, self.options.scale_steps)
+            st = stats[name]
+            cw, before, after = estimate(w, st.hessian_blocks / max(st.tokens, 1), st.abs_max, fmt.mode,
+                                         fmt.group_size, self.options.initial_steps, self.options.scale_steps)
             cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
             const.meta["compressed"] = cw
             self.layers[name] = {"error_rtn": before, "error_after": after}
@@ -70,6 +74,11 @@ class ScaleEstimation(BlockPass):
                    for name in self.pending}
         return PassResult(bool(self.layers), {"estimated": len(self.layers), "skipped": skipped,
                                               "layers": self.layers})
+
+
+def _group(const, axes, graph) -> int:
+    g = const.meta["format"].group_size
+    return matrix_view(graph.tensor(const), axes)[0].shape[1] if g == -1 else g
 
 
 def targets(graph: Graph) -> list:
@@ -83,20 +92,27 @@ def targets(graph: Graph) -> list:
     return out
 
 
-def group_error(w: torch.Tensor, deq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[N, G]: mean over rows of the squared output error of each group, w and deq grouped [N, G, g],
-    x grouped [R, G, g]."""
+def group_error(w: torch.Tensor, deq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[N, G]: the mean squared output error of each group, d^T H_g d, for w and deq grouped [N, G, g]
+    and the Hessian's diagonal blocks [G, g, g]."""
     diff = w - deq
-    return torch.einsum("ngk,rgk->ngr", diff, x).pow(2).mean(-1)
+    return (torch.bmm(diff.transpose(0, 1), blocks).transpose(0, 1) * diff).sum(-1)
 
 
-def estimate(w: torch.Tensor, rows: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
+def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The g x g diagonal blocks [K/g, g, g] of a K x K matrix."""
+    k = h.shape[0]
+    return torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)])
+
+
+def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
              initial_steps: int = 5, scale_steps: int = 5) -> tuple[CompressedWeight, float, float]:
-    """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K]."""
+    """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K], for
+    the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     wg = grouped(w, g).reshape(n, k // g, g)
-    xg = rows.float().reshape(-1, k // g, g)
+    xg = blocks.float()
     rtn = quantize(w, (1,), mode, group_size)
     scale, zp = rtn.scale.float().reshape(n, k // g, 1), rtn.zero_point
     zp = None if zp is None else zp.reshape(n, k // g, 1)
@@ -115,11 +131,15 @@ def estimate(w: torch.Tensor, rows: torch.Tensor, importance: torch.Tensor, mode
     best_err, v = error(best_s, zp)
     base = float(best_err.sum())
 
+    w_abs = wg.abs()
+    sign = torch.sign(best_s.float())
+
     def candidate(v):
-        a = imp * (v != 0)
-        a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
-        ideal = wg.abs() / (v.abs() + 0.001 * (v == 0))
-        return _f16_scale(torch.sign(best_s.float()) * (a * ideal).sum(-1, keepdim=True).clamp(min=1e-12))
+        nonzero = v != 0
+        a = imp * nonzero
+        ideal = w_abs / torch.where(nonzero, v.abs(), 0.001)
+        scale = (a * ideal).sum(-1, keepdim=True) / a.sum(-1, keepdim=True).clamp(min=1e-12)
+        return _f16_scale(sign * scale.clamp(min=1e-12))
 
     def keep(s16, err):
         nonlocal best_s, best_err
@@ -143,7 +163,7 @@ def estimate(w: torch.Tensor, rows: torch.Tensor, importance: torch.Tensor, mode
         codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
         zp = None if zp is None else zp.reshape(n, 1)
     cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
-    reference = float(torch.einsum("ngk,rgk->nr", wg, xg).pow(2).mean(-1).sum()) or 1.0
+    reference = float(group_error(wg, torch.zeros_like(wg), xg).sum()) or 1.0
     return cw, base / reference, float(best_err.sum()) / reference
 
 

@@ -9,6 +9,8 @@ the input of each tapped weight. The engine never names a framework.
 Statistics of a weight's input x (rows of K channels, reduced over tokens as they stream by):
 - "abs_mean": mean |x| per channel; "abs_max": max |x| per channel;
 - "hessian": H = sum x^T x over tokens (with the token count), GPTQ's Hessian up to a factor;
+- "hessian_blocks:g": only H's g x g diagonal blocks [K/g, g, g] (scale estimation's groups), K/g
+  times cheaper;
 - "rows": a fixed sub-sample of raw rows (at most `max_rows`), for searches that need X itself;
 - "sequence": per sample, the per-channel variance and max |x| over the sequence reduced over
   channels (max and mean of the variance, mean of the magnitude) and sum x^2 / numel (NNCF's
@@ -28,7 +30,7 @@ from qcompiler.calibration import CalibrationData
 
 log = logging.getLogger("qcompiler")
 
-STATISTICS = frozenset({"abs_mean", "abs_max", "hessian", "rows", "sequence"})
+STATISTICS = frozenset({"abs_mean", "abs_max", "hessian", "hessian_blocks", "rows", "sequence"})
 MAX_ROWS = 512
 
 
@@ -48,6 +50,7 @@ class InputStats:
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    hessian_blocks: torch.Tensor | None = None
     row_chunks: list[torch.Tensor] = field(default_factory=list)
     sequence: list[tuple[float, float, float, float]] = field(default_factory=list)  # var max, var mean, mag, sq
 
@@ -68,6 +71,9 @@ class InputStats:
             self.abs_max = self.abs_max * factor.abs()
         if self.hessian is not None:
             self.hessian = self.hessian * factor[:, None] * factor[None, :]
+        if self.hessian_blocks is not None:
+            f = factor.reshape(self.hessian_blocks.shape[:2])
+            self.hessian_blocks = self.hessian_blocks * f[:, :, None] * f[:, None, :]
         self.row_chunks = [r * factor for r in self.row_chunks]
 
 
@@ -105,9 +111,16 @@ class Collector:
             st.abs_sum = a.sum(0) if st.abs_sum is None else st.abs_sum + a.sum(0)
             m = a.amax(0)
             st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
-        if "hessian" in kinds:
-            h = rows.t() @ rows
-            st.hessian = h if st.hessian is None else st.hessian.add_(h)
+        with torch.autocast("cpu", enabled=False):  # float32 X^T X, even under the executor's bf16 autocast
+            if "hessian" in kinds:
+                h = rows.t() @ rows
+                st.hessian = h if st.hessian is None else st.hessian.add_(h)
+            for kind in kinds:
+                if kind.startswith("hessian_blocks:"):
+                    g = int(kind.split(":")[1])
+                    r = rows.reshape(rows.shape[0], -1, g)
+                    b = torch.bmm(r.permute(1, 2, 0), r.permute(1, 0, 2))
+                    st.hessian_blocks = b if st.hessian_blocks is None else st.hessian_blocks.add_(b)
         if "rows" in kinds and self.rows_per_sample > 0:
             take = min(self.rows_per_sample, rows.shape[0])
             index = torch.randperm(rows.shape[0], generator=self.generator)[:take]
@@ -145,7 +158,7 @@ class CalibrationEngine:
         the next block's inputs are the outputs of that same run, unless `propagate(block)` is given:
         then the block runs again after `on_block` with those weights (GPTQ feeds each block the
         outputs of the compressed blocks before it)."""
-        unknown = {k for kinds in wanted.values() for k in kinds} - STATISTICS
+        unknown = {k.split(":")[0] for kinds in wanted.values() for k in kinds} - STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(STATISTICS)}")
         if self.cache is not None and propagate is None and weights is None:

@@ -68,8 +68,9 @@ class BlockPass(Pass):
     statistics: ClassVar[frozenset] = frozenset()
     propagate_compressed: ClassVar[bool] = False  # feed each block the outputs of the compressed blocks before it
 
-    def wants(self, graph: Graph, ctx: PassContext) -> list[str]:
-        """The IR weight names whose input statistics this pass needs."""
+    def wants(self, graph: Graph, ctx: PassContext) -> list[str] | dict[str, frozenset]:
+        """The IR weight names whose input statistics this pass needs (`statistics` for each), or a
+        dict name -> statistics where they differ per weight."""
         raise NotImplementedError
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
@@ -127,8 +128,10 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
     wanted: dict[str, frozenset] = {}
     for p in group:
         p.start(graph, ctx)
-        for name in p.wants(graph, ctx):
-            wanted[name] = wanted.get(name, frozenset()) | p.statistics
+        asked = p.wants(graph, ctx)
+        for name in asked:
+            kinds = asked[name] if isinstance(asked, dict) else p.statistics
+            wanted[name] = wanted.get(name, frozenset()) | kinds
     consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
 
     def current(block) -> dict:  # the block's rewritten weights, as the IR holds them now

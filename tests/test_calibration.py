@@ -88,9 +88,12 @@ def test_auto_data_is_generated_by_the_model_and_deterministic():
 
 
 # the engine -------------------------------------------------------------------------------------
-def test_engine_statistics_match_the_full_model():
-    """Block-by-block statistics equal those of hooks on the whole model's forward."""
+def test_engine_statistics_match_the_full_model(monkeypatch):
+    """Block-by-block statistics equal those of hooks on the whole model's forward (in float32; with
+    bf16 MatMuls, which this machine runs natively, they are close)."""
     from qcompiler.engine import CalibrationEngine
+
+    monkeypatch.setenv("QCOMPILER_CALIBRATION_FP32", "1")
     from qcompiler.plugins.torch import TorchFrontend
 
     model = tiny_llama()
@@ -135,7 +138,9 @@ def test_scale_estimation_never_worse_than_rtn():
     x = torch.randn(256, 128, generator=g) * torch.linspace(0.1, 3, 128)
     w = torch.randn(64, 128, generator=g)
     for mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4):
-        cw, before, after = estimate(w, x, x.abs().amax(0), mode, 32)
+        from qcompiler.passes.scale_estimation import hessian_blocks
+
+        cw, before, after = estimate(w, hessian_blocks(x.t() @ x / len(x), 32), x.abs().amax(0), mode, 32)
         assert after <= before and cw.scale.dtype == torch.float16
         assert after < before  # a refit finds something on outlier channels
 
