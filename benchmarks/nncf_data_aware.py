@@ -55,6 +55,37 @@ CONFIGS = {
 }
 
 WORKERS = {"nncf": [sys.executable, str(Path(__file__).resolve())]}
+# qcompiler runs as its whole command (`qcompiler compress`, loading included) from a transformers
+# folder of the same model; its "seconds" is that command's wall time, against NNCF's
+# `compress_weights` call alone.
+QCOMPILER_FLAGS = {
+    "a": ["--awq", "--scale-estimation"],
+    "b": ["--awq", "--scale-estimation", "--gptq"],
+    "c": ["--scale-estimation", "--lora-correction"],
+    "d": ["--ratio", "0.8", "--sensitivity-metric", "max_activation_variance"],
+}
+
+
+def qcompiler_command(folder: Path, config: str, out: Path, args) -> list[str]:
+    return [sys.executable, "-m", "qcompiler.cli", "compress", str(folder), "--weight-format", "int4", "--sym",
+            "--group-size", "64", "--dataset", str(WIKITEXT), "--num-samples", str(args.num_samples),
+            "--seqlen", str(args.seqlen), *QCOMPILER_FLAGS[config], "-o", str(out), "--overwrite", "--quiet"]
+
+
+def smollm2_folder(work: Path) -> Path:
+    """SmolLM2 saved as a transformers folder (float32 safetensors, config, tokenizer)."""
+    from safetensors.torch import save_model
+
+    from qcompiler.plugins.torch import TorchFrontend
+    from qcompiler.plugins.torch.hf import save_companions
+
+    frontend = TorchFrontend()
+    source = frontend.load(frontend.default_model())
+    folder = work / "smollm2-hf"
+    folder.mkdir()
+    save_model(source.model, str(folder / "model.safetensors"))
+    save_companions(source.model, source.tokenizer, folder)
+    return folder
 
 
 def calibration_ids(tokenizer, path: Path, num_samples: int, seqlen: int) -> list[np.ndarray]:
@@ -133,9 +164,12 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_worker(tool: str, config: str, out: Path, args) -> dict:
-    cmd = [*WORKERS[tool], "--worker", config, "--out", str(out), "--num-samples", str(args.num_samples),
-           "--seqlen", str(args.seqlen)]
+def run_worker(tool: str, config: str, out: Path, args, folder: Path | None = None) -> dict:
+    if tool == "qcompiler":
+        cmd = qcompiler_command(folder, config, out, args)
+    else:
+        cmd = [*WORKERS[tool], "--worker", config, "--out", str(out), "--num-samples", str(args.num_samples),
+               "--seqlen", str(args.seqlen)]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "160"})  # NNCF's progress bars, not truncated
@@ -144,6 +178,12 @@ def run_worker(tool: str, config: str, out: Path, args) -> dict:
     rss = int(err.pop().split("=")[1]) * 1024 if err and err[-1].startswith("QC_MAXRSS_KB=") else None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     report = json.loads(lines[-1]) if lines else {"error": f"worker exited {proc.returncode}: " + "\n".join(err[-20:])}
+    if tool == "qcompiler":
+        report = {"seconds": wall} if proc.returncode == 0 else {"error": "\n".join(err[-3:])}
+        if proc.returncode == 0:
+            q = json.loads((out / "qcompiler_report.json").read_text())
+            report["profile_seconds"] = {**q["seconds"], **{f"lower.{k}": v for k, v in q["backend_seconds"].items()}}
+            report["calibration"] = q.get("calibration")
     logs = proc.stdout.splitlines() + err
     warnings = sorted({line.strip()[:300] for line in logs if "nncf" in line.lower() and "warn" in line.lower()})
     stages = [" ".join(line.replace("━", "").split()) for line in proc.stdout.splitlines()
@@ -159,10 +199,25 @@ def score(xml: Path, ids: np.ndarray, windows: int) -> float:
     return perplexity(OpenVINORunner(xml), ids, max_windows=windows, progress=False)["perplexity"]
 
 
+def _ratios(result: dict, config: str) -> None:
+    """qcompiler against NNCF for one config, and the bars of issue 10 (increase over fp32 at most
+    0.75x NNCF's, the whole command at least 3x faster than NNCF's compression step, peak RSS at most NNCF's)."""
+    q, n = result["results"].get("qcompiler", {}).get(config), result["results"].get("nncf", {}).get(config)
+    if not q or not n or "perplexity_increase" not in q or "perplexity_increase" not in n:
+        return
+    ratios = {"increase_qcompiler_over_nncf": q["perplexity_increase"] / n["perplexity_increase"],
+              "speedup_whole_command_vs_nncf_compression": n["seconds"] / q["seconds"],
+              "peak_rss_qcompiler_over_nncf": q["peak_rss_bytes"] / n["peak_rss_bytes"]}
+    result.setdefault("comparison", {})[config] = {
+        **ratios, "bars": {"increase_at_most_0.75x": ratios["increase_qcompiler_over_nncf"] <= 0.75,
+                           "3x_faster": ratios["speedup_whole_command_vs_nncf_compression"] >= 3,
+                           "rss_at_most_nncf": ratios["peak_rss_qcompiler_over_nncf"] <= 1.0}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="a,b,c,d", help=f"comma-separated, of {', '.join(CONFIGS)}")
-    parser.add_argument("--tools", default="nncf", help=f"comma-separated, of {', '.join(WORKERS)}")
+    parser.add_argument("--tools", default="nncf,qcompiler", help="comma-separated, of nncf, qcompiler")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--windows", type=int, default=32, help="held-out perplexity windows of 512 tokens")
@@ -192,12 +247,13 @@ def main() -> None:
         "results": {},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    runs = [("nncf", "fp32")] + [(tool, c) for tool in args.tools.split(",") for c in args.configs.split(",")]
+    runs = [("nncf", "fp32")] + [(tool, c) for c in args.configs.split(",") for tool in args.tools.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
+        folder = smollm2_folder(Path(tmp)) if "qcompiler" in args.tools.split(",") else None
         for tool, config in runs:
             out = Path(tmp) / f"{tool}-{config}"
             out.mkdir()
-            row = run_worker(tool, config, out, args)
+            row = run_worker(tool, config, out, args, folder)
             xml = out / "openvino_model.xml"
             if "error" not in row and xml.is_file():
                 row["ir_bytes"] = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
@@ -209,6 +265,7 @@ def main() -> None:
                     row["perplexity_increase_percent"] = 100 * (row["perplexity"] / result["fp32_perplexity"] - 1)
             shutil.rmtree(out)
             result["results"].setdefault(tool, {})[config] = row
+            _ratios(result, config)
             brief = {k: v for k, v in row.items() if k not in ("warnings", "nncf_stages")}
             print(tool, config, json.dumps(brief), flush=True)
             args.output.write_text(json.dumps(result, indent=2))

@@ -38,6 +38,7 @@ class AWQOptions:
     grid: int = 20
     rows: int = 256  # calibration rows the search measures the error on
     duo: bool = True  # divide by mean|W|^(1 - alpha) too (AutoAWQ's duo scaling)
+    bf16: bool = True  # the search's MatMuls in bf16 (the losses it compares differ by far more than bf16's error)
 
 
 @dataclass
@@ -77,9 +78,11 @@ class DataAwareAWQ(BlockPass):
             mean = st.abs_mean.clamp(min=1e-8)
             w_mean = _weight_magnitude(weights, fmts[0].group_size) if self.options.duo else None
 
+            xb = x.to(torch.bfloat16) if self.options.bf16 else x
+
             def loss(s: torch.Tensor) -> float:  # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
-                return sum(float((x @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).t()).pow(2).sum())
-                           for w, f in zip(weights, fmts))
+                return sum(float((xb @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).to(xb.dtype).t())
+                                 .float().pow(2).sum()) for w, f in zip(weights, fmts))
 
             base_loss = loss(torch.ones_like(mean))  # round to nearest, no scale
             best, best_loss = (None, None), base_loss

@@ -21,6 +21,7 @@ Peak memory is one block's weights, the cached activations, and the statistics o
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -81,10 +82,10 @@ class Collector:
     """Reduces the inputs of the tapped weights as they stream by. Weights that read the same tensor
     one after the other (q, k and v after one norm) share one `InputStats` object."""
 
-    def __init__(self, wanted: dict[str, frozenset], rows_per_sample: int, seed: int = 0) -> None:
+    def __init__(self, wanted: dict[str, frozenset], row_rate: float, seed: int = 0) -> None:
         self.wanted = wanted
         self.stats = {name: InputStats() for name in wanted}
-        self.rows_per_sample = rows_per_sample
+        self.row_rate = row_rate  # rows kept per token seen
         self.generator = torch.Generator().manual_seed(seed)
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
@@ -121,8 +122,8 @@ class Collector:
                     r = rows.reshape(rows.shape[0], -1, g)
                     b = torch.bmm(r.permute(1, 2, 0), r.permute(1, 0, 2))
                     st.hessian_blocks = b if st.hessian_blocks is None else st.hessian_blocks.add_(b)
-        if "rows" in kinds and self.rows_per_sample > 0:
-            take = min(self.rows_per_sample, rows.shape[0])
+        if "rows" in kinds and self.row_rate > 0:
+            take = min(math.ceil(rows.shape[0] * self.row_rate), rows.shape[0])
             index = torch.randperm(rows.shape[0], generator=self.generator)[:take]
             st.row_chunks.append(rows[index].clone())
         if "sequence" in kinds:
@@ -172,10 +173,10 @@ class CalibrationEngine:
         saving = self.cache.writer(wanted, self.max_rows) if (
             self.cache is not None and propagate is None and weights is None) else None
         inputs = self.first_inputs()
-        rows_per_sample = -(-self.max_rows // max(len(self.data.samples), 1))
+        row_rate = min(1.0, self.max_rows / max(self.data.tokens, 1))
         for block in self.blocks:
             mine = {name: kinds for name, kinds in wanted.items() if name in block.weights}
-            collector = Collector(mine, rows_per_sample)
+            collector = Collector(mine, row_rate)
             taps = {name: collector.tap(name) for name in mine}
             values = weights(block) if weights is not None else {}
             outputs = self.executor.run(block, inputs, values, taps)

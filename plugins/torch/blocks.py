@@ -97,7 +97,7 @@ class TorchBlockExecutor:
         if len(captured) != len(samples):
             raise QCompilerError(f"{type(self.model).__name__}'s forward did not reach its first block "
                                  f"({self.path}.0): this model cannot be calibrated block by block")
-        return captured
+        return _batched(captured)
 
     def run(self, block: Block, inputs, weights: dict[str, torch.Tensor], taps: dict) -> list[tuple[tuple, dict]]:
         index = self.blocks.index(block)
@@ -148,6 +148,47 @@ class TorchBlockExecutor:
                     ids = torch.cat([ids, step_ids], 1)
                 samples.extend(list(ids))
         return samples
+
+
+BATCH = 16  # samples run through a block together: larger MatMuls, the same results
+
+
+def _batched(captured: list) -> list:
+    """Consecutive samples whose block inputs differ only in the hidden states (same length, same
+    masks and rotary tables) are stacked along the batch, up to BATCH of them."""
+    out = []
+    for args, kwargs in captured:
+        if out and out[-1][2] < BATCH and _same_context(out[-1][0], out[-1][1], args, kwargs):
+            prev_args, prev_kwargs, n = out[-1]
+            if args:
+                prev_args = (torch.cat([prev_args[0], args[0]]), *prev_args[1:])
+            else:
+                prev_kwargs = {**prev_kwargs, "hidden_states": torch.cat([prev_kwargs["hidden_states"],
+                                                                          kwargs["hidden_states"]])}
+            out[-1] = (prev_args, prev_kwargs, n + 1)
+        else:
+            out.append((args, kwargs, 1))
+    return [(args, kwargs) for args, kwargs, _ in out]
+
+
+def _same_context(args_a, kwargs_a, args_b, kwargs_b) -> bool:
+    hidden_a = args_a[0] if args_a else kwargs_a.get("hidden_states")
+    hidden_b = args_b[0] if args_b else kwargs_b.get("hidden_states")
+    if hidden_a is None or hidden_b is None or hidden_a.shape[1:] != hidden_b.shape[1:] or len(args_a) != len(args_b):
+        return False
+    rest_a = (args_a[1:], {k: v for k, v in kwargs_a.items() if k != "hidden_states"})
+    rest_b = (args_b[1:], {k: v for k, v in kwargs_b.items() if k != "hidden_states"})
+    return _equal(rest_a, rest_b)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a is b or a == b
 
 
 def _input_tap(tap):
