@@ -53,6 +53,9 @@ class GPTQ(BlockPass):
 
     def wants(self, graph, ctx) -> list[str]:
         self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
+        self.not_targets = {c.attrs["weight"]: "not a 2-D weight read by one MatMul in a mode this pass takes: rounded "
+                            "to nearest" for c in graph.weight_constants() if c.meta.get("role") == "primary"
+                            and "compressed" not in c.meta and c.attrs["weight"] not in self.pending}
         return list(self.pending)
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
@@ -76,8 +79,8 @@ class GPTQ(BlockPass):
             del self.pending[name]
 
     def finish(self, graph, ctx) -> PassResult:
-        skipped = {name: "no calibration statistics (outside the transformer blocks): rounded to nearest"
-                   for name in self.pending}
+        skipped = {**self.not_targets, **{name: "no calibration statistics (outside the transformer blocks, or "
+                                                "no token reached it): rounded to nearest" for name in self.pending}}
         return PassResult(bool(self.layers), {"quantized": len(self.layers), "skipped": skipped,
                                               "layers": self.layers, "damp": self.options.damp})
 

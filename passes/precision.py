@@ -151,6 +151,8 @@ class PrecisionAssignment(Pass):
         total = sum(graph.tensor(c).numel() for c in defining)
         chosen, in_primary = [], 0
         for i in sorted(range(len(defining)), key=lambda i: scores[i]):
+            if scores[i] == float("inf"):
+                continue  # no statistics (outside the blocks): stays in backup
             size = graph.tensor(defining[i]).numel()
             if (in_primary + size) / total >= o.ratio:
                 break

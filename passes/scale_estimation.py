@@ -52,6 +52,9 @@ class ScaleEstimation(BlockPass):
 
     def wants(self, graph, ctx) -> list[str]:
         self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
+        self.not_targets = {c.attrs["weight"]: "not a 2-D weight read by one MatMul in a mode this pass takes: rounded "
+                            "to nearest" for c in graph.weight_constants() if c.meta.get("role") == "primary"
+                            and "compressed" not in c.meta and c.attrs["weight"] not in self.pending}
         return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}
                 for name, (c, axes) in self.pending.items()}
 
@@ -70,8 +73,8 @@ class ScaleEstimation(BlockPass):
             del self.pending[name]
 
     def finish(self, graph, ctx) -> PassResult:
-        skipped = {name: "no calibration statistics (outside the transformer blocks): rounded to nearest"
-                   for name in self.pending}
+        skipped = {**self.not_targets, **{name: "no calibration statistics (outside the transformer blocks, or "
+                                                "no token reached it): rounded to nearest" for name in self.pending}}
         return PassResult(bool(self.layers), {"estimated": len(self.layers), "skipped": skipped,
                                               "layers": self.layers})
 
@@ -133,13 +136,13 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
 
     w_abs = wg.abs()
     sign = torch.sign(best_s.float())
+    s_rtn = best_s.float()
+    a = imp * (v != 0)  # importance, zero where round to nearest gave a zero code, normalised per group
+    a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def candidate(v):
-        nonzero = v != 0
-        a = imp * nonzero
-        ideal = w_abs / torch.where(nonzero, v.abs(), 0.001)
-        scale = (a * ideal).sum(-1, keepdim=True) / a.sum(-1, keepdim=True).clamp(min=1e-12)
-        return _f16_scale(sign * scale.clamp(min=1e-12))
+        ideal = w_abs / torch.where(v != 0, v.abs(), 0.001)
+        return _f16_scale(sign * (a * ideal).sum(-1, keepdim=True).clamp(min=1e-12))
 
     def keep(s16, err):
         nonlocal best_s, best_err
@@ -152,14 +155,13 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
         err, _ = error(s16, zp)
         keep(s16, err)
         _, v = decode(best_s, zp)
-    s0 = best_s.float()
     for step in range(scale_steps):
-        _, v_step = decode(_f16_scale(s0 * (1 - 0.05 * step)), zp)
+        _, v_step = decode(_f16_scale(s_rtn * (1 - 0.05 * step)), zp)
         s16 = candidate(v_step)
         err, _ = error(s16, zp)
         keep(s16, err)
     codes = quantize_matrix_with_scale(wg, mode, best_s, zp)
-    if group_size == -1:
+    if g == k:  # one group per row: the per-channel layout, as round to nearest writes it
         codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
         zp = None if zp is None else zp.reshape(n, 1)
     cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))

@@ -90,6 +90,7 @@ def check_source(dataset: Any) -> None:
         return
     if path.suffix or "/" in str(dataset):
         raise QCompilerError(f"calibration text {dataset} does not exist: pass a plain-text file or --dataset auto")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` reads it at import: never the network
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -133,8 +134,7 @@ def from_sequences(items, tokenizer, num_samples: int, seqlen: int) -> Calibrati
 
 
 def from_dataset_name(name: str, tokenizer, num_samples: int, seqlen: int) -> CalibrationData:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a cached dataset only: never the network
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _need_tokenizer(tokenizer, f"dataset {name}")
     try:
         import datasets
     except ImportError:

@@ -130,7 +130,8 @@ def apply_row(row: dict, base: dict) -> tuple[dict, list[str]]:
         # the row's dataset (wikitext2) needs the hub: the model writes its own calibration text instead
         args["dataset"] = AUTO_DATA
         skipped.append(f"the row's calibration dataset '{data}' (it needs the hub): the model's own text "
-                       f"(--dataset auto) calibrates instead; pass --dataset FILE to choose")
+                       f"(--dataset auto) calibrates instead; to calibrate on a file, pass the whole config yourself "
+                       "(--dataset FILE with --sym, --group-size, --ratio, --awq, --scale-estimation)")
     elif data:
         skipped.append(f"the calibration dataset '{data}' (no data-aware algorithm of the row runs without it)")
     scope = row.get("ignored_scope") or {}

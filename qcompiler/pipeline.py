@@ -182,7 +182,8 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
     if config.statistics_path is not None:
         from qcompiler.statistics_cache import StatisticsCache, weights_digest
 
-        cache = StatisticsCache(Path(config.statistics_path), weights_digest(graph), data.digest())
+        method = getattr(executor, "method", {})
+        cache = StatisticsCache(Path(config.statistics_path), weights_digest(graph), data.digest(), method)
     return CalibrationEngine(executor, data, cache=cache)
 
 

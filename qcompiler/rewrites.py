@@ -39,7 +39,9 @@ def in_module(module, graph: Graph):
                 raise QCompilerError(f"a pass changed the shape of {name} ({tuple(param.shape)} -> "
                                      f"{tuple(value.shape)}): no backend can take that")
             saved.append((param, param.data))
-            param.data = value.to(param.dtype)
+            value = value.to(param.dtype)
+            graph.weights[name] = value  # a converter may share this memory: the IR keeps it alive
+            param.data = value
         yield {c.attrs["weight"] for c in rewritten_params(graph)}
     finally:
         for param, data in saved:

@@ -28,19 +28,21 @@ def weights_digest(graph) -> str:
     for const in graph.parameter_constants():
         t = graph.weight(const).detach().contiguous()
         h.update(f"{const.attrs['weight']}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 class StatisticsCache:
-    def __init__(self, folder: Path, weights: str, data: str) -> None:
+    def __init__(self, folder: Path, weights: str, data: str, method: dict | None = None) -> None:
         self.folder, self.weights, self.data = Path(folder), weights, data
+        self.method = method or {}  # how the executor computes (precision, batching): part of the key
         self.events: list[str] = []
         if self.folder.exists() and not self.folder.is_dir():
             raise QCompilerError(f"--quantization-statistics-path {folder} is a file: pass a folder")
 
     def _key(self, wanted: dict, max_rows: int) -> tuple[str, dict]:
-        material = {"version": 1, "weights_sha1": self.weights, "data_sha1": self.data, "max_rows": max_rows,
+        material = {"version": 2, "weights_sha1": self.weights, "data_sha1": self.data, "max_rows": max_rows,
+                    "method": self.method,
                     "statistics": {name: sorted(kinds) for name, kinds in sorted(wanted.items())}}
         return hashlib.sha1(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16], material
 

@@ -88,20 +88,27 @@ def test_auto_data_is_generated_by_the_model_and_deterministic():
 
 
 # the engine -------------------------------------------------------------------------------------
-def test_engine_statistics_match_the_full_model(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_engine_statistics_match_the_full_model(family, monkeypatch, tmp_path):
     """Block-by-block statistics equal those of hooks on the whole model's forward (in float32; with
-    bf16 MatMuls, which this machine runs natively, they are close)."""
+    bf16 MatMuls, which this machine runs natively, they are close): across batches of samples, for
+    q/k/v sharing one input, and for gemma2, whose layers alternate sliding-window and full attention
+    (sequences longer than its window of 4)."""
+    from transformers import AutoModelForCausalLM
+
     from qcompiler.engine import CalibrationEngine
+    from qcompiler.plugins.torch import TorchFrontend
+    from tests.families import build
 
     monkeypatch.setenv("QCOMPILER_CALIBRATION_FP32", "1")
-    from qcompiler.plugins.torch import TorchFrontend
-
-    model = tiny_llama()
+    model = AutoModelForCausalLM.from_pretrained(build(family, tmp_path / "m"), dtype=torch.float32).eval()
+    model.config.use_cache = False
     source = TorchFrontend().load(model)
     graph = TorchFrontend().trace(source)
-    data = CalibrationData(_samples(), "test")
+    data = CalibrationData(_samples(20, 12), "test")  # two batches
     engine = CalibrationEngine(TorchFrontend().executor(source, graph), data)
-    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
+    names = [f"model.layers.{i}.{m}.weight" for i in (0, 1)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
     got = {}
     engine.sweep({n: frozenset({"abs_max", "hessian"}) for n in names},
                  lambda block, stats: got.update({n: stats[n] for n in stats}))
@@ -115,8 +122,9 @@ def test_engine_statistics_match_the_full_model(monkeypatch):
         h.remove()
     for n in names:
         x = torch.cat(seen[n])
-        assert torch.allclose(got[n].abs_max, x.abs().amax(0), atol=1e-5)
-        assert torch.allclose(got[n].hessian, x.t() @ x, rtol=1e-4, atol=1e-3)
+        assert got[n].tokens == x.shape[0]
+        assert torch.allclose(got[n].abs_max, x.abs().amax(0), atol=1e-5), n
+        assert torch.allclose(got[n].hessian, x.t() @ x, rtol=1e-4, atol=1e-3), n
     assert engine.block_forwards == 2
 
 
@@ -160,7 +168,8 @@ def test_awq_with_data_keeps_the_float_function():
     assert torch.allclose(_logits(model, _samples(1, 12, seed=5)[0][None]), reference, atol=1e-4)
 
 
-def test_data_aware_passes_lower_the_error_of_the_model():
+def test_data_aware_passes_lower_the_error_of_the_model(monkeypatch):
+    monkeypatch.setenv("QCOMPILER_CALIBRATION_FP32", "1")
     model = tiny_llama(seed=1)
     ids = _samples(1, 32, seed=9)[0][None]
     reference = _logits(model, ids)
@@ -174,7 +183,11 @@ def test_data_aware_passes_lower_the_error_of_the_model():
         errors[name] = float((_logits(m, ids) - reference).pow(2).mean())
         if extra:
             layers = result.results[name if name == "gptq" else "scale_estimation"].summary["layers"]
-            assert len(layers) == 14 and all(v["error_after"] <= v["error_rtn"] + 1e-9 for v in layers.values())
+            assert len(layers) == 14
+            if name == "se":  # it keeps round to nearest's scale where no refit is better
+                assert all(v["error_after"] <= v["error_rtn"] + 1e-9 for v in layers.values())
+            else:
+                assert sum(v["error_after"] for v in layers.values()) < sum(v["error_rtn"] for v in layers.values())
     assert errors["gptq"] < errors["rtn"] and errors["se"] < errors["rtn"]
 
 

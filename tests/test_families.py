@@ -135,6 +135,7 @@ def test_data_aware_on_every_family(family, family_dir, tmp_path):
 
     folder, _, want_logits, _ = family_dir(family)
     backends = ["torch"] + (["openvino", "onnx"] if family in ("llama", "phi", "gpt2") else [])
+    refused = False
     for backend in backends:
         refusal = _refusal(family, backend, "int4")
         out = tmp_path / backend
@@ -142,13 +143,16 @@ def test_data_aware_on_every_family(family, family_dir, tmp_path):
             with pytest.raises(QCompilerError, match=refusal):
                 compress(folder, DATA_AWARE, output=out, backend=backend)
             assert not out.exists()
-            return
+            refused = True
+            continue
         result = compress(folder, DATA_AWARE, output=out, backend=backend)
         gptq = result.report["passes"]["gptq"]
         primary = [c for c in result.graph.weight_constants() if c.meta.get("role") == "primary"]
         assert gptq["quantized"] == len(primary) > 0
         logits = build_registry().backend(backend).runner(out).logits(np.array([PROMPT]))[0]
         assert np.isfinite(logits).all() and _cosine(logits, want_logits) > 0.5
+    if refused:
+        return  # the MoE families: their experts cannot be compressed yet, with or without data
     awq_only = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=DATA))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = dict(model.named_parameters())

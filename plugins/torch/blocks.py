@@ -19,6 +19,7 @@ import inspect
 import os
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from qcompiler.engine import Block
 from qcompiler.errors import QCompilerError
@@ -29,12 +30,14 @@ class _Stop(Exception):
 
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(path, list) of the ModuleList of same-typed modules holding the most parameters."""
+    """(path, list) of the ModuleList of same-typed modules holding the most parameters (with as many
+    entries as the config's layers, where it says, so an MoE layer's experts are never taken)."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(m) for m in module}) != 1:
+        if len({type(m) for m in module}) != 1 or (isinstance(layers, int) and len(module) != layers):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
@@ -71,18 +74,32 @@ class TorchBlockExecutor:
         self.outside = sorted(names - {n for b in self.blocks for n in b.weights})
         self.modules = dict(model.named_modules())
         self.bf16 = bf16_matmuls() and next(model.parameters()).dtype == torch.float32
+        # how statistics are computed, for the statistics cache's key
+        self.method = {"executor": "torch-blocks-1", "bf16_autocast": self.bf16, "batch": BATCH}
 
     def _precision(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def first_inputs(self, samples: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
-        captured = []
+        """The first block's inputs per sample, batched (see `_batched`). Each layer's own arguments
+        (masks and rotary tables differ per layer in sliding-window and hybrid families) are recorded
+        once per sequence length, from one forward that stops at the last layer."""
+        captured, self.contexts = [], {}
 
-        def stop(module, args, kwargs):
+        def first(module, args, kwargs):
             captured.append((args, kwargs))
-            raise _Stop
+            if _length(args, kwargs) in self.contexts:  # this length's layer arguments are known: stop here
+                raise _Stop
 
-        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        def record(index):
+            def hook(module, args, kwargs):
+                self.contexts.setdefault(_length(args, kwargs), {})[index] = (args[1:], _without_hidden(kwargs))
+                if index == len(self.layers) - 1:
+                    raise _Stop
+            return hook
+
+        handles = [self.layers[0].register_forward_pre_hook(first, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         try:
             with torch.no_grad(), self._precision():
                 for ids in samples:
@@ -93,11 +110,12 @@ class TorchBlockExecutor:
                     except _Stop:
                         pass
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         if len(captured) != len(samples):
             raise QCompilerError(f"{type(self.model).__name__}'s forward did not reach its first block "
                                  f"({self.path}.0): this model cannot be calibrated block by block")
-        return _batched(captured)
+        return _batched(captured, self.contexts)
 
     def run(self, block: Block, inputs, weights: dict[str, torch.Tensor], taps: dict) -> list[tuple[tuple, dict]]:
         index = self.blocks.index(block)
@@ -112,12 +130,15 @@ class TorchBlockExecutor:
         try:
             with torch.no_grad(), self._precision():
                 for args, kwargs in inputs:
-                    out = torch.func.functional_call(layer, params, args, kwargs, strict=False)
-                    hidden = out[0] if isinstance(out, (tuple, list)) else out
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    rest, own = self.contexts[_length(args, kwargs)][index]  # this layer's own masks and tables
                     if args:
-                        outputs.append(((hidden, *args[1:]), kwargs))
+                        call_args, call_kwargs = (hidden, *rest), own
                     else:
-                        outputs.append(((), {**kwargs, "hidden_states": hidden}))
+                        call_args, call_kwargs = (), {**own, "hidden_states": hidden}
+                    out = torch.func.functional_call(layer, params, call_args, call_kwargs, strict=False)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    outputs.append(((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
         finally:
             for h in handles:
                 h.remove()
@@ -153,42 +174,39 @@ class TorchBlockExecutor:
 BATCH = 16  # samples run through a block together: larger MatMuls, the same results
 
 
-def _batched(captured: list) -> list:
-    """Consecutive samples whose block inputs differ only in the hidden states (same length, same
-    masks and rotary tables) are stacked along the batch, up to BATCH of them."""
+def _length(args, kwargs) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden.shape[1]
+
+
+def _without_hidden(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+def _batched(captured: list, contexts: dict) -> list:
+    """Consecutive samples of one length are stacked along the batch, up to BATCH of them, where
+    every layer's arguments broadcast over the batch (their tensors have batch 1; BLOOM's ALiBi
+    table, batch x heads, does not, and its samples run one by one)."""
     out = []
     for args, kwargs in captured:
-        if out and out[-1][2] < BATCH and _same_context(out[-1][0], out[-1][1], args, kwargs):
-            prev_args, prev_kwargs, n = out[-1]
+        n = _length(args, kwargs)
+        if out and out[-1][2] < BATCH and _length(out[-1][0], out[-1][1]) == n and _broadcasts(contexts[n]):
+            prev_args, prev_kwargs, count = out[-1]
             if args:
                 prev_args = (torch.cat([prev_args[0], args[0]]), *prev_args[1:])
             else:
                 prev_kwargs = {**prev_kwargs, "hidden_states": torch.cat([prev_kwargs["hidden_states"],
                                                                           kwargs["hidden_states"]])}
-            out[-1] = (prev_args, prev_kwargs, n + 1)
+            out[-1] = (prev_args, prev_kwargs, count + 1)
         else:
             out.append((args, kwargs, 1))
     return [(args, kwargs) for args, kwargs, _ in out]
 
 
-def _same_context(args_a, kwargs_a, args_b, kwargs_b) -> bool:
-    hidden_a = args_a[0] if args_a else kwargs_a.get("hidden_states")
-    hidden_b = args_b[0] if args_b else kwargs_b.get("hidden_states")
-    if hidden_a is None or hidden_b is None or hidden_a.shape[1:] != hidden_b.shape[1:] or len(args_a) != len(args_b):
-        return False
-    rest_a = (args_a[1:], {k: v for k, v in kwargs_a.items() if k != "hidden_states"})
-    rest_b = (args_b[1:], {k: v for k, v in kwargs_b.items() if k != "hidden_states"})
-    return _equal(rest_a, rest_b)
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return a is b or a == b
+def _broadcasts(context) -> bool:
+    """Every tensor of every layer's arguments has batch 1 (or no batch)."""
+    tensors = [t for t in tree_flatten(list(context.values()))[0] if isinstance(t, torch.Tensor)]
+    return all(t.dim() < 2 or t.shape[0] == 1 for t in tensors)
 
 
 def _input_tap(tap):
