@@ -126,12 +126,13 @@ class Collector:
             take = min(math.ceil(rows.shape[0] * self.row_rate), rows.shape[0])
             index = torch.randperm(rows.shape[0], generator=self.generator)[:take]
             st.row_chunks.append(rows[index].clone())
-        if "sequence" in kinds:
+        if "sequence" in kinds:  # per sample [seq, K]: reduced over the sequence, then over channels
             per_sample = x.float().reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else rows[None]
-            for s in per_sample:
-                var = s.var(dim=0, unbiased=False) if s.shape[0] > 1 else torch.zeros(s.shape[-1])
-                st.sequence.append((float(var.max()), float(var.mean()), float(s.abs().amax(0).mean()),
-                                    float((s * s).sum()) / s.numel()))
+            var = per_sample.var(dim=1, unbiased=False) if per_sample.shape[1] > 1 else torch.zeros(
+                per_sample.shape[0], per_sample.shape[-1])
+            values = torch.stack([var.amax(-1), var.mean(-1), per_sample.abs().amax(1).mean(-1),
+                                  per_sample.pow(2).mean((1, 2))], 1)
+            st.sequence.extend(tuple(row) for row in values.tolist())
 
 
 class CalibrationEngine:

@@ -119,6 +119,9 @@ def compress(
 
         check_source(config.dataset)
     frontend = registry.frontend_for(model)
+    if config.dataset is not None and getattr(frontend, "executor", None) is None:
+        raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
+                             "and the data-aware options, or start from the transformers model")
     inputs = [model] if isinstance(model, (str, Path)) else []
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
     lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None
@@ -170,11 +173,7 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
     from qcompiler import calibration
     from qcompiler.engine import CalibrationEngine
 
-    make = getattr(frontend, "executor", None)
-    if make is None:
-        raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
-                             "and the data-aware options, or start from the transformers model")
-    executor = make(source, graph)
+    executor = frontend.executor(source, graph)  # compress() checked that the frontend has one
     num_samples, seqlen = config.samples
     data = calibration.load(config.dataset, getattr(source, "tokenizer", None), num_samples, seqlen,
                             generate=getattr(executor, "generate", None))

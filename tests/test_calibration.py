@@ -281,3 +281,12 @@ def test_statistics_cache_is_reused_only_for_the_same_model_and_data(tmp_path):
                                 (tiny_llama(seed=2), _samples())):
                 compress(model, cfg.replace(dataset=data))
     assert {p.name for p in cache.iterdir()} == broken
+
+
+def test_frontends_without_a_block_executor_refuse_data_before_loading(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read: the refusal comes first")
+    cfg = CompressionConfig(mode="int4_sym", awq=True, dataset=_samples())
+    with pytest.raises(QCompilerError, match="onnx frontend cannot run a model on calibration data"):
+        compress(model, cfg, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
