@@ -1,4 +1,5 @@
-"""NNCF's data-aware weight compression on SmolLM2-135M: time, peak memory, size and held-out perplexity.
+"""Data-aware weight compression on SmolLM2-135M, NNCF and qcompiler side by side: time, peak memory, size and
+held-out perplexity, and the bars of issue 10 (`comparison` in the JSON).
 
     python benchmarks/nncf_data_aware.py [--configs a,b,c,d] [--num-samples 64] [--seqlen 128] [--windows 32]
 
