@@ -21,9 +21,8 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
-from qcompiler.ir import Graph
-from qcompiler.passmanager import BlockPass, PassContext, PassResult
-from qcompiler.quant import CompressedWeight, decode_values, matrix_view, quantize, quantize_matrix_with_scale
+from qcompiler.quant import CompressedWeight, decode_values, quantize, quantize_matrix_with_scale
+from qcompiler.weight_fit import WeightFitPass, estimate
 
 MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
 
@@ -35,10 +34,12 @@ class GPTQOptions:
     scale_estimation: bool = False
 
 
-class GPTQ(BlockPass):
+class GPTQ(WeightFitPass):
     name = "gptq"
     Options = GPTQOptions
     propagate_compressed = True
+    modes = MODES
+    count_key = "quantized"
 
     @classmethod
     def options_from(cls, config):
@@ -48,53 +49,18 @@ class GPTQ(BlockPass):
     def statistics(self):
         return frozenset({"hessian", "abs_max"}) if self.options.scale_estimation else frozenset({"hessian"})
 
-    def start(self, graph: Graph, ctx: PassContext) -> None:
-        self.layers: dict[str, dict] = {}
+    def ready(self, st) -> bool:
+        return st.hessian is not None
 
-    def wants(self, graph, ctx) -> list[str]:
-        self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph)}
-        self.not_targets = {c.attrs["weight"]: "not a 2-D weight read by one MatMul in a mode this pass takes: rounded "
-                            "to nearest" for c in graph.weight_constants() if c.meta.get("role") == "primary"
-                            and "compressed" not in c.meta and c.attrs["weight"] not in self.pending}
-        return list(self.pending)
+    def fit(self, w, st, fmt):
+        mean_h = st.hessian / max(st.tokens, 1)
+        refit = None
+        if self.options.scale_estimation and fmt.mode.bits == 4:
+            refit = lambda group, cols: estimate(group, mean_h[cols, cols][None], st.abs_max[cols], fmt.mode, -1)[0]  # noqa: E731
+        return gptq(w, mean_h, fmt.mode, fmt.group_size, self.options.damp, self.options.block, refit)
 
-    def run_block(self, graph: Graph, block, stats, ctx) -> None:
-        for name, (const, axes) in list(self.pending.items()):
-            st = stats.get(name)
-            if st is None or st.hessian is None:
-                continue
-            fmt = const.meta["format"]
-            w, transposed = matrix_view(graph.weight(const).float(), axes)
-            refit = None
-            if self.options.scale_estimation and fmt.mode.bits == 4:
-                from qcompiler.passes.scale_estimation import estimate
-
-                mean_h, importance = st.hessian / max(st.tokens, 1), st.abs_max
-                refit = lambda group, cols: estimate(group, mean_h[cols, cols][None], importance[cols], fmt.mode, -1)[0]  # noqa: E731
-            cw, before, after = gptq(w, st.hessian / max(st.tokens, 1), fmt.mode, fmt.group_size,
-                                     self.options.damp, self.options.block, refit)
-            cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
-            const.meta["compressed"] = cw
-            self.layers[name] = {"error_rtn": before, "error_after": after}
-            del self.pending[name]
-
-    def finish(self, graph, ctx) -> PassResult:
-        skipped = {**self.not_targets, **{name: "no calibration statistics (outside the transformer blocks, or "
-                                                "no token reached it): rounded to nearest" for name in self.pending}}
-        return PassResult(bool(self.layers), {"quantized": len(self.layers), "skipped": skipped,
-                                              "layers": self.layers, "damp": self.options.damp})
-
-
-def targets(graph: Graph) -> list:
-    """Primary linear weights ([out, in], read by one MatMul) in an integer or NF4 mode, not yet compressed."""
-    out = []
-    for const, uses in graph.uses_by_weight().items():
-        fmt = const.meta.get("format")
-        if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in MODES
-                and "compressed" not in const.meta and len(uses) == 1 and uses[0].op.op == "MatMul"
-                and len(const.meta.get("shape", ())) == 2):
-            out.append((const, uses[0].reduction_axes))
-    return out
+    def extra_summary(self) -> dict:
+        return {"damp": self.options.damp}
 
 
 def _params(group: torch.Tensor, mode: Mode, cols: slice, refit):

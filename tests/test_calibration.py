@@ -9,7 +9,7 @@ from qcompiler.calibration import CalibrationData, from_text_file, load
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.passes.gptq import gptq
-from qcompiler.passes.scale_estimation import estimate
+from qcompiler.weight_fit import estimate
 from qcompiler.quant import quantize
 from tests.conftest import tiny_llama, tiny_tokenizer
 
@@ -146,7 +146,7 @@ def test_scale_estimation_never_worse_than_rtn():
     x = torch.randn(256, 128, generator=g) * torch.linspace(0.1, 3, 128)
     w = torch.randn(64, 128, generator=g)
     for mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4):
-        from qcompiler.passes.scale_estimation import hessian_blocks
+        from qcompiler.weight_fit import hessian_blocks
 
         cw, before, after = estimate(w, hessian_blocks(x.t() @ x / len(x), 32), x.abs().amax(0), mode, 32)
         assert after <= before and cw.scale.dtype == torch.float16

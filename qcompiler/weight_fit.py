@@ -1,0 +1,156 @@
+"""Fitting one weight's compressed form to its calibration inputs, on tensors (no backend, no pass).
+
+`estimate` is scale estimation's refit of group scales (the math is in `qcompiler.passes.scale_estimation`'s
+docstring); GPTQ calls it per group too. `WeightFitPass` is the shape both passes share: a block
+pass over the primary 2-D MatMul weights of some modes that fits each one from its input statistics,
+writes its `compressed` form, and reports per layer the output error with round to nearest and after.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from qcompiler.config import Mode
+from qcompiler.ir import Graph
+from qcompiler.passmanager import BlockPass, PassContext, PassResult
+from qcompiler.quant import (CompressedWeight, _f16_scale, decode_values, grouped, matrix_view, quantize,
+                             quantize_matrix_with_scale)
+
+
+class WeightFitPass(BlockPass):
+    """A block pass fitting each primary 2-D MatMul weight in `modes` from its statistics; subclasses
+    give `fit(w [N, K], stats, fmt) -> (CompressedWeight, error with RTN, error after)`."""
+
+    modes: ClassVar[tuple[Mode, ...]] = ()
+    count_key: ClassVar[str] = "fitted"
+
+    def start(self, graph: Graph, ctx: PassContext) -> None:
+        self.layers: dict[str, dict] = {}
+
+    def wants(self, graph, ctx):
+        self.pending = {c.attrs["weight"]: (c, axes) for c, axes in targets(graph, self.modes)}
+        self.not_targets = {c.attrs["weight"]: "not a 2-D weight read by one MatMul in a mode this pass takes: rounded "
+                            "to nearest" for c in graph.weight_constants() if c.meta.get("role") == "primary"
+                            and "compressed" not in c.meta and c.attrs["weight"] not in self.pending}
+        return self.statistics_for(graph)
+
+    def statistics_for(self, graph) -> list[str] | dict[str, frozenset]:
+        return list(self.pending)
+
+    def ready(self, st) -> bool:
+        return st.tokens > 0
+
+    def fit(self, w: torch.Tensor, st, fmt) -> tuple[CompressedWeight, float, float]:
+        raise NotImplementedError
+
+    def run_block(self, graph: Graph, block, stats, ctx) -> None:
+        for name, (const, axes) in list(self.pending.items()):
+            st = stats.get(name)
+            if st is None or not self.ready(st):
+                continue
+            w, transposed = matrix_view(graph.weight(const).float(), axes)
+            cw, before, after = self.fit(w, st, const.meta["format"])
+            cw.shape, cw.transposed = tuple(graph.tensor(const).shape), transposed
+            const.meta["compressed"] = cw
+            self.layers[name] = {"error_rtn": before, "error_after": after}
+            del self.pending[name]
+
+    def finish(self, graph, ctx) -> PassResult:
+        skipped = {**self.not_targets, **{name: "no calibration statistics (outside the transformer blocks, or "
+                                                "no token reached it): rounded to nearest" for name in self.pending}}
+        return PassResult(bool(self.layers), {self.count_key: len(self.layers), "skipped": skipped,
+                                              "layers": self.layers, **self.extra_summary()})
+
+    def extra_summary(self) -> dict:
+        return {}
+
+
+def targets(graph: Graph, modes) -> list:
+    """(weight Constant, reduction axes) of the primary 2-D weights in `modes` read by one MatMul, not
+    yet compressed."""
+    out = []
+    for const, uses in graph.uses_by_weight().items():
+        fmt = const.meta.get("format")
+        if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in modes
+                and "compressed" not in const.meta and len(uses) == 1 and uses[0].op.op == "MatMul"
+                and len(const.meta.get("shape", ())) == 2):
+            out.append((const, uses[0].reduction_axes))
+    return out
+
+
+def group_error(w: torch.Tensor, deq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[N, G]: the mean squared output error of each group, d^T H_g d, for w and deq grouped [N, G, g]
+    and the Hessian's diagonal blocks [G, g, g]."""
+    diff = w - deq
+    return (torch.bmm(diff.transpose(0, 1), blocks).transpose(0, 1) * diff).sum(-1)
+
+
+def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The g x g diagonal blocks [K/g, g, g] of a K x K matrix."""
+    k = h.shape[0]
+    return torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)])
+
+
+def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
+             initial_steps: int = 5, scale_steps: int = 5) -> tuple[CompressedWeight, float, float]:
+    """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K], for
+    the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`)."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    wg = grouped(w, g).reshape(n, k // g, g)
+    xg = blocks.float()
+    rtn = quantize(w, (1,), mode, group_size)
+    scale, zp = rtn.scale.float().reshape(n, k // g, 1), rtn.zero_point
+    zp = None if zp is None else zp.reshape(n, k // g, 1)
+    imp = importance.float().reshape(1, k // g, g)
+
+    def decode(s16, z):
+        codes = quantize_matrix_with_scale(wg, mode, s16, z)
+        values = decode_values(mode, codes)
+        return codes, values - z.float() if z is not None else values
+
+    def error(s16, z):
+        codes, v = decode(s16, z)
+        return group_error(wg, v * s16.float(), xg), v
+
+    best_s = _f16_scale(scale)
+    best_err, v = error(best_s, zp)
+    base = float(best_err.sum())
+
+    w_abs = wg.abs()
+    sign = torch.sign(best_s.float())
+    s_rtn = best_s.float()
+    a = imp * (v != 0)  # importance, zero where round to nearest gave a zero code, normalised per group
+    a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def candidate(v):
+        ideal = w_abs / torch.where(v != 0, v.abs(), 0.001)
+        return _f16_scale(sign * (a * ideal).sum(-1, keepdim=True).clamp(min=1e-12))
+
+    def keep(s16, err):
+        nonlocal best_s, best_err
+        better = (err < best_err)[..., None]
+        best_s = torch.where(better, s16, best_s)
+        best_err = torch.minimum(err, best_err)
+
+    for _ in range(initial_steps):
+        s16 = candidate(v)
+        err, _ = error(s16, zp)
+        keep(s16, err)
+        _, v = decode(best_s, zp)
+    for step in range(scale_steps):
+        _, v_step = decode(_f16_scale(s_rtn * (1 - 0.05 * step)), zp)
+        s16 = candidate(v_step)
+        err, _ = error(s16, zp)
+        keep(s16, err)
+    codes = quantize_matrix_with_scale(wg, mode, best_s, zp)
+    if g == k:  # one group per row: the per-channel layout, as round to nearest writes it
+        codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
+        zp = None if zp is None else zp.reshape(n, 1)
+    cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
+    reference = float(group_error(wg, torch.zeros_like(wg), xg).sum()) or 1.0
+    return cw, base / reference, float(best_err.sum()) / reference
+
+
