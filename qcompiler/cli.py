@@ -155,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 128)")
     c.add_argument("--scale-estimation", action="store_true", help="refit 4-bit scales on calibration data")
     c.add_argument("--gptq", action="store_true", help="GPTQ rounding on calibration data")
-    c.add_argument("--lora-correction", action="store_true", help="not implemented yet")
+    c.add_argument("--lora-correction", action="store_true",
+                   help="add int8 low-rank adapters fitted on calibration data that absorb the 4-bit error")
+    c.add_argument("--lora-rank", type=int, help="rank of the --lora-correction adapters (default 8)")
     c.add_argument("--quantization-statistics-path", metavar="DIR",
                    help="keep the calibration statistics in DIR and reuse them for the same model and data")
     c.add_argument("--sensitivity-metric", choices=[m.value for m in SensitivityMetric],
@@ -241,7 +243,7 @@ def at_least(value, low, flag: str, fix: str) -> None:
 
 COMPRESSION_OPTIONS = ("ratio", "group_size", "sym", "all_layers", "awq", "dataset", "backup_mode",
                        "group_size_fallback", "num_samples", "seqlen", "scale_estimation", "gptq", "lora_correction",
-                       "sensitivity_metric", "quantization_statistics_path")  # optimum's no_compression_parameter_provided()
+                       "lora_rank", "sensitivity_metric", "quantization_statistics_path")  # optimum's no_compression_parameter_provided()
 
 
 def config_from_args(args):
@@ -290,6 +292,7 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
 def _data_aware(args) -> dict:
     return {"dataset": args.dataset, "num_samples": args.num_samples, "seqlen": args.seqlen,
             "scale_estimation": args.scale_estimation, "gptq": args.gptq, "lora_correction": args.lora_correction,
+            "lora_rank": args.lora_rank,
             "sensitivity_metric": args.sensitivity_metric, "statistics_path": args.quantization_statistics_path}
 
 

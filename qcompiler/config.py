@@ -166,6 +166,7 @@ class CompressionConfig:
     scale_estimation: bool = False
     gptq: bool = False
     lora_correction: bool = False
+    lora_rank: int | None = None
     num_samples: int | None = None
     seqlen: int | None = None
     sensitivity_metric: SensitivityMetric | None = None
@@ -259,10 +260,18 @@ class CompressionConfig:
         if self.gptq and self.lora_correction:
             raise QCompilerError("GPTQ and LoRA correction cannot be combined (as in NNCF): drop --gptq or "
                                  "--lora-correction")
-        if self.lora_correction:
-            raise QCompilerError("--lora-correction is not implemented yet: use --awq --scale-estimation (or --gptq) "
-                                 "for data-aware accuracy")
+        if self.lora_rank is not None and not self.lora_correction:
+            raise QCompilerError("--lora-rank sets LoRA correction's rank: add --lora-correction or drop --lora-rank")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise QCompilerError(f"--lora-rank {self.lora_rank} is below 1: use a rank such as 8 (the default)")
+        if self.lora_correction and self.mode is not None and self.mode.bits != 4:
+            raise QCompilerError(f"LoRA correction corrects 4-bit layers; {self.mode} has none (NNCF applies it to "
+                                 "4-bit modes only): drop --lora-correction or pick int4_sym / int4_asym / nf4")
+        if self.lora_correction and self.mode is Mode.MXFP4:
+            raise QCompilerError("LoRA correction is not available for mxfp4 (NNCF refuses it too): drop it or use "
+                                 "int4_sym / int4_asym / nf4")
         needs = [flag for flag, on in (("--scale-estimation", self.scale_estimation), ("--gptq", self.gptq),
+                                       ("--lora-correction", self.lora_correction),
                                        ("--num-samples", self.num_samples is not None),
                                        ("--seqlen", self.seqlen is not None),
                                        ("--quantization-statistics-path", self.statistics_path is not None)) if on]

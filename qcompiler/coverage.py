@@ -34,6 +34,8 @@ def parameter_counts(graph: Graph) -> dict:
     bearing = {c.attrs["weight"] for c in graph.weight_constants()}
     weights = other = 0
     for const in graph.parameter_constants():
+        if const.meta.get("adapter_of"):  # added by a pass, reported apart
+            continue
         numel = graph.weights[const.attrs["weight"]].numel()
         if const.attrs["weight"] in bearing:
             weights += numel
@@ -46,7 +48,7 @@ def float_weights(graph: Graph) -> list[dict]:
     """Every weight-bearing tensor left in float, with the reason."""
     out = []
     for const, uses in graph.uses_by_weight().items():
-        if const.meta.get("format") is not None:
+        if const.meta.get("format") is not None or const.meta.get("adapter_of"):
             continue
         role = const.meta.get("role")
         ignored = const.meta.get("ignored") or next((u.op.meta["ignored"] for u in uses if "ignored" in u.op.meta), None)

@@ -77,6 +77,37 @@ class Graph:
         self.weights[name] = tensor
         return self.add("Constant", attrs={"weight": name}, name=name, meta={"shape": tuple(tensor.shape)})
 
+    def insert(self, op: str, inputs=(), attrs=None, name: str | None = None, meta=None) -> Node:
+        """A new node placed right after the last of its inputs (a Constant first), so the order stays
+        topological; meta "inserted". Backends lower what `qcompiler.rewrites.epilogues` accepts."""
+        node = self.add(op, inputs, attrs, name, {**(meta or {}), "inserted": True})
+        self.nodes.pop()
+        position = max((self.nodes.index(i) + 1 for i in node.inputs), default=0)
+        self.nodes.insert(position, node)
+        return node
+
+    def insert_weight(self, name: str, tensor: torch.Tensor, meta=None) -> Node:
+        """A new weight Constant (see `insert`); its name must not be taken."""
+        if name in self.weights:
+            raise ValueError(f"weight {name} already exists")
+        self.weights[name] = tensor
+        return self.insert("Constant", attrs={"weight": name}, name=name,
+                           meta={"shape": tuple(tensor.shape), **(meta or {})})
+
+    def replace_uses(self, old: Node, new: Node) -> None:
+        """Every reader of `old` (and the graph outputs) reads `new` instead, except `new` and the
+        nodes it depends on."""
+        keep, stack = set(), [new]
+        while stack:
+            n = stack.pop()
+            if n not in keep:
+                keep.add(n)
+                stack.extend(n.inputs)
+        for n in self.nodes:
+            if n not in keep and old in n.inputs:
+                n.inputs = tuple(new if i is old else i for i in n.inputs)
+        self.outputs = [new if o is old else o for o in self.outputs]
+
     def unique_name(self, base: str) -> str:
         name, i = base, 0
         while name in self._names:

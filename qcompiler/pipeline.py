@@ -21,7 +21,7 @@ from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
-DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "scale_estimation", "gptq", "rtn")
+DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "scale_estimation", "gptq", "lora_correction", "rtn")
 
 
 @dataclass

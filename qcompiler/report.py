@@ -10,6 +10,9 @@ How the numbers are computed (stated in the report's "method"):
   per weight, averaged over parameters;
 - bits per weight (all weights) = 8 x bytes stored for every weight-bearing tensor / their parameters
   (llama.cpp's BPW restricted to weights);
+- weights a pass adds (LoRA correction's adapters) are counted apart ("adapters": tensors,
+  parameters, bytes stored), in neither the table nor the bits per weight; the model size
+  includes them;
 - model size = the bytes of the backend's files (for OpenVINO the .xml and .bin: the "IR size");
   output size = the bytes of every file in the artifact folder but this report.
 """
@@ -34,8 +37,14 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
     rows = defaultdict(lambda: {"params": 0, "layers": 0, "ratio_params": 0, "ratio_layers": 0})
     total = comp_params = comp_bytes = all_bytes = 0
     theory_bits = 0.0
+    adapters = {"tensors": 0, "params": 0, "bytes": 0}
     for const in graph.weight_constants():
         numel = graph.tensor(const).numel()
+        if const.meta.get("adapter_of"):  # a pass's new weight (LoRA correction): not one of the model's
+            adapters["tensors"] += 1
+            adapters["params"] += numel
+            adapters["bytes"] += lowered["weight_bytes"].get(const.attrs["weight"], 0)
+            continue
         fmt = const.meta.get("format")
         row = rows[_label(fmt)]
         row["params"] += numel
@@ -66,6 +75,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "table": table,
         "weights": {"tensors": len(graph.weight_constants()), "params": total},
         "parameters": parameter_counts(graph),
+        "adapters": adapters if adapters["tensors"] else None,
         "float_weights": float_weights(graph),
         "model_bytes": sum((out_dir / f).stat().st_size for f in lowered["files"]),
         "output_bytes": sum((out_dir / f).stat().st_size for f in files),
@@ -100,6 +110,10 @@ def format_report(report: dict) -> str:
     if counts:
         lines.append(f"parameters: {counts['weight_bearing']} in weight-bearing layers (the table) + {counts['other']} "
                      f"other (norms, biases) = {counts['total']}")
+    adapters = report.get("adapters")
+    if adapters:
+        lines.append(f"adapters added by passes (LoRA correction): {adapters['tensors']} tensors, {adapters['params']} "
+                     f"parameters, {adapters['bytes'] / 2**20:.2f} MiB (not in the table)")
     floats = report.get("float_weights") or []
     if floats and any(r["reason"] != "no compression asked (fp32)" for r in floats):
         shown = ", ".join(f"{r['name']} ({r['reason']})" for r in floats[:4])
@@ -142,7 +156,8 @@ def _data_aware_lines(report: dict) -> list[str]:
     if awq is not None:
         found = ", ".join(f"{k} {awq['applied'][k]}/{v}" for k, v in awq["matched"].items())
         lines.append(f"AWQ (data-aware): applied / matched per pattern: {found}{_errors(awq.get('layers'), 'error_before')}")
-    for name, label, count in (("scale_estimation", "scale estimation", "estimated"), ("gptq", "GPTQ", "quantized")):
+    for name, label, count in (("scale_estimation", "scale estimation", "estimated"), ("gptq", "GPTQ", "quantized"),
+                               ("lora_correction", "LoRA correction", "corrected")):
         summary = passes.get(name)
         if summary is not None:
             skipped = len(summary.get("skipped") or {})

@@ -67,14 +67,14 @@ class WeightFitPass(BlockPass):
         return {}
 
 
-def targets(graph: Graph, modes) -> list:
+def targets(graph: Graph, modes, compressed: bool = False) -> list:
     """(weight Constant, reduction axes) of the primary 2-D weights in `modes` read by one MatMul, not
-    yet compressed."""
+    yet compressed (unless `compressed`)."""
     out = []
     for const, uses in graph.uses_by_weight().items():
         fmt = const.meta.get("format")
         if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in modes
-                and "compressed" not in const.meta and len(uses) == 1 and uses[0].op.op == "MatMul"
+                and (compressed or "compressed" not in const.meta) and len(uses) == 1 and uses[0].op.op == "MatMul"
                 and len(const.meta.get("shape", ())) == 2):
             out.append((const, uses[0].reduction_axes))
     return out

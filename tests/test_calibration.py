@@ -57,6 +57,10 @@ def test_short_text_says_how_many_tokens(tmp_path):
     ({"gptq": True, "lora_correction": True}, "cannot be combined"),
     ({"mode": "int8_asym", "scale_estimation": True}, "scale estimation refits 4-bit scales"),
     ({"mode": "mxfp4", "gptq": True}, "not available for mxfp4"),
+    ({"mode": "int8_asym", "lora_correction": True}, "LoRA correction corrects 4-bit layers"),
+    ({"mode": "mxfp4", "lora_correction": True}, "not available for mxfp4"),
+    ({"lora_rank": 4}, "add --lora-correction"),
+    ({"lora_correction": True, "lora_rank": 0}, "--lora-rank 0 is below 1"),
 ])
 def test_impossible_data_aware_options(kwargs, message):
     with pytest.raises(QCompilerError, match=message):
@@ -68,6 +72,8 @@ def test_data_aware_options_need_data():
         CompressionConfig(mode="int4_sym", scale_estimation=True, gptq=True)
     with pytest.raises(QCompilerError, match="need calibration data"):
         CompressionConfig(mode="int4_sym", sensitivity_metric="max_activation_variance", ratio=0.8)
+    with pytest.raises(QCompilerError, match="--lora-correction need calibration data"):
+        CompressionConfig(mode="int4_sym", lora_correction=True)
     assert CompressionConfig(mode="int4_sym", awq=True).dataset is None  # data-free AWQ stays
 
 
@@ -257,6 +263,86 @@ def test_a_rewritten_norm_weight_reaches_every_backend(backend, tmp_path):
     assert np.abs(got - expected).max() < 1e-3
 
 
+class _InsertMultiply:
+    """A plugin pass that inserts a node: the output of layer 0's down_proj times a new per-channel
+    weight, and, compressed with everything else, an int8 low-rank term B(A(x)) on its o_proj."""
+
+    from qcompiler.hookspecs import hookimpl
+
+    @hookimpl
+    def qcompiler_register_passes(self):
+        from qcompiler.passmanager import Pass, PassResult
+        from qcompiler.rewrites import module_output
+
+        class InsertMultiply(Pass):
+            name = "insert_multiply"
+
+            def run(self, graph, ctx):
+                path = "model.layers.0.mlp.down_proj"
+                _, y = module_output(graph, path)
+                scale = graph.insert_weight(f"{path}.gain", _gain(y.meta["shape"][-1]))
+                graph.replace_uses(y, graph.insert("Multiply", [y, scale], name=f"{path}/gain",
+                                                   meta={"epilogue_of": path}))
+                return PassResult(True)
+
+        return [InsertMultiply]
+
+
+def _gain(n):
+    return torch.linspace(0.5, 2.0, n)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx", "torch"])
+def test_an_inserted_multiply_reaches_every_backend(backend, tmp_path):
+    from qcompiler.registry import build_registry
+    from tests.families import build
+
+    folder = build("llama", tmp_path / "m")
+    registry = build_registry(plugins=[_InsertMultiply()])
+    compress(folder, CompressionConfig(mode=None, extra_passes=("insert_multiply",)), output=tmp_path / "out",
+             backend=backend, registry=registry)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    down = model.model.layers[0].mlp.down_proj
+    down.register_forward_hook(lambda m, args, out: out * _gain(out.shape[-1]))
+    ids = np.array([[5, 17, 42, 99, 3, 7]])
+    expected = _logits(model, torch.from_numpy(ids)).numpy()[0]
+    plain = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), torch.from_numpy(ids)).numpy()[0]
+    got = registry.backend(backend).runner(tmp_path / "out").logits(ids)[0]
+    assert np.abs(plain - expected).max() > 1e-2  # the change is visible
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_an_inserted_node_outside_an_epilogue_is_refused_before_writing(tmp_path):
+    from qcompiler.hookspecs import hookimpl
+    from qcompiler.passmanager import Pass, PassResult
+    from qcompiler.registry import build_registry
+    from tests.families import build
+
+    class Stray(Pass):
+        name = "stray"
+
+        def run(self, graph, ctx):
+            up = next(u.op for u in graph.weight_uses() if u.op.name.startswith("model.layers.0.mlp.up_proj"))
+            gate = next(u.op for u in graph.weight_uses() if u.op.name.startswith("model.layers.0.mlp.gate_proj"))
+            graph.replace_uses(up, graph.insert("Add", [up, gate], meta={"epilogue_of": "model.layers.0.mlp.up_proj"}))
+            return PassResult(True)
+
+    class Plugin:
+        @hookimpl
+        def qcompiler_register_passes(self):
+            return [Stray]
+
+    folder = build("llama", tmp_path / "m")
+    registry = build_registry(plugins=[Plugin()])
+    for backend in ("openvino", "onnx", "torch"):
+        with pytest.raises(QCompilerError, match="reads model.layers.0.mlp.gate_proj"):
+            compress(folder, CompressionConfig(mode=None, extra_passes=("stray",)), output=tmp_path / backend,
+                     backend=backend, registry=registry)
+        assert not (tmp_path / backend).exists()
+
+
 def test_statistics_cache_is_reused_only_for_the_same_model_and_data(tmp_path):
     cache = tmp_path / "stats"
     cfg = CompressionConfig(mode="int4_sym", group_size=32, awq=True, scale_estimation=True, dataset=_samples(),
@@ -290,3 +376,71 @@ def test_frontends_without_a_block_executor_refuse_data_before_loading(tmp_path)
     with pytest.raises(QCompilerError, match="onnx frontend cannot run a model on calibration data"):
         compress(model, cfg, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# LoRA correction -------------------------------------------------------------------------------
+def test_lora_correction_is_the_best_rank_r_fit_on_the_data():
+    from qcompiler.passes.lora_correction import correct
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 3.0, 64)
+    h = x.t() @ x / 512
+    deq = quantize(w, (1,), Mode.INT4_SYM, 32).dequantize()
+    a, b, before, after = correct(w, deq, h, rank=8, damp=0.0)
+    assert a.mode is Mode.INT8_ASYM and tuple(a.codes.reshape(8, -1).shape) == (8, 64) and b.matrix_shape == (48, 8)
+    d = w - deq
+    rest = d - b.dequantize() @ a.dequantize()
+    assert after == pytest.approx(float(((rest @ h) * rest).sum() / ((w @ h) * w).sum()), rel=1e-4)
+    # no other rank-8 term does much better: the truncated SVD of D L without rounding is the optimum
+    low = torch.linalg.cholesky(h.double())
+    u, s, vt = torch.linalg.svd(d.double() @ low)
+    best = (u[:, :8] * s[:8]) @ vt[:8] @ torch.linalg.inv(low)
+    optimum = float((((d - best) @ h.double()) * (d - best)).sum() / ((w @ h) * w).sum())
+    assert optimum <= after <= optimum * 1.05 and after < 0.8 * before
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx", "torch"])
+def test_lora_adapters_reach_every_backend_as_int8_matmuls(backend, tmp_path):
+    """The artifact computes the compressed weights plus the adapters, exactly where the backend runs in
+    fp32 (OpenVINO); ONNX (int8 activations) and torch (bf16) come closer to the float model than
+    without the adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.registry import build_registry
+    from qcompiler.rewrites import in_module
+    from tests.families import build
+
+    folder = build("llama", tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, scale_estimation=True, dataset=str(text),
+                            num_samples=8, seqlen=32)
+    registry = build_registry()
+    ids = np.array([[5, 17, 42, 99, 3, 7, 64, 12]])
+    float_logits = _logits(AutoModelForCausalLM.from_pretrained(folder).eval(), torch.from_numpy(ids)).numpy()[0]
+    errors = {}
+    for lora in (False, True):
+        out = tmp_path / f"out{lora}"
+        result = compress(folder, cfg.replace(lora_correction=lora), output=out, backend=backend)
+        errors[lora] = np.abs(registry.backend(backend).runner(out).logits(ids)[0] - float_logits).max()
+    summary = result.report["passes"]["lora_correction"]
+    assert summary["corrected"] == 14 and summary["rank"] == 8
+    assert set(summary["skipped"]) == {"model.embed_tokens.weight", "lm_head.weight"}  # 8-bit backup
+    assert result.report["adapters"]["tensors"] == 28
+    assert all(v["error_after"] < v["error_rtn"] for v in summary["layers"].values())
+    assert errors[True] < errors[False]
+    if backend == "openvino":  # fp32 inference: the artifact is the dequantized model plus the adapters
+        graph = compress(folder, cfg.replace(lora_correction=True)).graph  # in memory: the codes are kept
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        params = dict(model.named_parameters())
+        for const in graph.weight_constants():
+            if "compressed" in const.meta and not const.meta.get("adapter_of"):
+                cw = const.meta["compressed"]
+                params[const.attrs["weight"]].data = cw.dequantize().reshape(params[const.attrs["weight"]].shape)
+        with in_module(model, graph):
+            expected = _logits(model, torch.from_numpy(ids)).numpy()[0]
+        got = registry.backend(backend).runner(tmp_path / "outTrue").logits(ids)[0]
+        assert np.abs(got - expected).max() < 1e-3
+        xml = (tmp_path / "outTrue" / "openvino_model.xml").read_text()
+        assert xml.count("lora_A") >= 14 and 'element_type="u8"' in xml

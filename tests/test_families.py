@@ -125,12 +125,14 @@ def test_awq_patterns_found_per_family(family, family_dir):
 DATA = [torch.tensor([(7 * i + 3 * j) % 250 + 3 for j in range(16)]) for i in range(4)]
 DATA_AWARE = CompressionConfig(mode="int4_sym", group_size=32, awq=True, scale_estimation=True, gptq=True,
                                dataset=DATA, num_samples=4, seqlen=16)
+LORA = DATA_AWARE.replace(awq=False, gptq=False, lora_correction=True)
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_data_aware_on_every_family(family, family_dir, tmp_path):
-    """AWQ + scale estimation + GPTQ run block by block on every family; AWQ's folding keeps the float
-    function; the torch artifact runs (OpenVINO and ONNX too for a few families)."""
+    """AWQ + scale estimation + GPTQ, and scale estimation + LoRA correction, run block by block on every
+    family; AWQ's folding keeps the float function; the torch artifact runs (OpenVINO and ONNX too for
+    a few families, whose LoRA adapters are tested in test_calibration)."""
     from transformers import AutoModelForCausalLM
 
     folder, _, want_logits, _ = family_dir(family)
@@ -153,6 +155,11 @@ def test_data_aware_on_every_family(family, family_dir, tmp_path):
         assert np.isfinite(logits).all() and _cosine(logits, want_logits) > 0.5
     if refused:
         return  # the MoE families: their experts cannot be compressed yet, with or without data
+    lora = compress(folder, LORA, output=tmp_path / "lora", backend="torch")
+    corrected = lora.report["passes"]["lora_correction"]["corrected"]
+    assert corrected == len(primary) and lora.report["adapters"]["tensors"] == 2 * corrected
+    logits = build_registry().backend("torch").runner(tmp_path / "lora").logits(np.array([PROMPT]))[0]
+    assert np.isfinite(logits).all() and _cosine(logits, want_logits) > 0.5
     awq_only = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=DATA))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = dict(model.named_parameters())

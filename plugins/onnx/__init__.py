@@ -41,6 +41,11 @@ class ONNXBackend:
         spec, converted_with = None, set()
         if isinstance(source, ONNXSource):
             model, prefix = source.model, ""
+            from qcompiler.rewrites import epilogues
+
+            if epilogues(graph):
+                raise QCompilerError("a pass inserted nodes (e.g. LoRA correction's adapters), which reach an imported "
+                                     "ONNX model not yet: compress the transformers model instead, or drop that option")
         elif hasattr(source.model, "forward"):
             from qcompiler.rewrites import in_module
 

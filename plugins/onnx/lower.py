@@ -3,7 +3,8 @@
 - MatMul: `com.microsoft::MatMulNBits` (4- and 8-bit integer modes; accuracy_level 4 by default,
   onnxruntime's fast CPU path with int8-quantized activations), `com.microsoft::MatMulBnb4` for NF4,
   or with format "qdq" a standard opset-21 `DequantizeLinear` (int4/uint4 blocked, int8/uint8 per
-  channel) feeding the MatMul, which onnxruntime fuses into MatMulNBits at load time.
+  channel) feeding the MatMul, which onnxruntime fuses into MatMulNBits at load time. A per-channel
+  8-bit weight with too few inputs for a MatMulNBits block (a rank-8 LoRA adapter) is always qdq.
 - Gather (embeddings): `com.microsoft::GatherBlockQuantized` on the same packed bytes as
   MatMulNBits, so a tied embedding and lm_head store their codes once.
 MXFP4 has no onnxruntime CPU kernel (nothing takes e8m0 scales) and is refused before any work.
@@ -109,6 +110,13 @@ def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ON
     return stored
 
 
+def _no_nbits_block(cw) -> bool:
+    """A per-channel 8-bit weight whose K no power-of-two block >= 16 divides (a rank-8 LoRA adapter):
+    MatMulNBits cannot hold it, a per-axis DequantizeLinear -> MatMul can."""
+    k = cw.matrix_shape[1]
+    return cw.mode.bits == 8 and cw.group_size == -1 and (k & -k) < layout.MIN_BLOCK
+
+
 class _Edit:
     """Collects new nodes and initializers, then rewrites the graph once."""
 
@@ -131,7 +139,7 @@ class _Edit:
             op = use.node.op_type
             if op == "MatMul" and cw.mode is Mode.NF4:
                 self._bnb4(tname, use, cw)
-            elif op == "MatMul" and self.options.format == "qdq":
+            elif op == "MatMul" and (self.options.format == "qdq" or _no_nbits_block(cw)):
                 self._qdq(tname, use, cw)
             elif op == "MatMul":
                 self._nbits(tname, use, cw, shared)

@@ -54,6 +54,11 @@ class OpenVINOBackend:
         converted_with = set()
         if isinstance(source, OpenVINOSource):
             model, prefix, consts = source.model, "", source.constants
+            from qcompiler.rewrites import epilogues
+
+            if epilogues(graph):
+                raise QCompilerError("a pass inserted nodes (e.g. LoRA correction's adapters), which reach an imported "
+                                     "OpenVINO model not yet: compress the transformers model instead, or drop that option")
         elif hasattr(source.model, "forward"):
             with in_module(source.model, graph) as converted_with:
                 (model, prefix), consts = convert(source), None

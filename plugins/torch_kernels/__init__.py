@@ -19,6 +19,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from qcompiler.quant import CompressedWeight
+from qcompiler.rewrites import Epilogue, epilogues
 
 LAYOUT = "qcompiler_torch.json"
 WEIGHTS = "model.safetensors"
@@ -43,11 +44,20 @@ class TorchKernelsBackend:
             raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
         tensors, layout, weight_bytes = {}, {}, {}
         compressed_names = set()
+        programs = epilogues(graph)
+        new_weights = {name: ep.path for ep in programs for name in ep.weights.values()}
+        for name in new_weights:  # weights a pass inserted: float ones stored as they are
+            if "compressed" not in graph.node(name).meta:
+                value = graph.weight(graph.node(name)).float()
+                tensors[name], weight_bytes[name] = value.contiguous(), value.numel() * 4
         for const, uses in graph.uses_by_weight().items():
             name = const.attrs["weight"]
             cw: CompressedWeight | None = const.meta.get("compressed")
             if cw is None:
                 continue
+            if name in new_weights and any(u.op.op != "MatMul" for u in uses):
+                raise QCompilerError(f"the inserted weight {name} is compressed but not read by a MatMul: "
+                                     "change the pass that inserted it")
             _check_kernel(name, cw)
             codes = pack_nibbles(cw.codes) if cw.mode.bits == 4 else cw.codes
             for key, t in (("codes", codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
@@ -57,6 +67,8 @@ class TorchKernelsBackend:
                             "codes_shape": list(cw.codes.shape),
                             "linears": [u.op.name.split("/")[0] for u in uses if u.op.op == "MatMul"],
                             "embeddings": [u.op.name.split("/")[0] for u in uses if u.op.op == "Gather"]}
+            if name in new_weights:  # an epilogue's int kernel, not a module of the model
+                layout[name].update(linears=[], embeddings=[], epilogue=new_weights[name])
             weight_bytes[name] = sum(t.numel() * t.element_size() for t in (codes, cw.scale, cw.zero_point)
                                      if t is not None)
             compressed_names.add(name)
@@ -73,7 +85,8 @@ class TorchKernelsBackend:
             tensors[key] = value.detach().contiguous()
             weight_bytes[key] = value.numel() * value.element_size()
         save_file(tensors, str(out_dir / WEIGHTS))
-        (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "weights": layout}, indent=2))
+        (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "weights": layout,
+                                                  "epilogues": {ep.path: ep.to_json() for ep in programs}}, indent=2))
         return {"files": [WEIGHTS, LAYOUT], "weight_bytes": weight_bytes}
 
     def can_load(self, path: Path) -> bool:
@@ -101,12 +114,18 @@ def _load_model(folder: Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    layout = json.loads((folder / LAYOUT).read_text())["weights"]
+    document = json.loads((folder / LAYOUT).read_text())
+    layout, programs = document["weights"], document.get("epilogues", {})
     tensors = load_file(str(folder / WEIGHTS))
+    inserted = {name for data in programs.values() for name in data["weights"].values()}
+    if any(name not in layout and name not in tensors for name in inserted):
+        raise QCompilerError(f"the torch artifact in {folder} lacks a weight its epilogues read: the artifact is "
+                             "damaged; compress the model again")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     replaced = {f"{path}.weight" for info in layout.values() for path in info["linears"] + info["embeddings"]}
-    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k
+                                                 and k not in inserted}, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     stored = {params[k].data_ptr() for k in (set(tensors) | replaced) if k in params}
     missing = [k for k in missing if k not in replaced and (k not in params or params[k].data_ptr() not in stored)]
@@ -114,12 +133,17 @@ def _load_model(folder: Path):
         raise QCompilerError(f"the torch artifact in {folder} does not match its config ({len(missing)} tensors "
                              f"missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]}): the "
                              "artifact is damaged; compress the model again")
+    kernels = {}
     for name, info in layout.items():
         mode, g = Mode(info["mode"]), info["group_size"]
         codes, scale = tensors[f"{name}::codes"], tensors[f"{name}::scale"]
         if mode.bits == 4:
             codes = unpack_nibbles(codes, tuple(info["codes_shape"]), signed=not mode.asymmetric)
         zero_point = tensors.get(f"{name}::zero_point")
+        if "epilogue" in info:
+            kernels[name] = (Int4Linear(codes, scale, zero_point, g, None) if mode.bits == 4
+                             else Int8Linear(codes, scale, zero_point, None))
+            continue
         for path in info["embeddings"]:  # no int gather kernel: embeddings decode to float once
             cw = CompressedWeight(mode, g, codes, scale, zero_point, tuple(info["shape"]))
             model.get_submodule(path).weight = torch.nn.Parameter(cw.dequantize(), requires_grad=False)
@@ -129,6 +153,15 @@ def _load_model(folder: Path):
             new = (Int4Linear(codes, scale, zero_point, g, old.bias) if mode.bits == 4
                    else Int8Linear(codes, scale, zero_point, old.bias))
             setattr(model.get_submodule(parent) if parent else model, child, new)
+    for path, data in programs.items():  # after the Linears were replaced: the hooks go on the int kernels
+        ep = Epilogue.from_json(path, data)
+        owner = model.get_submodule(path)
+        for attr, name in ep.weights.items():
+            if name in kernels:
+                owner.add_module(attr, kernels[name])
+            else:
+                owner.register_parameter(attr, torch.nn.Parameter(tensors[name], requires_grad=False))
+        ep.attach(owner)
     model.eval()
     return model
 

@@ -6,7 +6,8 @@ the CPU's instruction set. Activations go through the kernels in bf16, the only 
 - int4 (`_weight_int4pack_mm_for_cpu`, groups of 32/64/128/256): the kernel computes
   w = (q - 8) * scale + zero per group, with q in 0..15. Symmetric codes c in [-8, 7] are
   q = c + 8 with zero = 0; asymmetric (q - zp) * s becomes zero = (8 - zp) * s.
-- int8 (`_weight_int8pack_mm`, per channel): y = x @ (c * s)^T with c int8. Asymmetric codes q in
+- int8 (`_weight_int8pack_mm`, per channel): y = x @ (c * s)^T with c int8; the kernel needs a
+  multiple of 16 inputs (it crashes on a rest), so other layers (a rank-8 LoRA adapter) decode c here. Asymmetric codes q in
   0..255 are c = q - 128 plus a per-channel offset (128 - zp) * s times the sum of x over K.
 """
 
@@ -58,7 +59,10 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.codes, self.scale)
+        if self.in_features % 16:  # the kernel reads 16 inputs at a time (and crashes on a rest): decode here
+            y = (flat.float() @ self.codes.float().t() * self.scale.float()).to(torch.bfloat16)
+        else:
+            y = torch._weight_int8pack_mm(flat, self.codes, self.scale)
         if self.offset is not None:
             y = y + flat.float().sum(-1, keepdim=True).to(torch.bfloat16) * self.offset
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
