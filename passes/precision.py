@@ -51,6 +51,7 @@ class PrecisionOptions:
 class PrecisionAssignment(Pass):
     name = "precision"
     Options = PrecisionOptions
+    assigns_formats = True
 
     @classmethod
     def options_from(cls, config: CompressionConfig):

@@ -39,16 +39,19 @@ class PassResult:
 @dataclass
 class PassContext:
     """What passes share besides the graph: the config, the results of earlier passes, and the
-    calibration engine (None without calibration data)."""
+    calibration engine (None without calibration data). `check_formats(graph)` is the chosen backend's
+    check that it can run every assigned format, called right after the pass that assigns them."""
 
     config: CompressionConfig
     results: dict[str, PassResult] = field(default_factory=dict)
     engine: Any = None
+    check_formats: Any = None
 
 
 class Pass:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    assigns_formats: ClassVar[bool] = False  # the backend's format check runs right after this pass
 
     def __init__(self, options=None) -> None:
         self.options = options if options is not None else self.Options()
@@ -116,6 +119,8 @@ class PassManager:
                 done.append(p.name)
                 if progress is not None:
                     progress.update(1)
+            if ctx.check_formats is not None and any(p.assigns_formats for p in group):
+                ctx.check_formats(graph)  # before any expensive pass, never after an hour of GPTQ
             i += len(group)
         return ctx.results
 

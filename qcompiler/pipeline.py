@@ -148,7 +148,9 @@ def compress(
             refuse_unseen_weights(graph)
         seconds["trace"] = _lap(start, steps, "passes")
         start = time.perf_counter()
-        ctx = PassContext(config)
+        check = getattr(lowering, "check_formats", None)
+        ctx = PassContext(config, check_formats=None if check is None else
+                          lambda g: check(g, dict(backend_options or {})))
         if config.dataset is not None:
             steps.set_description("calibration data")
             ctx.engine = calibration_engine(frontend, source, graph, config)

@@ -444,3 +444,23 @@ def test_lora_adapters_reach_every_backend_as_int8_matmuls(backend, tmp_path):
         assert np.abs(got - expected).max() < 1e-3
         xml = (tmp_path / "outTrue" / "openvino_model.xml").read_text()
         assert xml.count("lora_A") >= 14 and 'element_type="u8"' in xml
+
+
+@pytest.mark.parametrize("backend, options, message", [
+    ("torch", {"group_size": 16}, "torch's int4 CPU kernel takes groups of"),
+    ("onnx", {"mode": "nf4", "all_layers": True}, "NF4 embeddings have no onnxruntime kernel"),
+])
+def test_backend_refuses_an_assigned_format_before_any_data_aware_pass(backend, options, message, tmp_path,
+                                                                       monkeypatch):
+    import qcompiler.passes.gptq as gptq_module
+    from tests.families import build
+
+    def never(*args, **kwargs):
+        raise AssertionError("GPTQ ran before the backend's format check")
+
+    monkeypatch.setattr(gptq_module, "gptq", never)
+    folder = build("llama", tmp_path / "m")
+    cfg = CompressionConfig(**{"mode": "int4_sym", "group_size": 32, "gptq": True, "dataset": _samples(), **options})
+    with pytest.raises(QCompilerError, match=message):
+        compress(folder, cfg, output=tmp_path / "out", backend=backend)
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,12 @@ class ONNXBackend:
 
         check_config(config, ONNXOptions.from_dict(options))
 
+    def check_formats(self, graph, options: dict | None = None) -> None:
+        """onnxruntime has a kernel for every assigned format (called right after precision assignment)."""
+        from qcompiler.plugins.onnx.lower import ONNXOptions, check_formats
+
+        check_formats(graph, ONNXOptions.from_dict(options or {}))
+
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         from qcompiler.plugins.onnx import export, lower
         from qcompiler.plugins.onnx.frontend import ONNXSource

@@ -68,6 +68,33 @@ def check_config(config: CompressionConfig, options: ONNXOptions) -> None:
                              "as MatMulBnb4) or use int4_sym / int4_asym")
 
 
+def check_formats(graph: Graph, options: ONNXOptions) -> None:
+    """The refusals `apply_weights` would give, from the assigned formats alone, before any expensive pass."""
+    from qcompiler.quant import matrix_view
+
+    for const, uses in graph.uses_by_weight().items():
+        fmt = const.meta.get("format")
+        if fmt is None:
+            continue
+        name = const.attrs["weight"]
+        for use in uses:
+            if use.op.op == "Gather" and fmt.mode is Mode.NF4:
+                raise QCompilerError(f"NF4 embeddings have no onnxruntime kernel ({name}): leave them in backup "
+                                     "precision (drop --all-layers) or ignore them (--ignored-scope-type)")
+            if use.op.op not in ("MatMul", "Gather"):
+                raise QCompilerError(f"compressed {use.op.op} weights have no onnxruntime kernel ({name}): ignore "
+                                     "them (--ignored-scope-type) or use --backend openvino")
+            if fmt.mode is Mode.NF4 or (use.op.op == "MatMul" and options.format == "qdq"):
+                continue
+            k = matrix_view(graph.tensor(const), use.reduction_axes)[0].shape[1]
+            if fmt.group_size == -1 and not (fmt.mode.bits == 8 and use.op.op == "MatMul"):
+                layout.block_for(k, name)
+            elif fmt.group_size != -1 and (fmt.group_size < layout.MIN_BLOCK or fmt.group_size & (fmt.group_size - 1)):
+                raise QCompilerError(
+                    f"group size {fmt.group_size} of {name} is not a power of two >= {layout.MIN_BLOCK}, which "
+                    "onnxruntime's MatMulNBits needs: use --group-size 32, 64 or 128, or --backend openvino")
+
+
 def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions, converted=()
                   ) -> dict[str, int]:
     """Rewrite `model` in place with the graph's compressed weights; return bytes stored per weight.

@@ -18,7 +18,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
-from qcompiler.quant import CompressedWeight
+from qcompiler.quant import CompressedWeight, matrix_view
 from qcompiler.rewrites import Epilogue, epilogues
 
 LAYOUT = "qcompiler_torch.json"
@@ -32,6 +32,14 @@ class TorchKernelsBackend:
     def check(self, config, options: dict) -> None:
         if options:
             raise QCompilerError(f"the torch backend takes no options ({', '.join(options)}): drop them")
+
+    def check_formats(self, graph, options: dict | None = None) -> None:
+        """Every assigned format has a kernel here (called right after precision assignment)."""
+        for const, uses in graph.uses_by_weight().items():
+            fmt = const.meta.get("format")
+            if fmt is not None and any(u.op.op == "MatMul" for u in uses):
+                n, k = matrix_view(graph.tensor(const), uses[0].reduction_axes)[0].shape
+                _check_kernel(const.attrs["weight"], fmt.mode, fmt.group_size, n, k)
 
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         from safetensors.torch import save_file
@@ -58,7 +66,7 @@ class TorchKernelsBackend:
             if name in new_weights and any(u.op.op != "MatMul" for u in uses):
                 raise QCompilerError(f"the inserted weight {name} is compressed but not read by a MatMul: "
                                      "change the pass that inserted it")
-            _check_kernel(name, cw)
+            _check_kernel(name, cw.mode, cw.group_size, *cw.matrix_shape)
             codes = pack_nibbles(cw.codes) if cw.mode.bits == 4 else cw.codes
             for key, t in (("codes", codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
                 if t is not None:
@@ -205,16 +213,15 @@ class TorchKernelsRunner:
         return ids[len(input_ids):]
 
 
-def _check_kernel(name: str, cw: CompressedWeight) -> None:
+def _check_kernel(name: str, mode: Mode, group_size: int, n: int, k: int) -> None:
     fix = ("use --weight-format int4 (--sym) with --group-size 32, 64, 128 or 256, or int8, "
            "or --backend openvino, which runs every mode")
-    if cw.mode not in KERNEL_MODES:
-        raise QCompilerError(f"torch has no CPU kernel for {cw.mode} ({name}): {fix}")
-    n, k = cw.matrix_shape
-    if cw.mode.bits == 4 and (cw.group_size not in INT4_GROUP_SIZES or n % 16 or k % 2):
+    if mode not in KERNEL_MODES:
+        raise QCompilerError(f"torch has no CPU kernel for {mode} ({name}): {fix}")
+    if mode.bits == 4 and (group_size not in INT4_GROUP_SIZES or n % 16 or k % 2):
         raise QCompilerError(
             f"torch's int4 CPU kernel takes groups of {INT4_GROUP_SIZES} and layers with a multiple of 16 outputs; "
-            f"{name} ({n}x{k}) has group size {cw.group_size}: {fix}")
+            f"{name} ({n}x{k}) has group size {group_size}: {fix}")
 
 
 @hookimpl
