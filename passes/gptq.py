@@ -15,7 +15,8 @@ The summary has each layer's output error tr(D H D^T) / tr(W H W^T) (D = W - Q(W
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,9 +30,9 @@ MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    damp: float = 0.01
-    block: int = 128
-    scale_estimation: bool = False
+    damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the Hessian's mean diagonal", "min": 0})
+    block: int = field(default=128, metadata={"help": "columns updated together", "min": 1})
+    scale_estimation: bool = False  # set from --scale-estimation: each group's scale refitted as it is reached
 
 
 class GPTQ(WeightFitPass):
@@ -39,11 +40,17 @@ class GPTQ(WeightFitPass):
     Options = GPTQOptions
     propagate_compressed = True
     modes = MODES
+    modes_reason = "GPTQ rounds to integer and NF4 grids (NNCF refuses the other modes too)"
+    flag = "--gptq"
+    help = "GPTQ rounding on calibration data"
+    needs_data = True
+    conflicts = ("lora_correction",)
     count_key = "quantized"
 
     @classmethod
     def options_from(cls, config):
-        return cls.Options(scale_estimation=config.scale_estimation) if config.gptq else None
+        options = super().options_from(config)
+        return None if options is None else dataclasses.replace(options, scale_estimation=config.scale_estimation)
 
     @property
     def statistics(self):

@@ -19,7 +19,7 @@ layer's relative output error tr(D H D^T) / tr(W H W^T) before and after.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,8 +35,9 @@ ADAPTER_MODE = Mode.INT8_ASYM
 
 @dataclass(frozen=True)
 class LoRACorrectionOptions:
-    rank: int = 8
-    damp: float = 0.1
+    rank: int = field(default=8, metadata={"help": "rank of the adapters", "flag": "--lora-rank", "min": 1})
+    damp: float = field(default=0.1, metadata={"help": "regularisation towards the weight error, a fraction of the "
+                                                       "Hessian's mean diagonal", "min": 0})
 
 
 class LoRACorrection(WeightFitPass):
@@ -44,11 +45,12 @@ class LoRACorrection(WeightFitPass):
     Options = LoRACorrectionOptions
     statistics = frozenset({"hessian"})
     modes = MODES
+    modes_reason = "LoRA correction corrects 4-bit layers (NNCF applies it to 4-bit modes only)"
+    flag = "--lora-correction"
+    help = "add int8 low-rank adapters, fitted on calibration data, that absorb the 4-bit error"
+    needs_data = True
+    conflicts = ("gptq",)
     count_key = "corrected"
-
-    @classmethod
-    def options_from(cls, config):
-        return cls.Options(rank=config.lora_rank or 8) if config.lora_correction else None
 
     def wants(self, graph, ctx):
         # weights an earlier pass of the same sweep (scale estimation) compresses are corrected too

@@ -18,7 +18,7 @@ on the calibration data, summed over groups) with RTN and with the refitted scal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
@@ -30,8 +30,9 @@ MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4)
 
 @dataclass(frozen=True)
 class ScaleEstimationOptions:
-    initial_steps: int = 5
-    scale_steps: int = 5
+    initial_steps: int = field(default=5, metadata={"help": "rounds of refitting from the current codes", "min": 0})
+    scale_steps: int = field(default=5, metadata={"help": "candidates from shrunken round-to-nearest scales",
+                                                  "min": 0})
 
 
 class ScaleEstimation(WeightFitPass):
@@ -39,11 +40,15 @@ class ScaleEstimation(WeightFitPass):
     Options = ScaleEstimationOptions
     statistics = frozenset({"abs_max"})  # and each weight's "hessian_blocks:<group size>" (see statistics_for)
     modes = MODES
+    modes_reason = "scale estimation refits 4-bit scales (NNCF refuses it on other modes too)"
+    flag = "--scale-estimation"
+    help = "refit 4-bit scales on calibration data"
+    needs_data = True
     count_key = "estimated"
 
     @classmethod
     def options_from(cls, config):
-        return cls.Options() if config.scale_estimation and not config.gptq else None
+        return None if config.gptq else super().options_from(config)  # GPTQ refits its scales itself
 
     def statistics_for(self, graph):
         return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}

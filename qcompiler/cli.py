@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from qcompiler import memory, output
+from qcompiler import pass_options
 from qcompiler.output import _signals_held
 from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, SensitivityMetric, parse_enum
 from qcompiler.errors import QCompilerError
@@ -153,11 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the model writes itself), or a datasets name available offline")
     c.add_argument("--num-samples", type=int, help="calibration samples (default 128, as optimum-cli)")
     c.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 128)")
-    c.add_argument("--scale-estimation", action="store_true", help="refit 4-bit scales on calibration data")
-    c.add_argument("--gptq", action="store_true", help="GPTQ rounding on calibration data")
-    c.add_argument("--lora-correction", action="store_true",
-                   help="add int8 low-rank adapters fitted on calibration data that absorb the 4-bit error")
-    c.add_argument("--lora-rank", type=int, help="rank of the --lora-correction adapters (default 8)")
+    with _signals_held():  # the passes' declarations import torch
+        pass_options.add_flags(c, pass_options.installed())  # --scale-estimation, --gptq, --lora-correction, ...
     c.add_argument("--quantization-statistics-path", metavar="DIR",
                    help="keep the calibration statistics in DIR and reuse them for the same model and data")
     c.add_argument("--sensitivity-metric", choices=[m.value for m in SensitivityMetric],
@@ -242,8 +240,8 @@ def at_least(value, low, flag: str, fix: str) -> None:
 
 
 COMPRESSION_OPTIONS = ("ratio", "group_size", "sym", "all_layers", "awq", "dataset", "backup_mode",
-                       "group_size_fallback", "num_samples", "seqlen", "scale_estimation", "gptq", "lora_correction",
-                       "lora_rank", "sensitivity_metric", "quantization_statistics_path")  # optimum's no_compression_parameter_provided()
+                       "group_size_fallback", "num_samples", "seqlen",
+                       "sensitivity_metric", "quantization_statistics_path")  # optimum's no_compression_parameter_provided()
 
 
 def config_from_args(args):
@@ -257,7 +255,7 @@ def config_from_args(args):
         types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
     )
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
-                   for name in COMPRESSION_OPTIONS)
+                   for name in COMPRESSION_OPTIONS) or pass_options.any_given(args)  # or a pass's flag
     if args.model_id is not None and args.weight_format not in ("int4", "int8"):
         raise QCompilerError("--model-id chooses the per-model defaults of --weight-format int4 / int8: drop it")
     config, defaults = model_defaults.resolve(args.weight_format, explicit, args.model, args.model_id,
@@ -291,8 +289,7 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
 
 def _data_aware(args) -> dict:
     return {"dataset": args.dataset, "num_samples": args.num_samples, "seqlen": args.seqlen,
-            "scale_estimation": args.scale_estimation, "gptq": args.gptq, "lora_correction": args.lora_correction,
-            "lora_rank": args.lora_rank,
+            "passes": pass_options.from_args(args, pass_options.installed()),
             "sensitivity_metric": args.sensitivity_metric, "statistics_path": args.quantization_statistics_path}
 
 

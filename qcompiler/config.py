@@ -166,11 +166,11 @@ class CompressionConfig:
     scale_estimation: bool = False
     gptq: bool = False
     lora_correction: bool = False
-    lora_rank: int | None = None
     num_samples: int | None = None
     seqlen: int | None = None
     sensitivity_metric: SensitivityMetric | None = None
     statistics_path: str | None = None
+    passes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, list):
@@ -240,9 +240,6 @@ class CompressionConfig:
                 "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
             )
         if self.mode.bits == 8:
-            if self.scale_estimation:
-                raise QCompilerError(f"scale estimation refits 4-bit scales; {self.mode} has none to refit (NNCF "
-                                     "refuses it too): drop --scale-estimation or pick a 4-bit mode such as int4_sym")
             if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or self.dataset is not None:
                 raise QCompilerError(
                     f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers, "
@@ -252,27 +249,30 @@ class CompressionConfig:
             raise QCompilerError(
                 f"mxfp4 uses blocks of 32 (OCP MX format), not {group_size}: drop --group-size or pass 32"
             )
-        if (self.awq or self.scale_estimation or self.gptq) and self.mode is Mode.MXFP4:
-            raise QCompilerError("AWQ, scale estimation and GPTQ are not available for mxfp4 (NNCF refuses them "
-                                 "too): drop them or use int4_sym / int4_asym / nf4")
+        if self.awq and self.mode is Mode.MXFP4:
+            raise QCompilerError("AWQ is not available for mxfp4 (NNCF refuses it too): drop it or use int4_sym / "
+                                 "int4_asym / nf4")
+
+    def switched_on(self) -> dict[str, dict]:
+        """{pass name: options} of the passes this config switches on: `passes`, plus the built-ins'
+        own fields (`scale_estimation=True` is `passes={"scale_estimation": {}}`)."""
+        on = {name: dict(values or {}) for name, values in dict(self.passes).items()}
+        for name in ("scale_estimation", "gptq", "lora_correction"):
+            if getattr(self, name):
+                on.setdefault(name, {})
+        return on
 
     def _validate_data_aware(self) -> None:
-        if self.gptq and self.lora_correction:
-            raise QCompilerError("GPTQ and LoRA correction cannot be combined (as in NNCF): drop --gptq or "
-                                 "--lora-correction")
-        if self.lora_rank is not None and not self.lora_correction:
-            raise QCompilerError("--lora-rank sets LoRA correction's rank: add --lora-correction or drop --lora-rank")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise QCompilerError(f"--lora-rank {self.lora_rank} is below 1: use a rank such as 8 (the default)")
-        if self.lora_correction and self.mode is not None and self.mode.bits != 4:
-            raise QCompilerError(f"LoRA correction corrects 4-bit layers; {self.mode} has none (NNCF applies it to "
-                                 "4-bit modes only): drop --lora-correction or pick int4_sym / int4_asym / nf4")
-        if self.lora_correction and self.mode is Mode.MXFP4:
-            raise QCompilerError("LoRA correction is not available for mxfp4 (NNCF refuses it too): drop it or use "
-                                 "int4_sym / int4_asym / nf4")
-        needs = [flag for flag, on in (("--scale-estimation", self.scale_estimation), ("--gptq", self.gptq),
-                                       ("--lora-correction", self.lora_correction),
-                                       ("--num-samples", self.num_samples is not None),
+        from qcompiler import pass_options
+
+        registry = pass_options.installed()  # plugin passes of another registry are checked by `compress`
+        typed = pass_options.validate(self, registry, {k: v for k, v in self.switched_on().items()
+                                                       if k in registry.passes})
+        for name in ("scale_estimation", "gptq", "lora_correction"):
+            object.__setattr__(self, name, name in self.switched_on())
+        object.__setattr__(self, "passes", {k: typed.get(k, v) for k, v in dict(self.passes).items()})
+        pass_flags = pass_options.needing_data(typed, registry)
+        needs = pass_flags + [flag for flag, on in (("--num-samples", self.num_samples is not None),
                                        ("--seqlen", self.seqlen is not None),
                                        ("--quantization-statistics-path", self.statistics_path is not None)) if on]
         if self.sensitivity_metric is not None and self.sensitivity_metric.data_aware:

@@ -49,17 +49,31 @@ class PassContext:
 
 
 class Pass:
+    """A rewrite of the IR. A pass a user switches on declares its flag, options and rules once (see
+    `qcompiler.pass_options`): the command line, `CompressionConfig(passes=...)`, validation and the
+    report derive from the declaration."""
+
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     assigns_formats: ClassVar[bool] = False  # the backend's format check runs right after this pass
+    flag: ClassVar[str | None] = None  # the switch (`--gptq`); None: runs whenever the pipeline has it
+    help: ClassVar[str | None] = None
+    needs_data: ClassVar[bool] = False
+    conflicts: ClassVar[tuple[str, ...]] = ()  # names of passes it cannot run with
+    modes: ClassVar[tuple] = ()  # the config modes it takes (empty: any), and why others are refused:
+    modes_reason: ClassVar[str] = ""
 
     def __init__(self, options=None) -> None:
         self.options = options if options is not None else self.Options()
 
     @classmethod
     def options_from(cls, config: CompressionConfig):
-        """Options for this pass under `config`, or None when the pass should not run."""
-        return cls.Options()
+        """Options for this pass under `config`, or None when the pass should not run: a pass with a
+        flag runs when switched on, with the options given (`config.switched_on()`)."""
+        values = config.switched_on().get(cls.name)
+        if values is None:
+            return None if cls.flag else cls.Options()
+        return cls.Options(**values)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -114,6 +128,9 @@ class PassManager:
                 raise PassError(f"failed in pass {names}{after}: {type(exc).__name__}: {exc}") from exc
             for p, result in zip(group, results):
                 result.summary.setdefault("seconds", round((time.perf_counter() - start) / len(group), 4))
+                declared = _declared_options(p)
+                if declared:
+                    result.summary.setdefault("options", declared)
                 ctx.results[p.name] = result
                 log.info("pass %s: %s", p.name, result.summary)
                 done.append(p.name)
@@ -123,6 +140,12 @@ class PassManager:
                 ctx.check_formats(graph)  # before any expensive pass, never after an hour of GPTQ
             i += len(group)
         return ctx.results
+
+
+def _declared_options(p: Pass) -> dict:
+    from qcompiler.pass_options import user_options
+
+    return {f.name: getattr(p.options, f.name) for f in user_options(type(p))}
 
 
 def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, progress=None) -> list[PassResult]:

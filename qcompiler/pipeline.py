@@ -208,8 +208,20 @@ def _check_backend(backend, config: CompressionConfig, options: dict) -> None:
 
 
 def build_passes(config: CompressionConfig, registry: Registry) -> list:
+    """The pipeline's passes that run under `config`: the default ones, then `extra_passes` and passes
+    switched on in `config.passes` that are not in it, before round to nearest. The switched-on passes'
+    declared options and rules are checked against `registry` first (plugin passes included)."""
+    from qcompiler import pass_options
+
+    typed = pass_options.validate(config, registry)
+    needs = pass_options.needing_data(typed, registry)
+    if needs and config.dataset is None:
+        raise QCompilerError(f"{', '.join(needs)} need calibration data: add --dataset FILE (a plain-text file) "
+                             "or --dataset auto (text the model writes itself)")
+    config = config.replace(passes={**dict(config.passes), **{k: v for k, v in typed.items() if k in config.passes}})
     names = list(DEFAULT_PIPELINE)
-    names[names.index("rtn"):names.index("rtn")] = list(config.extra_passes)
+    extra = list(config.extra_passes) + [n for n in typed if n not in names and n not in config.extra_passes]
+    names[names.index("rtn"):names.index("rtn")] = extra
     passes = []
     for name in names:
         cls = registry.pass_class(name)

@@ -23,7 +23,6 @@ class WeightFitPass(BlockPass):
     """A block pass fitting each primary 2-D MatMul weight in `modes` from its statistics; subclasses
     give `fit(w [N, K], stats, fmt) -> (CompressedWeight, error with RTN, error after)`."""
 
-    modes: ClassVar[tuple[Mode, ...]] = ()
     count_key: ClassVar[str] = "fitted"
 
     def start(self, graph: Graph, ctx: PassContext) -> None:

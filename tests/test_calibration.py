@@ -56,15 +56,76 @@ def test_short_text_says_how_many_tokens(tmp_path):
     ({"num_samples": 0}, "--num-samples 0"),
     ({"gptq": True, "lora_correction": True}, "cannot be combined"),
     ({"mode": "int8_asym", "scale_estimation": True}, "scale estimation refits 4-bit scales"),
-    ({"mode": "mxfp4", "gptq": True}, "not available for mxfp4"),
+    ({"mode": "mxfp4", "gptq": True}, "mxfp4 is not one of them: drop --gptq"),
     ({"mode": "int8_asym", "lora_correction": True}, "LoRA correction corrects 4-bit layers"),
-    ({"mode": "mxfp4", "lora_correction": True}, "not available for mxfp4"),
-    ({"lora_rank": 4}, "add --lora-correction"),
-    ({"lora_correction": True, "lora_rank": 0}, "--lora-rank 0 is below 1"),
+    ({"mode": "mxfp4", "lora_correction": True}, "mxfp4 is not one of them: drop --lora-correction"),
+    ({"mode": "mxfp4", "awq": True}, "AWQ is not available for mxfp4"),
+    ({"passes": {"lora_correction": {"rank": 0}}}, "--lora-rank 0 is below 1"),
+    ({"passes": {"lora_correction": {"rnk": 4}}}, "has no option 'rnk' \\(its options: rank, damp\\)"),
+    ({"passes": {"gptq": {"damp": "much"}}}, "--gptq-damp takes float, not 'much'"),
 ])
 def test_impossible_data_aware_options(kwargs, message):
     with pytest.raises(QCompilerError, match=message):
         CompressionConfig(**{"mode": "int4_sym", "dataset": "x.txt", **kwargs})
+
+
+def test_an_unknown_pass_is_refused_before_loading():
+    from qcompiler.pipeline import build_passes
+    from qcompiler.registry import build_registry
+
+    cfg = CompressionConfig(mode="int4_sym", passes={"nope": {}})  # maybe a plugin of another registry
+    with pytest.raises(QCompilerError, match="no pass named 'nope' is installed .*--gptq"):
+        build_passes(cfg, build_registry())
+
+
+def test_a_plugin_pass_declares_its_options_once(tmp_path):
+    """Its flag and option reach the command line, CompressionConfig and the report from one declaration."""
+    import dataclasses as dc
+
+    from qcompiler import pass_options
+    from qcompiler.hookspecs import hookimpl
+    from qcompiler.passmanager import Pass, PassResult
+    from qcompiler.registry import build_registry
+
+    @dc.dataclass(frozen=True)
+    class ShrinkOptions:
+        strength: float = dc.field(default=1.0, metadata={"help": "how much", "min": 0})
+
+    class Shrink(Pass):
+        name, flag, help, needs_data = "shrink", "--shrink", "scale every norm weight", True
+        conflicts = ("gptq",)
+        Options = ShrinkOptions
+
+        def run(self, graph, ctx):
+            return PassResult(True, {"strength seen": self.options.strength})
+
+    class Plugin:
+        @hookimpl
+        def qcompiler_register_passes(self):
+            return [Shrink]
+
+    registry = build_registry(plugins=[Plugin()])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    pass_options.add_flags(parser, registry)
+    args = parser.parse_args(["--shrink", "--shrink-strength", "0.5"])
+    assert pass_options.from_args(args, registry)["shrink"] == {"strength": 0.5}
+    with pytest.raises(QCompilerError, match="--shrink-strength is an option of --shrink"):
+        pass_options.from_args(parser.parse_args(["--shrink-strength", "2"]), registry)
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, passes={"shrink": {"strength": 2}}, dataset=_samples())
+    result = compress(tiny_llama(), cfg, registry=registry)
+    assert result.results["shrink"].summary["strength seen"] == 2.0
+    assert result.results["shrink"].summary["options"] == {"strength": 2.0}
+    from qcompiler.pipeline import build_passes
+
+    for bad, message in (({"strength": -1}, "--shrink-strength -1.0 is below 0"),):
+        with pytest.raises(QCompilerError, match=message):
+            build_passes(cfg.replace(passes={"shrink": bad}), registry)
+    with pytest.raises(QCompilerError, match="--shrink need calibration data"):
+        build_passes(CompressionConfig(mode="int4_sym", passes={"shrink": {}}), registry)
+    with pytest.raises(QCompilerError, match="--shrink and --gptq cannot be combined"):
+        build_passes(cfg.replace(gptq=True), registry)
 
 
 def test_data_aware_options_need_data():
