@@ -101,7 +101,8 @@ def output_error(d: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
 
 def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: float = 0.01, block: int = 128,
          refit=None) -> tuple[CompressedWeight, float, float]:
-    """(compressed W [N, K], relative output error of RTN, of GPTQ) for the mean Hessian h [K, K]."""
+    """(compressed W [N, K], relative output error of RTN, of GPTQ) for the mean Hessian h [K, K]. The
+    column updates run in float32 (as the reference implementation); the inverse in float64."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     if g != k:
@@ -109,14 +110,14 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
     h_metric = h.float()
     h = h.clone().double()
     w0 = w.clone()
-    W = w.clone().double()
+    W = w.clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     W[:, dead] = 0
-    u = _inverse_cholesky(h, damp)
+    u = _inverse_cholesky(h, damp).float()
     codes = torch.empty(n, k, dtype=torch.int8 if mode in (Mode.INT4_SYM, Mode.INT8_SYM) else torch.uint8)
     scales, zps = [], []
-    scale = zp = None
+    column = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = W[:, i1:i2].clone()
@@ -126,12 +127,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
             col = i1 + i
             if col % g == 0:
                 source = W[:, col:col + g] if g > i2 - i1 else w1[:, i:i + g]
-                scale, zp = _params(source.float(), mode, slice(col, col + g), refit)
+                scale, zp = _params(source, mode, slice(col, col + g), refit)
                 scales.append(scale)
                 zps.append(zp)
-            q = quantize_matrix_with_scale(w1[:, i:i + 1].float(), mode, scale, zp)
-            codes[:, col] = q[:, 0]
-            e = (w1[:, i] - _decode(mode, q, scale, zp)[:, 0].double()) / u1[i, i]
+                column = _column_rounding(mode, scale, zp)
+            q, deq = column(w1[:, i])
+            codes[:, col] = q
+            e = (w1[:, i] - deq) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         W[:, i2:] -= err1 @ u[i1:i2, i2:]
@@ -144,6 +146,30 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
         cw = CompressedWeight(mode, group_size, codes.reshape(n, k // g, g), scale_t, zp_t, (n, k))
     rtn = quantize(w0, (1,), mode, group_size).dequantize()
     return cw, output_error(w0 - rtn, w0, h_metric), output_error(w0 - cw.dequantize(), w0, h_metric)
+
+
+def _column_rounding(mode: Mode, scale: torch.Tensor, zp):
+    """column [N] -> (codes [N], decoded values [N]) for one group's stored scale (and zero point):
+    `quantize_matrix_with_scale` and `_decode` on one column, inlined for the integer modes."""
+    if mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+        def generic(col):
+            q = quantize_matrix_with_scale(col[:, None], mode, scale, zp)
+            return q[:, 0], _decode(mode, q, scale, zp)[:, 0]
+        return generic
+    s = scale.float()[:, 0]
+    if zp is None:
+        half, dtype = 2 ** (mode.bits - 1), torch.int8
+
+        def symmetric(col):
+            x = (col / s).round_().clamp_(-half, half - 1)
+            return x.to(dtype), x * s
+        return symmetric
+    z, top = zp.float()[:, 0], 2 ** mode.bits - 1
+
+    def asymmetric(col):
+        x = (col / s).round_().add_(z).clamp_(0, top)
+        return x.to(torch.uint8), (x - z) * s
+    return asymmetric
 
 
 @hookimpl
