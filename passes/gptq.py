@@ -22,7 +22,7 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
-from qcompiler.quant import CompressedWeight, decode_values, quantize, quantize_matrix_with_scale
+from qcompiler.quant import CompressedWeight, decode_values, matrix_view, quantize, quantize_matrix_with_scale
 from qcompiler.weight_fit import WeightFitPass, estimate
 
 MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
@@ -30,7 +30,8 @@ MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the Hessian's mean diagonal", "min": 0})
+    damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the Hessian's mean diagonal",
+                                                "above": 0})
     block: int = field(default=128, metadata={"help": "columns updated together", "min": 1})
     scale_estimation: bool = False  # set from --scale-estimation: each group's scale refitted as it is reached
 
@@ -59,15 +60,43 @@ class GPTQ(WeightFitPass):
     def ready(self, st) -> bool:
         return st.hessian is not None
 
-    def fit(self, w, st, fmt):
+    def fit(self, w, st, fmt, errors: bool = True):
         mean_h = st.hessian / max(st.tokens, 1)
         refit = None
         if self.options.scale_estimation and fmt.mode.bits == 4:
             refit = lambda group, cols: estimate(group, mean_h[cols, cols][None], st.abs_max[cols], fmt.mode, -1)[0]  # noqa: E731
-        return gptq(w, mean_h, fmt.mode, fmt.group_size, self.options.damp, self.options.block, refit)
+        return gptq(w, mean_h, fmt.mode, fmt.group_size, self.options.damp, self.options.block, refit, errors)
 
     def extra_summary(self) -> dict:
         return {"damp": self.options.damp}
+
+    def run_block(self, graph, block, stats, ctx) -> None:
+        """Weights that read one input (q, k and v; gate and up) share its Hessian, and GPTQ treats rows
+        independently: they are rounded as one stacked matrix (one inverse, one column loop)."""
+        stacks: dict[tuple, list] = {}
+        for name, (const, axes) in self.pending.items():
+            st = stats.get(name)
+            if st is not None and self.ready(st):
+                fmt = const.meta["format"]
+                stacks.setdefault((id(st), fmt.mode, fmt.group_size), []).append((name, const, axes, st))
+        for members in stacks.values():
+            views = [matrix_view(graph.weight(c).float(), axes) for _, c, axes, _ in members]
+            st, fmt = members[0][3], members[0][1].meta["format"]
+            cw, _, _ = self.fit(torch.cat([w for w, _ in views]), st, fmt, errors=False)
+            h = st.hessian / max(st.tokens, 1)
+            start = 0
+            for (name, const, axes, _), (w, transposed) in zip(members, views):
+                rows = slice(start, start + w.shape[0])
+                start += w.shape[0]
+                part = CompressedWeight(cw.mode, cw.group_size, cw.codes[rows].clone(), cw.scale[rows].clone(),
+                                        None if cw.zero_point is None else cw.zero_point[rows].clone(),
+                                        tuple(graph.tensor(const).shape), transposed)
+                const.meta["compressed"] = part
+                rtn = quantize(w, (1,), fmt.mode, fmt.group_size).dequantize()
+                self.layers[name] = {"error_rtn": output_error(w - rtn, w, h.float()),
+                                     "error_after": output_error(w - matrix_view(part.dequantize(), axes)[0], w,
+                                                                 h.float())}
+                del self.pending[name]
 
 
 def _params(group: torch.Tensor, mode: Mode, cols: slice, refit):
@@ -100,9 +129,10 @@ def output_error(d: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: float = 0.01, block: int = 128,
-         refit=None) -> tuple[CompressedWeight, float, float]:
+         refit=None, errors: bool = True) -> tuple[CompressedWeight, float | None, float | None]:
     """(compressed W [N, K], relative output error of RTN, of GPTQ) for the mean Hessian h [K, K]. The
-    column updates run in float32 (as the reference implementation); the inverse in float64."""
+    updates run in float64 (on SmolLM2 with AWQ + scale estimation, float32 updates gave held-out
+    perplexity 22.04, float64 21.85), each column rounded in float32 as round to nearest rounds."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     if g != k:
@@ -110,11 +140,11 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
     h_metric = h.float()
     h = h.clone().double()
     w0 = w.clone()
-    W = w.clone().float()
+    W = w.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     W[:, dead] = 0
-    u = _inverse_cholesky(h, damp).float()
+    u = _inverse_cholesky(h, damp)
     codes = torch.empty(n, k, dtype=torch.int8 if mode in (Mode.INT4_SYM, Mode.INT8_SYM) else torch.uint8)
     scales, zps = [], []
     column = None
@@ -127,13 +157,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
             col = i1 + i
             if col % g == 0:
                 source = W[:, col:col + g] if g > i2 - i1 else w1[:, i:i + g]
-                scale, zp = _params(source, mode, slice(col, col + g), refit)
+                scale, zp = _params(source.float(), mode, slice(col, col + g), refit)
                 scales.append(scale)
                 zps.append(zp)
                 column = _column_rounding(mode, scale, zp)
-            q, deq = column(w1[:, i])
+            q, deq = column(w1[:, i].float())
             codes[:, col] = q
-            e = (w1[:, i] - deq) / u1[i, i]
+            e = (w1[:, i] - deq.double()) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         W[:, i2:] -= err1 @ u[i1:i2, i2:]
@@ -144,6 +174,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
         scale_t = torch.stack(scales, 1)  # [N, G, 1]
         zp_t = None if zps[0] is None else torch.stack(zps, 1)
         cw = CompressedWeight(mode, group_size, codes.reshape(n, k // g, g), scale_t, zp_t, (n, k))
+    if not errors:
+        return cw, None, None
     rtn = quantize(w0, (1,), mode, group_size).dequantize()
     return cw, output_error(w0 - rtn, w0, h_metric), output_error(w0 - cw.dequantize(), w0, h_metric)
 

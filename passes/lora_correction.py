@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qcompiler.config import Mode
+from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.quant import matrix_view, quantize
 from qcompiler.rewrites import module_output
@@ -59,6 +60,13 @@ class LoRACorrection(WeightFitPass):
                             if c.meta.get("role") == "backup" else "not a 2-D weight read by one MatMul: no adapter"
                             for c in graph.weight_constants() if c.meta.get("role") in ("primary", "backup")
                             and c.attrs["weight"] not in self.pending}
+        uses = graph.uses_by_weight()
+        for name, (const, _) in list(self.pending.items()):  # the adapter follows the layer's module
+            try:
+                module_output(graph, uses[const][0].op.name.split("/")[0])
+            except QCompilerError as exc:
+                self.not_targets[name] = f"no adapter: {exc}"
+                del self.pending[name]
         return list(self.pending)
 
     def ready(self, st) -> bool:
@@ -96,13 +104,12 @@ def correct(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor, rank: int, damp
     d = (w - deq).float()
     n, k = d.shape
     r = min(rank, n, k)
-    hd = damped(h, damp)
-    low = chol if chol is not None else cholesky(hd)
+    low = chol if chol is not None else cholesky(damped(h, damp))
     u, s, vt = _top_svd(d @ low, r)  # D L ~ U S V^T
     a = torch.linalg.solve_triangular(low, s.sqrt()[:, None] * vt, upper=False, left=False)  # sqrt(S) V^T L^-1
     qa = quantize(a, (1,), ADAPTER_MODE, -1)
     aq = qa.dequantize().float()
-    ha = hd @ aq.t()  # [K, r]
+    ha = low @ (low.t() @ aq.t())  # Hd A^T [K, r], Hd as factored (with any extra damping)
     gram = (aq @ ha).double()
     b = torch.linalg.solve(gram + 1e-9 * torch.diag(gram).mean() * torch.eye(r, dtype=gram.dtype),
                            (d @ ha).double().t()).t().float()

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qcompiler.config import Mode
+from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.quant import matrix_view
 from qcompiler.weight_fit import WeightFitPass, estimate
@@ -48,7 +49,12 @@ class ScaleEstimation(WeightFitPass):
 
     @classmethod
     def options_from(cls, config):
-        return None if config.gptq else super().options_from(config)  # GPTQ refits its scales itself
+        if config.gptq:  # GPTQ refits each group's scale itself, as it reaches it, with the default steps
+            if config.switched_on().get(cls.name):
+                raise QCompilerError("--scale-estimation-* options tune scale estimation alone; with --gptq the "
+                                     "scales are refitted inside GPTQ with the defaults: drop them or drop --gptq")
+            return None
+        return super().options_from(config)
 
     def statistics_for(self, graph):
         return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -254,23 +255,31 @@ class CompressionConfig:
                                  "int4_asym / nf4")
 
     def switched_on(self) -> dict[str, dict]:
-        """{pass name: options} of the passes this config switches on: `passes`, plus the built-ins'
-        own fields (`scale_estimation=True` is `passes={"scale_estimation": {}}`)."""
-        on = {name: dict(values or {}) for name, values in dict(self.passes).items()}
-        for name in ("scale_estimation", "gptq", "lora_correction"):
+        """{pass name: options} of the passes this config switches on. A built-in with its own field
+        (`gptq`, ...) is on when the field is True, with its options from `passes`; any other pass is on
+        when `passes` names it or it is in `extra_passes` (with its default options)."""
+        on = {name: dict(values or {}) for name, values in dict(self.passes).items() if name not in SWITCHES}
+        for name in self.extra_passes:
+            on.setdefault(name, {})
+        for name in SWITCHES:
             if getattr(self, name):
-                on.setdefault(name, {})
+                on[name] = dict(self.passes.get(name) or {})
         return on
 
     def _validate_data_aware(self) -> None:
         from qcompiler import pass_options
 
+        for name, values in dict(self.passes).items():
+            if values is not None and not isinstance(values, Mapping):
+                raise QCompilerError(f"passes['{name}'] is {values!r}: give a dict of its options, such as "
+                                     f"passes={{'{name}': {{}}}}")
+            if name in SWITCHES and not getattr(self, name):
+                raise QCompilerError(f"passes['{name}'] sets options of {name}, which is off: add {name}=True "
+                                     "(or drop them)")
         registry = pass_options.installed()  # plugin passes of another registry are checked by `compress`
         typed = pass_options.validate(self, registry, {k: v for k, v in self.switched_on().items()
                                                        if k in registry.passes})
-        for name in ("scale_estimation", "gptq", "lora_correction"):
-            object.__setattr__(self, name, name in self.switched_on())
-        object.__setattr__(self, "passes", {k: typed.get(k, v) for k, v in dict(self.passes).items()})
+        object.__setattr__(self, "passes", {k: typed.get(k, dict(v or {})) for k, v in dict(self.passes).items()})
         pass_flags = pass_options.needing_data(typed, registry)
         needs = pass_flags + [flag for flag, on in (("--num-samples", self.num_samples is not None),
                                        ("--seqlen", self.seqlen is not None),
@@ -284,6 +293,9 @@ class CompressionConfig:
             from qcompiler.calibration import check_counts
 
             check_counts(*self.samples)
+
+
+SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes with their own config field
 
 
 def default_group_size(mode: Mode | None) -> int:

@@ -103,9 +103,14 @@ class Graph:
             if n not in keep:
                 keep.add(n)
                 stack.extend(n.inputs)
-        for n in self.nodes:
-            if n not in keep and old in n.inputs:
-                n.inputs = tuple(new if i is old else i for i in n.inputs)
+        position = {n: i for i, n in enumerate(self.nodes)}
+        readers = [n for n in self.nodes if n not in keep and old in n.inputs]
+        early = next((n for n in readers if position[n] < position[new]), None)
+        if early is not None:
+            raise ValueError(f"{early.name} reads {old.name} before {new.name} is computed: insert {new.name} "
+                             "earlier (Graph.insert places a node after its inputs)")
+        for n in readers:
+            n.inputs = tuple(new if i is old else i for i in n.inputs)
         self.outputs = [new if o is old else o for o in self.outputs]
 
     def unique_name(self, base: str) -> str:

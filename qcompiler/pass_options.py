@@ -6,7 +6,7 @@ A pass that a user switches on declares, as class attributes:
   it takes, and why others are refused);
 - its `Options` dataclass: each field with `metadata={"help": ...}` is a user option, with the
   command-line flag `<flag>-<field name>` (or `metadata["flag"]`), its type from the annotation
-  (int, float, bool, str) and its default from the field.
+  (int, float, bool, str), its default from the field, and optional bounds `min` / `above`.
 From that, for built-in and plugin passes alike: the command line gets the flags (`add_flags`,
 `from_args`), `CompressionConfig(passes={"gptq": {"damp": 0.05}})` takes the same options,
 validation (`validate`) refuses unknown options, wrong types, conflicting passes, a missing dataset
@@ -49,15 +49,33 @@ def switchable(registry) -> list:
 
 
 def add_flags(parser, registry) -> None:
-    """Each switchable pass's flag and option flags on an argparse (sub)parser."""
+    """Each switchable pass's flag and option flags on an argparse (sub)parser. A plugin whose flag is
+    malformed or taken is refused in one line, naming it."""
+    import argparse
+
     for cls in switchable(registry):
-        parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action="store_true", help=getattr(cls, "help", None))
-        for f in user_options(cls):
-            kind = _type(cls, f)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            extra = {"action": "store_true"} if kind is bool else {"type": kind, "metavar": f.name.upper()}
-            parser.add_argument(option_flag(cls, f), dest=f"pass__{cls.name}__{f.name}", default=None,
-                                help=f"{f.metadata['help']} (default {default}; with {cls.flag})", **extra)
+        flags = [cls.flag] + [option_flag(cls, f) for f in user_options(cls)]
+        bad = next((f for f in flags if not (isinstance(f, str) and f.startswith("--") and len(f) > 2)), None)
+        if bad is not None:
+            raise QCompilerError(f"the pass '{cls.name}' declares the flag {bad!r}: a flag is '--name'; fix or "
+                                 "uninstall its plugin")
+        try:
+            parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action="store_true",
+                                help=_escape(getattr(cls, "help", None)))
+            for f in user_options(cls):
+                kind = _type(cls, f)
+                default = f.default if f.default is not dataclasses.MISSING else None
+                extra = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                         else {"type": kind, "metavar": f.name.upper()})
+                parser.add_argument(option_flag(cls, f), dest=f"pass__{cls.name}__{f.name}", default=None,
+                                    help=_escape(f"{f.metadata['help']} (default {default}; with {cls.flag})"), **extra)
+        except argparse.ArgumentError as exc:
+            raise QCompilerError(f"the pass '{cls.name}' declares a flag another option has ({exc}): fix or "
+                                 "uninstall its plugin") from None
+
+
+def _escape(text):
+    return None if text is None else str(text).replace("%", "%%")
 
 
 def from_args(args, registry) -> dict[str, dict]:
@@ -67,7 +85,7 @@ def from_args(args, registry) -> dict[str, dict]:
     for cls in switchable(registry):
         on = bool(getattr(args, f"pass__{cls.name}", False))
         given = {f.name: getattr(args, f"pass__{cls.name}__{f.name}") for f in user_options(cls)
-                 if getattr(args, f"pass__{cls.name}__{f.name}", None) not in (None, False)}
+                 if _given(getattr(args, f"pass__{cls.name}__{f.name}", None))}
         if given and not on:
             flag = option_flag(cls, next(f for f in user_options(cls) if f.name in given))
             raise QCompilerError(f"{flag} is an option of {cls.flag}: add {cls.flag} or drop {flag}")
@@ -77,7 +95,11 @@ def from_args(args, registry) -> dict[str, dict]:
 
 
 def any_given(args) -> bool:
-    return any(v not in (None, False) for k, v in vars(args).items() if k.startswith("pass__"))
+    return any(_given(v) for k, v in vars(args).items() if k.startswith("pass__"))
+
+
+def _given(value) -> bool:
+    return value is not None and value is not False  # 0 is a value (not `in (None, False)`: 0 == False)
 
 
 def validate(config, registry, passes: dict | None = None) -> dict[str, dict]:
@@ -85,12 +107,10 @@ def validate(config, registry, passes: dict | None = None) -> dict[str, dict]:
     one-line errors. Whether data is needed is `needing_data`'s."""
     passes = config.switched_on() if passes is None else passes
     for name in passes:
-        cls = registry.passes.get(name)
-        if cls is None:
-            known = ", ".join(f"{c.name} ({c.flag})" for c in switchable(registry))
-            raise QCompilerError(f"no pass named '{name}' is installed (passes that can be switched on: {known})")
-        if not getattr(cls, "flag", None) and not user_options(cls):
-            raise QCompilerError(f"the pass '{name}' declares no options a user sets: drop it from passes")
+        cls = registry.pass_class(name)  # an unknown name: one line listing the installed passes
+        if name in config.passes and not getattr(cls, "flag", None) and name not in config.extra_passes:
+            raise QCompilerError(f"the pass '{name}' is not one a user switches on through passes (it declares no "
+                                 "flag): use its own option (such as awq=True) or extra_passes")
     out = {}
     for name, values in passes.items():
         cls = registry.passes[name]
@@ -134,6 +154,9 @@ def _coerce(cls, f, value):
     low = f.metadata.get("min")
     if low is not None and typed < low:
         raise QCompilerError(f"{option_flag(cls, f)} {typed} is below {low}: {f.metadata['help']}")
+    above = f.metadata.get("above")
+    if above is not None and typed <= above:
+        raise QCompilerError(f"{option_flag(cls, f)} {typed} must be above {above}: {f.metadata['help']}")
     return typed
 
 

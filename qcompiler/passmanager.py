@@ -107,11 +107,15 @@ class PassManager:
     def run(self, graph: Graph, ctx: PassContext, progress=None) -> dict[str, PassResult]:
         done: list[str] = []
         i = 0
+        assigned = checked = False
         while i < len(self.passes):
             group = [self.passes[i]]
             while isinstance(group[0], BlockPass) and i + len(group) < len(self.passes) and isinstance(
                     self.passes[i + len(group)], BlockPass):
                 group.append(self.passes[i + len(group)])
+            if isinstance(group[0], BlockPass) and assigned and not checked and ctx.check_formats is not None:
+                ctx.check_formats(graph)  # a pass after precision assignment (a plugin's) changed formats
+                checked = True
             start = time.perf_counter()
             names = " + ".join(p.name for p in group)
             if progress is not None:
@@ -136,8 +140,13 @@ class PassManager:
                 done.append(p.name)
                 if progress is not None:
                     progress.update(1)
-            if ctx.check_formats is not None and any(p.assigns_formats for p in group):
-                ctx.check_formats(graph)  # before any expensive pass, never after an hour of GPTQ
+            if any(p.assigns_formats for p in group):
+                assigned = True
+                if ctx.check_formats is not None:
+                    ctx.check_formats(graph)  # before any expensive pass, never after an hour of GPTQ
+                checked = True
+            elif not isinstance(group[0], BlockPass):
+                checked = False
             i += len(group)
         return ctx.results
 

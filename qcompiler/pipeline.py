@@ -60,6 +60,12 @@ class CompressedModel:
             raise QCompilerError(f"this model was loaded for another backend, with its weights left on disk: call "
                                  f"compress(..., output=..., backend='{backend}') to write a {backend} artifact")
         options = dict(backend_options or {})  # checked by save() / compress() before the folder was locked
+        if not getattr(lowering, "lowers_epilogues", False):
+            from qcompiler.rewrites import epilogues
+
+            if epilogues(self.graph):
+                raise QCompilerError(f"a pass inserted nodes (e.g. LoRA correction's adapters) and the {backend} "
+                                     "backend does not lower inserted nodes: use --backend openvino, onnx or torch")
         staging = folder.staging
         try:
             start = time.perf_counter()
@@ -208,8 +214,9 @@ def _check_backend(backend, config: CompressionConfig, options: dict) -> None:
 
 
 def build_passes(config: CompressionConfig, registry: Registry) -> list:
-    """The pipeline's passes that run under `config`: the default ones, then `extra_passes` and passes
-    switched on in `config.passes` that are not in it, before round to nearest. The switched-on passes'
+    """The pipeline's passes that run under `config`: the default ones, with `extra_passes` and passes
+    switched on in `config.passes` that are not among them after precision assignment and data-free
+    AWQ, before the passes that fit weights to data (and so before round to nearest). The switched-on passes'
     declared options and rules are checked against `registry` first (plugin passes included)."""
     from qcompiler import pass_options
 
@@ -220,8 +227,8 @@ def build_passes(config: CompressionConfig, registry: Registry) -> list:
                              "or --dataset auto (text the model writes itself)")
     config = config.replace(passes={**dict(config.passes), **{k: v for k, v in typed.items() if k in config.passes}})
     names = list(DEFAULT_PIPELINE)
-    extra = list(config.extra_passes) + [n for n in typed if n not in names and n not in config.extra_passes]
-    names[names.index("rtn"):names.index("rtn")] = extra
+    extra = [n for n in dict.fromkeys((*config.extra_passes, *typed)) if n not in names]
+    names[names.index("awq_data"):names.index("awq_data")] = extra  # before any pass fits weights to data
     passes = []
     for name in names:
         cls = registry.pass_class(name)

@@ -73,7 +73,8 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "backend": backend,
         "config": _config_dict(compressed.config),
         "table": table,
-        "weights": {"tensors": len(graph.weight_constants()), "params": total},
+        "weights": {"tensors": sum(1 for c in graph.weight_constants() if not c.meta.get("adapter_of")),
+                    "params": total},
         "parameters": parameter_counts(graph),
         "adapters": adapters if adapters["tensors"] else None,
         "float_weights": float_weights(graph),
@@ -160,9 +161,12 @@ def _data_aware_lines(report: dict) -> list[str]:
                                ("lora_correction", "LoRA correction", "corrected")):
         summary = passes.get(name)
         if summary is not None:
-            skipped = len(summary.get("skipped") or {})
+            skipped = summary.get("skipped") or {}
+            missing = sum(1 for why in skipped.values() if why.startswith("no calibration statistics"))
+            other = len(skipped) - missing
             lines.append(f"{label}: {summary[count]} layers{_errors(summary.get('layers'), 'error_rtn')}"
-                         + (f"; {skipped} without statistics, rounded to nearest" if skipped else ""))
+                         + (f"; {missing} without statistics, rounded to nearest" if missing else "")
+                         + (f"; {other} not taken (report: passes.{name}.skipped)" if other else ""))
     return lines
 
 

@@ -71,7 +71,8 @@ class Epilogue:
                 if isinstance(b, torch.nn.Module):  # an int kernel (the torch backend's artifact)
                     out = b(a)
                 else:
-                    out = torch.nn.functional.linear(a, b.to(a.dtype)) if attrs.get("transpose_b") else a @ b
+                    b = b.to(a.dtype)
+                    out = torch.nn.functional.linear(a, b) if attrs.get("transpose_b") else a @ b
             elif op == "Multiply":
                 out = a * b
             elif op == "Add":
@@ -91,10 +92,17 @@ class Epilogue:
 def epilogues(graph: Graph) -> list[Epilogue]:
     """Each module's inserted program; an inserted node that is not part of one is refused, named."""
     inserted = [n for n in graph.nodes if n.meta.get("inserted") and n.op != "Constant"]
-    if not inserted:
-        return []
     readers = graph.consumers()
     outputs = set(graph.outputs)
+    members_all = set(inserted)
+    for const in (n for n in graph.nodes if n.meta.get("inserted") and n.op == "Constant"):
+        strays = [r for r in readers[const] if r not in members_all]
+        if strays or const in outputs:
+            raise QCompilerError(f"the inserted weight {const.attrs['weight']} is read by {strays[0].name if strays else 'the output'}"
+                                 ", a node of the model: backends lower inserted weights read by inserted nodes only "
+                                 "(to change a weight, use Graph.set_weight); change the pass that inserted it")
+    if not inserted:
+        return []
     groups: dict[str, list[Node]] = {}
     module_io: dict[str, tuple[Node, Node]] = {}
     for n in inserted:
@@ -137,12 +145,20 @@ def epilogues(graph: Graph) -> list[Epilogue]:
                                          "as one module's epilogue; change the pass that inserted it")
             if len(refs) != 2:
                 raise QCompilerError(f"the inserted node {n.name} has {len(refs)} inputs, not 2")
+            if set(n.attrs) - {"transpose_b"}:
+                raise QCompilerError(f"the inserted node {n.name} has attributes {sorted(n.attrs)}: backends lower "
+                                     "an inserted MatMul's transpose_b only; change the pass that inserted it")
             steps.append((n.op, refs, {"transpose_b": True} if n.attrs.get("transpose_b") else {}))
         last = nodes[-1]
         escaped = [n for n in nodes[:-1] if n in outputs or any(r not in members for r in readers[n])]
         if escaped or not any(r not in members for r in readers[last]) and last not in outputs:
             raise QCompilerError(f"the inserted nodes of {path} must end in one node that replaces its output "
                                  f"(Graph.replace_uses); {(escaped or [last])[0].name} does not")
+        left = [r for r in readers[y] if r not in members]
+        if left or y in outputs:
+            raise QCompilerError(f"{(left[0].name if left else 'the graph output')} still reads the output of {path} "
+                                 "past its inserted nodes, but backends replace a module's output for every reader: "
+                                 "use Graph.replace_uses; change the pass that inserted them")
         out.append(Epilogue(path, steps, weights))
     return out
 

@@ -60,13 +60,27 @@ def test_short_text_says_how_many_tokens(tmp_path):
     ({"mode": "int8_asym", "lora_correction": True}, "LoRA correction corrects 4-bit layers"),
     ({"mode": "mxfp4", "lora_correction": True}, "mxfp4 is not one of them: drop --lora-correction"),
     ({"mode": "mxfp4", "awq": True}, "AWQ is not available for mxfp4"),
-    ({"passes": {"lora_correction": {"rank": 0}}}, "--lora-rank 0 is below 1"),
-    ({"passes": {"lora_correction": {"rnk": 4}}}, "has no option 'rnk' \\(its options: rank, damp\\)"),
-    ({"passes": {"gptq": {"damp": "much"}}}, "--gptq-damp takes float, not 'much'"),
+    ({"lora_correction": True, "passes": {"lora_correction": {"rank": 0}}}, "--lora-rank 0 is below 1"),
+    ({"lora_correction": True, "passes": {"lora_correction": {"rnk": 4}}},
+     "has no option 'rnk' \\(its options: rank, damp\\)"),
+    ({"gptq": True, "passes": {"gptq": {"damp": "much"}}}, "--gptq-damp takes float, not 'much'"),
+    ({"gptq": True, "passes": {"gptq": {"damp": 0}}}, "--gptq-damp 0.0 must be above 0"),
 ])
 def test_impossible_data_aware_options(kwargs, message):
     with pytest.raises(QCompilerError, match=message):
         CompressionConfig(**{"mode": "int4_sym", "dataset": "x.txt", **kwargs})
+
+
+def test_a_builtin_switch_is_its_config_field():
+    on = CompressionConfig(mode="int4_sym", dataset="x.txt", gptq=True, passes={"gptq": {"damp": 0.05}})
+    assert on.switched_on()["gptq"] == {"damp": 0.05}
+    assert "gptq" not in on.replace(gptq=False, passes={}).switched_on()
+    with pytest.raises(QCompilerError, match="sets options of gptq, which is off"):
+        on.replace(gptq=False)
+    with pytest.raises(QCompilerError, match=r"passes\['gptq'\] is True: give a dict"):
+        CompressionConfig(mode="int4_sym", dataset="x.txt", gptq=True, passes={"gptq": True})
+    with pytest.raises(QCompilerError, match="is not one a user switches on through passes"):
+        CompressionConfig(mode="int4_sym", passes={"awq": {}})
 
 
 def test_an_unknown_pass_is_refused_before_loading():
@@ -74,7 +88,7 @@ def test_an_unknown_pass_is_refused_before_loading():
     from qcompiler.registry import build_registry
 
     cfg = CompressionConfig(mode="int4_sym", passes={"nope": {}})  # maybe a plugin of another registry
-    with pytest.raises(QCompilerError, match="no pass named 'nope' is installed .*--gptq"):
+    with pytest.raises(QCompilerError, match="unknown pass 'nope': installed passes are .*gptq"):
         build_passes(cfg, build_registry())
 
 
@@ -375,6 +389,46 @@ def test_an_inserted_multiply_reaches_every_backend(backend, tmp_path):
     assert np.abs(got - expected).max() < 1e-3
 
 
+@pytest.mark.parametrize("how, message", [
+    ("weight_read_by_the_model", "is read by model.layers.0.mlp.up_proj/MatMul, a node of the model"),
+    ("some_readers_left", "still reads the output of model.layers.0.mlp.up_proj"),
+])
+def test_inserted_nodes_a_backend_cannot_lower_exactly_are_refused(how, message, tmp_path):
+    from qcompiler.hookspecs import hookimpl
+    from qcompiler.passmanager import Pass, PassResult
+    from qcompiler.registry import build_registry
+    from qcompiler.rewrites import module_output
+    from tests.families import build
+
+    class Bad(Pass):
+        name = "bad"
+
+        def run(self, graph, ctx):
+            path = "model.layers.0.mlp.up_proj"
+            x, y = module_output(graph, path)
+            if how == "weight_read_by_the_model":
+                old = y.inputs[1]
+                new = graph.insert_weight(f"{path}.other", graph.weight(old) * 2)
+                y.inputs = (y.inputs[0], new)
+            else:
+                gain = graph.insert_weight(f"{path}.gain", torch.ones(y.meta["shape"][-1]))
+                scaled = graph.insert("Multiply", [y, gain], meta={"epilogue_of": path})
+                reader = next(r for r in graph.consumers()[y] if r is not scaled)  # act(gate) * up
+                reader.inputs = (scaled, y)  # reads the inserted node and still the module's own output
+            return PassResult(True)
+
+    class Plugin:
+        @hookimpl
+        def qcompiler_register_passes(self):
+            return [Bad]
+
+    folder = build("llama", tmp_path / "m")
+    with pytest.raises(QCompilerError, match=message):
+        compress(folder, CompressionConfig(mode=None, extra_passes=("bad",)), output=tmp_path / "out",
+                 backend="openvino", registry=build_registry(plugins=[Plugin()]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_inserted_node_outside_an_epilogue_is_refused_before_writing(tmp_path):
     from qcompiler.hookspecs import hookimpl
     from qcompiler.passmanager import Pass, PassResult
@@ -525,3 +579,20 @@ def test_backend_refuses_an_assigned_format_before_any_data_aware_pass(backend, 
     with pytest.raises(QCompilerError, match=message):
         compress(folder, cfg, output=tmp_path / "out", backend=backend)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode, refit", [(Mode.INT4_SYM, False), (Mode.INT4_ASYM, True)])
+def test_gptq_rows_are_independent_so_weights_sharing_an_input_stack(mode, refit):
+    """GPTQ rounds q, k and v (one input, one Hessian) as one stacked matrix: the same codes as one by one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 2.0, 64)
+    h = x.t() @ x / 256
+    w1, w2 = torch.randn(32, 64, generator=g), torch.randn(16, 64, generator=g)
+    fit = None
+    if refit:
+        fit = lambda group, cols: estimate(group, h[cols, cols][None], x.abs().amax(0)[cols], mode, -1)[0]  # noqa: E731
+    both, _, _ = gptq(torch.cat([w1, w2]), h, mode, 32, refit=fit, errors=False)
+    one, _, _ = gptq(w1, h, mode, 32, refit=fit)
+    two, _, _ = gptq(w2, h, mode, 32, refit=fit)
+    assert torch.equal(both.codes[:32], one.codes) and torch.equal(both.codes[32:], two.codes)
+    assert torch.equal(both.scale[:32], one.scale) and torch.equal(both.scale[32:], two.scale)

@@ -26,6 +26,7 @@ MODEL_FILE = "model.onnx"
 
 class ONNXBackend:
     name = "onnx"
+    lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
 
     def check(self, config, options: dict) -> None:
         from qcompiler.plugins.onnx.lower import ONNXOptions, check_config

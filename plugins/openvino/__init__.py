@@ -31,6 +31,7 @@ if "openvino_telemetry" not in sys.modules:
 class OpenVINOBackend:
     name = "openvino"
     lazy_weights = True  # lowering reads placeholder weights' values from the IR (Graph.weight)
+    lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
 
     OPTIONS = ("dq_group_size",)  # a runtime hint written into the model's rt_info, as optimum-intel writes it
 

@@ -28,6 +28,7 @@ KERNEL_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM)
 
 class TorchKernelsBackend:
     name = "torch"
+    lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
 
     def check(self, config, options: dict) -> None:
         if options:
@@ -66,7 +67,8 @@ class TorchKernelsBackend:
             if name in new_weights and any(u.op.op != "MatMul" for u in uses):
                 raise QCompilerError(f"the inserted weight {name} is compressed but not read by a MatMul: "
                                      "change the pass that inserted it")
-            _check_kernel(name, cw.mode, cw.group_size, *cw.matrix_shape)
+            if any(u.op.op == "MatMul" for u in uses):  # an embedding alone decodes to float on load
+                _check_kernel(name, cw.mode, cw.group_size, *cw.matrix_shape)
             codes = pack_nibbles(cw.codes) if cw.mode.bits == 4 else cw.codes
             for key, t in (("codes", codes), ("scale", cw.scale), ("zero_point", cw.zero_point)):
                 if t is not None:
