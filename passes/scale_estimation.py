@@ -10,7 +10,8 @@ and per-channel importance a_k = max|x_k| (NNCF's algorithm, `scale_estimation.p
   s = sum_i a_i |w_i| / sum_i a_i |v_i| ... written as sum_i a_i' |w_i| / (|v_i| + 0.001 [v_i = 0]) with
   a' = a zeroed where v_i = 0 and normalised per group, v = decode(q) - z;
 - `initial_steps` rounds of: candidate from the current codes, re-quantize with it, keep per group
-  where the error drops; then `scale_steps` candidates from the codes of (1 - 0.05 k) * s0.
+  where the error drops; then `scale_steps` candidates from the codes of (1 - 0.05 k) * s0 (qcompiler
+  takes 10 by default, down to 0.55 s0; NNCF 5: on SmolLM2 with AWQ, held-out perplexity 22.53 against 22.61).
 The scales are stored as f16 and the codes computed from the stored scale, as RTN does, so the
 artifact computes exactly what was measured. The summary has each layer's output error (relative,
 on the calibration data, summed over groups) with RTN and with the refitted scales.
@@ -32,8 +33,8 @@ MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4)
 @dataclass(frozen=True)
 class ScaleEstimationOptions:
     initial_steps: int = field(default=5, metadata={"help": "rounds of refitting from the current codes", "min": 0})
-    scale_steps: int = field(default=5, metadata={"help": "candidates from shrunken round-to-nearest scales",
-                                                  "min": 0})
+    scale_steps: int = field(default=10, metadata={"help": "candidates from round-to-nearest scales shrunk by "
+                                                           "5% steps (NNCF: 5)", "min": 0})
 
 
 class ScaleEstimation(WeightFitPass):
