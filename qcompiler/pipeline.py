@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from contextlib import ExitStack
@@ -11,6 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qcompiler import memory
 from qcompiler.config import CompressionConfig, LoadOptions, Mode
 from qcompiler.coverage import parameter_counts, refuse_unseen_weights
 from qcompiler.errors import QCompilerError
@@ -171,6 +173,9 @@ def compress(
                                       "block_forwards": ctx.engine.block_forwards,
                                       "statistics_cache": ctx.engine.cache.events if ctx.engine.cache else None,
                                       "method": "block by block, statistics reduced over tokens as they stream by"}
+            ctx.engine = None  # its cached block inputs and the passes' statistics go before lowering
+            gc.collect()
+            memory.trim()
         if folder is not None:
             compressed.write(folder, backend, progress=steps, backend_options=backend_options)
     return compressed
