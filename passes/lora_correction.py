@@ -60,10 +60,10 @@ class LoRACorrection(WeightFitPass):
                             if c.meta.get("role") == "backup" else "not a 2-D weight read by one MatMul: no adapter"
                             for c in graph.weight_constants() if c.meta.get("role") in ("primary", "backup")
                             and c.attrs["weight"] not in self.pending}
-        uses = graph.uses_by_weight()
+        by_weight, uses, readers = graph.uses_by_weight(), graph.weight_uses(), graph.consumers()
         for name, (const, _) in list(self.pending.items()):  # the adapter follows the layer's module
             try:
-                module_output(graph, uses[const][0].op.name.split("/")[0])
+                module_output(graph, by_weight[const][0].op.name.split("/")[0], uses, readers)
             except QCompilerError as exc:
                 self.not_targets[name] = f"no adapter: {exc}"
                 del self.pending[name]

@@ -286,9 +286,7 @@ class CompressionConfig:
                                        ("--quantization-statistics-path", self.statistics_path is not None)) if on]
         if self.sensitivity_metric is not None and self.sensitivity_metric.data_aware:
             needs.append(f"--sensitivity-metric {self.sensitivity_metric.value}")
-        if needs and self.dataset is None:
-            raise QCompilerError(f"{', '.join(needs)} need calibration data: add --dataset FILE (a plain-text file) "
-                                 "or --dataset auto (text the model writes itself)")
+        pass_options.refuse_without_data(needs, self.dataset)
         if self.dataset is not None:
             from qcompiler.calibration import check_counts
 

@@ -136,6 +136,13 @@ def validate(config, registry, passes: dict | None = None) -> dict[str, dict]:
     return out
 
 
+def refuse_without_data(needs: list[str], dataset) -> None:
+    """The one-line error for options (`needs`: their flags) that need calibration data none was given."""
+    if needs and dataset is None:
+        raise QCompilerError(f"{', '.join(needs)} need calibration data: add --dataset FILE (a plain-text file) "
+                             "or --dataset auto (text the model writes itself)")
+
+
 def needing_data(passes: dict, registry) -> list[str]:
     """The flags of the passes in `passes` that need calibration data."""
     return [_label(registry.passes[name]) for name in passes if getattr(registry.passes[name], "needs_data", False)]

@@ -226,10 +226,7 @@ def build_passes(config: CompressionConfig, registry: Registry) -> list:
     from qcompiler import pass_options
 
     typed = pass_options.validate(config, registry)
-    needs = pass_options.needing_data(typed, registry)
-    if needs and config.dataset is None:
-        raise QCompilerError(f"{', '.join(needs)} need calibration data: add --dataset FILE (a plain-text file) "
-                             "or --dataset auto (text the model writes itself)")
+    pass_options.refuse_without_data(pass_options.needing_data(typed, registry), config.dataset)
     config = config.replace(passes={**dict(config.passes), **{k: v for k, v in typed.items() if k in config.passes}})
     names = list(DEFAULT_PIPELINE)
     extra = [n for n in dict.fromkeys((*config.extra_passes, *typed)) if n not in names]

@@ -105,6 +105,7 @@ def epilogues(graph: Graph) -> list[Epilogue]:
         return []
     groups: dict[str, list[Node]] = {}
     module_io: dict[str, tuple[Node, Node]] = {}
+    uses = graph.weight_uses()
     for n in inserted:
         if n.op not in EPILOGUE_OPS:
             raise QCompilerError(f"the inserted node {n.name} is a {n.op}: backends lower inserted "
@@ -114,7 +115,7 @@ def epilogues(graph: Graph) -> list[Epilogue]:
             raise QCompilerError(f"the inserted node {n.name} names no module (meta 'epilogue_of'): backends "
                                  "lower inserted nodes as a module's epilogue; change the pass that inserted it")
         if path not in module_io:
-            module_io[path] = module_output(graph, path)
+            module_io[path] = module_output(graph, path, uses, readers)
         groups.setdefault(path, []).append(n)
     out = []
     for path, nodes in groups.items():
@@ -163,16 +164,19 @@ def epilogues(graph: Graph) -> list[Epilogue]:
     return out
 
 
-def module_output(graph: Graph, path: str) -> tuple[Node, Node]:
+def module_output(graph: Graph, path: str, uses=None, readers=None) -> tuple[Node, Node]:
     """(input x, output y) of the module at `path` holding one weight-bearing MatMul: y is the MatMul,
-    or the bias Add that reads it."""
-    matmuls = [u.op for u in graph.weight_uses() if u.op.op == "MatMul" and u.op.name.split("/")[0] == path
+    or the bias Add that reads it. `uses` / `readers`: `graph.weight_uses()` / `graph.consumers()`
+    when a caller asks about many modules of an unchanged graph."""
+    uses = graph.weight_uses() if uses is None else uses
+    readers = graph.consumers() if readers is None else readers
+    matmuls = [u.op for u in uses if u.op.op == "MatMul" and u.op.name.split("/")[0] == path
                and not u.op.meta.get("inserted")]
     if len(matmuls) != 1:
         raise QCompilerError(f"{path} is not a module with one weight-bearing MatMul ({len(matmuls)} found): an "
                              "epilogue can only follow such a module (a Linear); change the pass that inserted it")
     y = matmuls[0]
-    adds = [r for r in graph.consumers()[y] if r.op == "Add" and r.name.split("/")[0] == path
+    adds = [r for r in readers[y] if r.op == "Add" and r.name.split("/")[0] == path
             and not r.meta.get("inserted")]
     return y.inputs[0], adds[0] if adds else y
 
@@ -193,7 +197,7 @@ def in_module(module, graph: Graph):
             for attr, name in ep.weights.items():
                 if hasattr(owner, attr):
                     raise QCompilerError(f"{ep.path} already has an attribute {attr}: rename the inserted weight")
-                owner.register_parameter(attr, torch.nn.Parameter(graph.weight(graph.node(name)).float(),
+                owner.register_parameter(attr, torch.nn.Parameter(graph.weights[name].float(),  # never a placeholder
                                                                   requires_grad=False))
                 added.append((owner, attr))
             hooks.append(ep.attach(owner))

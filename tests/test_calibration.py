@@ -35,6 +35,19 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _registry_with(*passes):
+    """The installed plugins plus a plugin registering `passes` (pass classes defined in a test)."""
+    from qcompiler.hookspecs import hookimpl
+    from qcompiler.registry import build_registry
+
+    class Plugin:
+        @hookimpl
+        def qcompiler_register_passes(self):
+            return list(passes)
+
+    return build_registry(plugins=[Plugin()])
+
+
 # calibration data -------------------------------------------------------------------------------
 def test_text_file_takes_the_first_consecutive_chunks(tmp_path):
     text = tmp_path / "t.txt"
@@ -97,9 +110,7 @@ def test_a_plugin_pass_declares_its_options_once(tmp_path):
     import dataclasses as dc
 
     from qcompiler import pass_options
-    from qcompiler.hookspecs import hookimpl
     from qcompiler.passmanager import Pass, PassResult
-    from qcompiler.registry import build_registry
 
     @dc.dataclass(frozen=True)
     class ShrinkOptions:
@@ -113,12 +124,7 @@ def test_a_plugin_pass_declares_its_options_once(tmp_path):
         def run(self, graph, ctx):
             return PassResult(True, {"strength seen": self.options.strength})
 
-    class Plugin:
-        @hookimpl
-        def qcompiler_register_passes(self):
-            return [Shrink]
-
-    registry = build_registry(plugins=[Plugin()])
+    registry = _registry_with(Shrink)
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -394,9 +400,7 @@ def test_an_inserted_multiply_reaches_every_backend(backend, tmp_path):
     ("some_readers_left", "still reads the output of model.layers.0.mlp.up_proj"),
 ])
 def test_inserted_nodes_a_backend_cannot_lower_exactly_are_refused(how, message, tmp_path):
-    from qcompiler.hookspecs import hookimpl
     from qcompiler.passmanager import Pass, PassResult
-    from qcompiler.registry import build_registry
     from qcompiler.rewrites import module_output
     from tests.families import build
 
@@ -417,22 +421,15 @@ def test_inserted_nodes_a_backend_cannot_lower_exactly_are_refused(how, message,
                 reader.inputs = (scaled, y)  # reads the inserted node and still the module's own output
             return PassResult(True)
 
-    class Plugin:
-        @hookimpl
-        def qcompiler_register_passes(self):
-            return [Bad]
-
     folder = build("llama", tmp_path / "m")
     with pytest.raises(QCompilerError, match=message):
         compress(folder, CompressionConfig(mode=None, extra_passes=("bad",)), output=tmp_path / "out",
-                 backend="openvino", registry=build_registry(plugins=[Plugin()]))
+                 backend="openvino", registry=_registry_with(Bad))
     assert not (tmp_path / "out").exists()
 
 
 def test_an_inserted_node_outside_an_epilogue_is_refused_before_writing(tmp_path):
-    from qcompiler.hookspecs import hookimpl
     from qcompiler.passmanager import Pass, PassResult
-    from qcompiler.registry import build_registry
     from tests.families import build
 
     class Stray(Pass):
@@ -444,13 +441,8 @@ def test_an_inserted_node_outside_an_epilogue_is_refused_before_writing(tmp_path
             graph.replace_uses(up, graph.insert("Add", [up, gate], meta={"epilogue_of": "model.layers.0.mlp.up_proj"}))
             return PassResult(True)
 
-    class Plugin:
-        @hookimpl
-        def qcompiler_register_passes(self):
-            return [Stray]
-
     folder = build("llama", tmp_path / "m")
-    registry = build_registry(plugins=[Plugin()])
+    registry = _registry_with(Stray)
     for backend in ("openvino", "onnx", "torch"):
         with pytest.raises(QCompilerError, match="reads model.layers.0.mlp.gate_proj"):
             compress(folder, CompressionConfig(mode=None, extra_passes=("stray",)), output=tmp_path / backend,

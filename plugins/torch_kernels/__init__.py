@@ -55,9 +55,10 @@ class TorchKernelsBackend:
         compressed_names = set()
         programs = epilogues(graph)
         new_weights = {name: ep.path for ep in programs for name in ep.weights.values()}
+        consts = {c.attrs["weight"]: c for c in graph.parameter_constants()} if new_weights else {}
         for name in new_weights:  # weights a pass inserted: float ones stored as they are
-            if "compressed" not in graph.node(name).meta:
-                value = graph.weight(graph.node(name)).float()
+            if "compressed" not in consts[name].meta:
+                value = graph.weights[name].float()
                 tensors[name], weight_bytes[name] = value.contiguous(), value.numel() * 4
         for const, uses in graph.uses_by_weight().items():
             name = const.attrs["weight"]
