@@ -13,7 +13,10 @@ Method:
   (NNCF's AWQ would otherwise take 32 of them).
 - configs, all INT4_SYM, group_size 64, ratio 1.0 unless said: (a) AWQ + scale estimation;
   (b) AWQ + scale estimation + GPTQ; (c) scale estimation + LoRA correction; (d) ratio 0.8 chosen by
-  MAX_ACTIVATION_VARIANCE, no AWQ/SE. `fp32` is the float graph, uncompressed.
+  MAX_ACTIVATION_VARIANCE, no AWQ/SE asked for. `fp32` is the float graph, uncompressed. With a dataset
+  and a 4-bit format qcompiler refits the 4-bit scales (scale estimation) unless told
+  `--no-scale-estimation`, so its (d) has them; `d_rtn` is qcompiler's (d) with `--no-scale-estimation`
+  (NNCF's round to nearest), compared with NNCF's (d).
 - each config runs in a fresh worker process (`--worker`) started from a small launcher that reads the
   worker's peak RSS with wait4 (Linux keeps the high-water RSS across exec, so the launcher must be
   small). `seconds` is the `nncf.compress_weights` call alone (loading the model, converting it to
@@ -64,7 +67,9 @@ QCOMPILER_FLAGS = {
     "b": ["--awq", "--scale-estimation", "--gptq"],
     "c": ["--scale-estimation", "--lora-correction"],
     "d": ["--ratio", "0.8", "--sensitivity-metric", "max_activation_variance"],
+    "d_rtn": ["--ratio", "0.8", "--sensitivity-metric", "max_activation_variance", "--no-scale-estimation"],
 }
+QCOMPILER_ONLY = {"d_rtn": "d"}  # qcompiler-only configs and the NNCF config they are compared with
 
 
 def qcompiler_command(folder: Path, config: str, out: Path, args) -> list[str]:
@@ -203,7 +208,8 @@ def score(xml: Path, ids: np.ndarray, windows: int) -> float:
 def _ratios(result: dict, config: str) -> None:
     """qcompiler against NNCF for one config, and the bars of issue 10 (increase over fp32 at most
     0.75x NNCF's, the whole command at least 3x faster than NNCF's compression step, peak RSS at most NNCF's)."""
-    q, n = result["results"].get("qcompiler", {}).get(config), result["results"].get("nncf", {}).get(config)
+    q = result["results"].get("qcompiler", {}).get(config)
+    n = result["results"].get("nncf", {}).get(QCOMPILER_ONLY.get(config, config))
     if not q or not n or "perplexity_increase" not in q or "perplexity_increase" not in n:
         return
     ratios = {"increase_qcompiler_over_nncf": q["perplexity_increase"] / n["perplexity_increase"],
@@ -217,7 +223,8 @@ def _ratios(result: dict, config: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="a,b,c,d", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default="a,b,c,d,d_rtn",
+                        help=f"comma-separated, of {', '.join([*CONFIGS, *QCOMPILER_ONLY])}")
     parser.add_argument("--tools", default="nncf,qcompiler", help="comma-separated, of nncf, qcompiler")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=128)
@@ -248,7 +255,8 @@ def main() -> None:
         "results": {},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    runs = [("nncf", "fp32")] + [(tool, c) for c in args.configs.split(",") for tool in args.tools.split(",")]
+    runs = [("nncf", "fp32")] + [(tool, c) for c in args.configs.split(",") for tool in args.tools.split(",")
+                                 if not (tool == "nncf" and c in QCOMPILER_ONLY)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = smollm2_folder(Path(tmp)) if "qcompiler" in args.tools.split(",") else None
         for tool, config in runs:

@@ -33,7 +33,7 @@ class GPTQOptions:
     damp: float = field(default=0.01, metadata={"help": "damping, a fraction of the Hessian's mean diagonal",
                                                 "above": 0})
     block: int = field(default=128, metadata={"help": "columns updated together", "min": 1})
-    scale_estimation: bool = False  # set from --scale-estimation: each group's scale refitted as it is reached
+    scale_estimation: bool = False  # set from scale estimation's switch: each group's scale refitted as it is reached
 
 
 class GPTQ(WeightFitPass):
@@ -51,7 +51,7 @@ class GPTQ(WeightFitPass):
     @classmethod
     def options_from(cls, config):
         options = super().options_from(config)
-        return None if options is None else dataclasses.replace(options, scale_estimation=config.scale_estimation)
+        return None if options is None else dataclasses.replace(options, scale_estimation=config.switch("scale_estimation"))
 
     @property
     def statistics(self):

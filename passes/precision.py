@@ -9,7 +9,9 @@ NNCF's rules, data-free:
   fallback policy: ADJUST takes the largest power of two dividing K if it is >= 32 (NNCF's rule;
   it also suits the ONNX and torch int4 kernels), else backup; IGNORE sends it to backup; ERROR fails.
 - weights in the config's backup scope (marked "to_backup") are not ratio-defining: they take the
-  backup mode, as in a two-stage config's first stage.
+  backup mode, as in a two-stage config's first stage; so do mixture-of-experts routers (a MatMul
+  whose output reaches a top-k, `_routers`). Batched expert weights [experts, out, in] are
+  ratio-defining, compressed per expert.
 - ratio < 1: each weight's score is 1 / (backup int8 error + eps), error = max over output channels
   of the mean squared int8 error; weights in ascending score order go primary while the primary
   share of ratio-defining parameters stays below `ratio` (the loop stops at the first that would not).
@@ -77,8 +79,9 @@ class PrecisionAssignment(Pass):
             return PassResult(True, {"primary": len(consts), "backup": 0, "float": len(float_consts)})
 
         last_matmul = next((u.op for u in reversed(uses) if u.op.op == "MatMul"), None)
+        routers = _routers(graph)
         defining = [c for c in consts if _is_ratio_defining(by_const[c], last_matmul, o.all_layers)
-                    and not _to_backup(c, by_const[c])]
+                    and not _to_backup(c, by_const[c]) and not any(u.op in routers for u in by_const[c])]
         group_sizes, adjusted, fallen_back = self._group_sizes(graph, defining, by_const)
         defining = [c for c in defining if c in group_sizes]
         for c in defining:
@@ -95,6 +98,7 @@ class PrecisionAssignment(Pass):
             "primary": len(primary), "backup": len(consts) - len(primary), "float": len(float_consts),
             "ratio_defining": len(defining) + len(fallen_back),
             "adjusted_group_size": adjusted, "group_size_fallback_to_backup": fallen_back,
+            "routers_in_backup": sorted(c.attrs["weight"] for c in consts if any(u.op in routers for u in by_const[c])),
             **({"sensitivity_metric": o.metric.value} if o.ratio < 1.0 else {}),
         })
 
@@ -133,6 +137,13 @@ class PrecisionAssignment(Pass):
     def _select(self, graph, defining, by_const, ctx) -> list[Node]:
         o: PrecisionOptions = self.options
         error_mode = o.backup or Mode.INT8_ASYM
+        batched = [c.attrs["weight"] for c in defining if len(c.meta.get("shape", ())) > 2
+                   and any(u.op.op == "MatMul" for u in by_const[c])]
+        if o.metric.data_aware and batched:
+            raise QCompilerError(
+                f"--sensitivity-metric {o.metric.value} needs each weight's input, and the batched MoE expert weights "
+                f"({batched[0]}, ...) have no module input the calibration engine can read yet: use --sensitivity-metric "
+                "weight_quantization_error with --ratio, or --ratio 1.0")
         activations = _activation_scores(graph, defining, by_const, ctx, o.metric) if o.metric.data_aware else {}
         scores = []
         for c in defining:
@@ -187,6 +198,28 @@ def _frobenius_error(weight, axes, mode: Mode) -> float:
 
     matrix = matrix_view(weight.float(), axes)[0]
     return float((quantize(matrix, (1,), mode, -1).dequantize() - matrix).norm())
+
+
+ROUTER_PATH = frozenset({"Add", "Softmax", "Sigmoid", "Convert", "GetItem"})  # between a router MatMul and top-k
+
+
+def _routers(graph: Graph) -> set[Node]:
+    """The MatMuls of mixture-of-experts routers: their output reaches a top-k selection through at
+    most three of the ROUTER_PATH ops. Their weights take the backup precision, not 4-bit (as in
+    optimum-intel's gpt-oss config): every token's choice of experts depends on them."""
+    consumers = graph.consumers()
+    out = set()
+    for node in graph.nodes:
+        if node.op != "MatMul":
+            continue
+        frontier = [node]
+        for _ in range(4):
+            frontier = [r for n in frontier for r in consumers.get(n, [])]
+            if any(r.op == "Opaque" and r.attrs.get("fn") == "topk" for r in frontier):
+                out.add(node)
+                break
+            frontier = [r for r in frontier if r.op in ROUTER_PATH]
+    return out
 
 
 def _ignored(const: Node, uses) -> bool:

@@ -19,6 +19,7 @@ on the calibration data, summed over groups) with RTN and with the refitted scal
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from qcompiler.config import Mode
@@ -35,6 +36,7 @@ class ScaleEstimationOptions:
     initial_steps: int = field(default=5, metadata={"help": "rounds of refitting from the current codes", "min": 0})
     scale_steps: int = field(default=10, metadata={"help": "candidates from round-to-nearest scales shrunk by "
                                                            "5% steps (NNCF: 5)", "min": 0})
+    by_default: bool = False  # on because a dataset was given, not asked for (said in the report)
 
 
 class ScaleEstimation(WeightFitPass):
@@ -44,8 +46,10 @@ class ScaleEstimation(WeightFitPass):
     modes = MODES
     modes_reason = "scale estimation refits 4-bit scales (NNCF refuses it on other modes too)"
     flag = "--scale-estimation"
-    help = "refit 4-bit scales on calibration data"
+    help = ("refit 4-bit scales on calibration data (on by default when --dataset is given with a 4-bit format; "
+            "--no-scale-estimation gives NNCF's round to nearest)")
     needs_data = True
+    default_with_data = True  # on when a dataset is given and the config leaves it unset (CompressionConfig)
     count_key = "estimated"
 
     @classmethod
@@ -55,7 +59,13 @@ class ScaleEstimation(WeightFitPass):
                 raise QCompilerError("--scale-estimation-* options tune scale estimation alone; with --gptq the "
                                      "scales are refitted inside GPTQ with the defaults: drop them or drop --gptq")
             return None
-        return super().options_from(config)
+        options = super().options_from(config)
+        if options is not None and config.scale_estimation is None:
+            options = dataclasses.replace(options, by_default=True)
+        return options
+
+    def extra_summary(self) -> dict:
+        return {"by_default": self.options.by_default}
 
     def statistics_for(self, graph):
         return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}

@@ -290,9 +290,10 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
 def _data_aware(args) -> dict:
     from qcompiler.config import SWITCHES
 
-    chosen = pass_options.from_args(args, pass_options.installed())
+    registry = pass_options.installed()
+    chosen = pass_options.from_args(args, registry)
     return {"dataset": args.dataset, "num_samples": args.num_samples, "seqlen": args.seqlen,
-            **{name: name in chosen for name in SWITCHES},  # a built-in's switch is its config field
+            **pass_options.switches(args, registry, SWITCHES),  # a built-in's switch is its config field
             "passes": {name: options for name, options in chosen.items() if name not in SWITCHES or options},
             "sensitivity_metric": args.sensitivity_metric, "statistics_path": args.quantization_statistics_path}
 

@@ -150,6 +150,9 @@ class CompressionConfig:
     tokens are taken from it. `awq` then searches its scales on the data; `scale_estimation`,
     `gptq` and a data-aware `sensitivity_metric` need it (the metric defaults to
     max_activation_variance with data, weight_quantization_error without, as NNCF).
+    `scale_estimation=None` (the default) turns it on when a dataset is given and the mode is one it
+    takes (the 4-bit ones): data given is used to refit the 4-bit scales, unlike NNCF, which then only
+    ranks layers; `scale_estimation=False` gives NNCF's round to nearest.
     """
 
     mode: Mode | None = Mode.INT8_ASYM
@@ -164,7 +167,7 @@ class CompressionConfig:
     extra_passes: tuple[str, ...] = ()
     backup_scope: IgnoredScope = field(default_factory=IgnoredScope)
     int8_above: int | None = None
-    scale_estimation: bool = False
+    scale_estimation: bool | None = None  # None: on with a dataset and a 4-bit mode (see above)
     gptq: bool = False
     lora_correction: bool = False
     num_samples: int | None = None
@@ -256,15 +259,31 @@ class CompressionConfig:
 
     def switched_on(self) -> dict[str, dict]:
         """{pass name: options} of the passes this config switches on. A built-in with its own field
-        (`gptq`, ...) is on when the field is True, with its options from `passes`; any other pass is on
-        when `passes` names it or it is in `extra_passes` (with its default options)."""
+        (`gptq`, ...) is on when the field is True, or when it is None and the pass is on by default
+        (`on_by_default`), with its options from `passes`; any other pass is on when `passes` names it
+        or it is in `extra_passes` (with its default options)."""
         on = {name: dict(values or {}) for name, values in dict(self.passes).items() if name not in SWITCHES}
         for name in self.extra_passes:
             on.setdefault(name, {})
         for name in SWITCHES:
-            if getattr(self, name):
+            if self.switch(name):
                 on[name] = dict(self.passes.get(name) or {})
         return on
+
+    def switch(self, name: str) -> bool:
+        """Whether the built-in pass `name` (one of SWITCHES) runs: its field, or when that is None,
+        `on_by_default`."""
+        value = getattr(self, name)
+        return self.on_by_default(name) if value is None else bool(value)
+
+    def on_by_default(self, name: str) -> bool:
+        """Whether the built-in pass `name`, left unset (None), runs: it declares `default_with_data`,
+        a dataset is given and the mode is one the pass takes."""
+        from qcompiler import pass_options
+
+        cls = pass_options.installed().passes.get(name)
+        return (cls is not None and getattr(cls, "default_with_data", False) and self.dataset is not None
+                and self.mode in getattr(cls, "modes", ()))
 
     def _validate_data_aware(self) -> None:
         from qcompiler import pass_options
@@ -273,7 +292,7 @@ class CompressionConfig:
             if values is not None and not isinstance(values, Mapping):
                 raise QCompilerError(f"passes['{name}'] is {values!r}: give a dict of its options, such as "
                                      f"passes={{'{name}': {{}}}}")
-            if name in SWITCHES and not getattr(self, name):
+            if name in SWITCHES and not self.switch(name):
                 raise QCompilerError(f"passes['{name}'] sets options of {name}, which is off: add {name}=True "
                                      "(or drop them)")
         registry = pass_options.installed()  # plugin passes of another registry are checked by `compress`

@@ -196,6 +196,8 @@ class Graph:
             name, tensor = n.attrs["weight"], self.weights[n.attrs["weight"]]
             if name in bearing or tensor.dim() < 2 or tensor.numel() < min_params or not tensor.is_floating_point():
                 continue
+            if _only_added(n, readers):  # a batched bias ([experts, out], read as bias[:, None, :]): not a weight
+                continue
             ops = sorted({r.attrs.get("fn", "Opaque") if r.op == "Opaque" else r.op for r in readers.get(n, [])})
             out[name] = ", ".join(ops) or "nothing in the traced forward"
         return out
@@ -208,6 +210,13 @@ class Graph:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _only_added(node: Node, readers: dict) -> bool:
+    """`node`'s value reaches only Adds, through Slice / Reshape views: a bias, however batched."""
+    users = readers.get(node, [])
+    return bool(users) and all(u.op == "Add" or (u.op in ("Slice", "Reshape") and _only_added(u, readers))
+                               for u in users)
 
 
 def _weight_use(n: Node) -> WeightUse | None:

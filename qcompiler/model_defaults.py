@@ -123,8 +123,7 @@ def apply_row(row: dict, base: dict) -> tuple[dict, list[str]]:
     data = row.get("dataset")
     if row.get("quant_method") == "awq":
         args["awq"] = True
-    if row.get("scale_estimation"):
-        args["scale_estimation"] = True
+    args["scale_estimation"] = bool(row.get("scale_estimation"))  # the row's config exactly, not the data default
     data_aware = args.get("awq") or args.get("scale_estimation") or row.get("ratio", 1.0) < 1.0
     if data and data_aware:
         # the row's dataset (wikitext2) needs the hub: the model writes its own calibration text instead

@@ -60,8 +60,12 @@ def add_flags(parser, registry) -> None:
             raise QCompilerError(f"the pass '{cls.name}' declares the flag {bad!r}: a flag is '--name'; fix or "
                                  "uninstall its plugin")
         try:
-            parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action="store_true",
-                                help=_escape(getattr(cls, "help", None)))
+            if getattr(cls, "default_with_data", False):  # --flag / --no-flag; unset: the config's default
+                parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action=argparse.BooleanOptionalAction,
+                                    default=None, help=_escape(getattr(cls, "help", None)))
+            else:
+                parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action="store_true", default=None,
+                                    help=_escape(getattr(cls, "help", None)))
             for f in user_options(cls):
                 kind = _type(cls, f)
                 default = f.default if f.default is not dataclasses.MISSING else None
@@ -94,12 +98,23 @@ def from_args(args, registry) -> dict[str, dict]:
     return out
 
 
+def switches(args, registry, names) -> dict[str, bool | None]:
+    """{name: True / False / None (unset)} of the built-in switches `names` on the command line."""
+    out = {}
+    for name in names:
+        cls = registry.passes.get(name)
+        value = getattr(args, f"pass__{name}", None)
+        out[name] = value if value is not None or (cls is not None and getattr(cls, "default_with_data", False)) \
+            else False  # a switch without a default of its own is off unless typed
+    return out
+
+
 def any_given(args) -> bool:
     return any(_given(v) for k, v in vars(args).items() if k.startswith("pass__"))
 
 
 def _given(value) -> bool:
-    return value is not None and value is not False  # 0 is a value (not `in (None, False)`: 0 == False)
+    return value is not None  # every pass flag defaults to None: 0 and False (--no-...) were typed
 
 
 def validate(config, registry, passes: dict | None = None) -> dict[str, dict]:

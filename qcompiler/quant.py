@@ -106,13 +106,23 @@ def matrix_view(tensor: torch.Tensor, reduction_axes: tuple[int, ...]) -> tuple[
     rank = tensor.dim()
     if rank == 2 and tuple(reduction_axes) == (0,):
         return tensor.t(), True
-    if tuple(reduction_axes) == tuple(range(rank - len(reduction_axes), rank)):
-        return tensor.reshape(tensor.shape[0] if rank > 1 else 1, -1), False
+    if rank > 2 and tuple(reduction_axes) == (rank - 2,):  # batched `x @ W`, W [..., in, out] (MoE experts)
+        t = tensor.transpose(-1, -2)
+        return t.reshape(-1, t.shape[-1]), True
+    if tuple(reduction_axes) == tuple(range(rank - len(reduction_axes), rank)):  # [out..., in...] -> [N, K]
+        k = 1
+        for axis in reduction_axes:
+            k *= tensor.shape[axis]
+        return tensor.reshape(-1, k), False
     raise ValueError(f"unsupported reduction axes {reduction_axes} for a weight of shape {tuple(tensor.shape)}")
 
 
 def restore(matrix: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
-    return matrix.t().contiguous() if transposed else matrix.reshape(shape)
+    if not transposed:
+        return matrix.reshape(shape)
+    if len(shape) == 2:
+        return matrix.t().contiguous()
+    return matrix.reshape(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2).contiguous()
 
 
 def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> CompressedWeight:

@@ -166,7 +166,9 @@ def _data_aware_lines(report: dict) -> list[str]:
             other = len(skipped) - missing
             lines.append(f"{label}: {summary[count]} layers{_errors(summary.get('layers'), 'error_rtn')}"
                          + (f"; {missing} without statistics, rounded to nearest" if missing else "")
-                         + (f"; {other} not taken (report: passes.{name}.skipped)" if other else ""))
+                         + (f"; {other} not taken (report: passes.{name}.skipped)" if other else "")
+                         + ("; on by default with a dataset (--no-scale-estimation: round to nearest, as NNCF)"
+                            if summary.get("by_default") else ""))
     return lines
 
 

@@ -29,15 +29,11 @@ FAMILIES: dict[str, dict] = {
     "gpt_oss": dict(num_local_experts=4, **MOE),
 }
 
-_EXPERTS = "read by ops qcompiler cannot compress yet"
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # (family, backend, weight format) -> the refusal's words, for what does not work yet and says so
 UNSUPPORTED: dict[tuple[str, str, str], str] = {}
-for _family in MOE_FAMILIES:
-    for _backend in ("openvino", "onnx", "torch"):
-        UNSUPPORTED[(_family, _backend, "int8")] = _EXPERTS  # batched 3-D expert weights: no per-expert trace yet
-    UNSUPPORTED[(_family, "openvino", "fp32")] = "export cannot convert"  # the router's histc / nonzero
-    UNSUPPORTED[(_family, "onnx", "fp32")] = "export cannot convert"
+for _family in MOE_FAMILIES:  # torch's int kernels are 2-D Linears: the batched experts have none
+    UNSUPPORTED[(_family, "torch", "int8")] = "no int kernel for batched mixture-of-experts weights"
 UNSUPPORTED[("cohere", "onnx", "fp32")] = "export cannot convert"  # torch's TorchScript ONNX exporter fails on it
 
 
@@ -53,9 +49,9 @@ AWQ_MATCHES: dict[str, tuple[int, str]] = {
                           "gpt2")},
     "phi3": (0, "fused gate_up_proj split in two: NNCF's Act_Mul_MatMul needs an inserted Multiply (not yet)"),
     "opt": (0, "fc1 -> ReLU -> fc2: NNCF's Act_MatMul needs an inserted Multiply (not yet)"),
-    "qwen2_moe": (2, "the shared expert's gated MLP (the routed experts are not traced per expert yet)"),
-    **{f: (0, "experts are batched 3-D weights, not traced per expert yet") for f in ("mixtral", "qwen3_moe",
-                                                                                     "gpt_oss")},
+    "qwen2_moe": (2, "the shared expert's gated MLP (the routed experts' gate and up are one batched weight)"),
+    **{f: (0, "the experts' gate and up are one batched weight whose output is split: no MatMul -> Multiply -> "
+              "MatMul") for f in ("mixtral", "qwen3_moe", "gpt_oss")},
 }
 
 

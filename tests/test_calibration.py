@@ -96,6 +96,31 @@ def test_a_builtin_switch_is_its_config_field():
         CompressionConfig(mode="int4_sym", passes={"awq": {}})
 
 
+def test_scale_estimation_is_on_by_default_with_data_and_can_be_turned_off():
+    from qcompiler.cli import _parser, config_from_args
+    from qcompiler.passes.gptq import GPTQ
+    from qcompiler.passes.scale_estimation import ScaleEstimation
+
+    with_data = CompressionConfig(mode="int4_sym", dataset="x.txt")
+    assert with_data.scale_estimation is None and "scale_estimation" in with_data.switched_on()
+    assert ScaleEstimation.options_from(with_data).by_default
+    assert ScaleEstimation.options_from(with_data.replace(scale_estimation=True)).by_default is False
+    assert "scale_estimation" not in with_data.replace(scale_estimation=False).switched_on()
+    assert "scale_estimation" not in CompressionConfig(mode="int4_sym").switched_on()  # no data
+    assert "scale_estimation" not in CompressionConfig(mode="mxfp4", dataset="x.txt").switched_on()  # a mode it lacks
+    gptq = with_data.replace(gptq=True)
+    assert ScaleEstimation.options_from(gptq) is None and GPTQ.options_from(gptq).scale_estimation
+    assert not GPTQ.options_from(gptq.replace(scale_estimation=False)).scale_estimation
+    with pytest.raises(QCompilerError, match="sets options of scale_estimation, which is off"):
+        with_data.replace(scale_estimation=False, passes={"scale_estimation": {"scale_steps": 5}})
+
+    def parsed(*flags):
+        return config_from_args(_parser().parse_args(["compress", "m", "--weight-format", "int4", "--group-size",
+                                                      "64", "--dataset", "x.txt", *flags]))[0].scale_estimation
+
+    assert parsed() is None and parsed("--scale-estimation") is True and parsed("--no-scale-estimation") is False
+
+
 def test_an_unknown_pass_is_refused_before_loading():
     from qcompiler.pipeline import build_passes
     from qcompiler.registry import build_registry

@@ -34,7 +34,8 @@ CONFIGS = {
     "int4_sym_awq": CompressionConfig(mode="int4_sym", group_size=32, awq=True),
     "int4_asym": CompressionConfig(mode="int4_asym", group_size=32),
 }
-FULL = ("llama", "gpt2", "falcon", "gemma2", "phi", "gpt_neox")  # Conv1D, fused qkv, sliding window, parallel
+# Conv1D, fused qkv, sliding window, parallel blocks, batched experts ([experts, out, in] and [experts, in, out])
+FULL = ("llama", "gpt2", "falcon", "gemma2", "phi", "gpt_neox", "qwen3_moe", "gpt_oss")
 
 
 def _configs(family: str, backend: str) -> list[str]:
@@ -160,7 +161,8 @@ def test_data_aware_on_every_family(family, family_dir, tmp_path):
     assert corrected == len(primary) and lora.report["adapters"]["tensors"] == 2 * corrected
     logits = build_registry().backend("torch").runner(tmp_path / "lora").logits(np.array([PROMPT]))[0]
     assert np.isfinite(logits).all() and _cosine(logits, want_logits) > 0.5
-    awq_only = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=DATA))
+    awq_only = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=DATA,
+                                                  scale_estimation=False))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
     for c in awq_only.graph.parameter_constants():
@@ -169,3 +171,39 @@ def test_data_aware_on_every_family(family, family_dir, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
     assert np.abs(logits - want_logits).max() < 1e-3 * np.abs(want_logits).max()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_experts_compressed_per_expert_routers_in_backup(family, family_dir, tmp_path):
+    """The batched expert weights ([experts, out, in], gpt-oss's [experts, in, out]) are traced as MatMul
+    weights and compressed per expert (each expert's codes are what it gets alone); the routers take
+    the backup precision; data-aware passes run on the rest and say why the experts are rounded to
+    nearest; a data-aware ratio metric, which needs the experts' inputs, is refused in one line."""
+    from qcompiler.quant import quantize
+
+    folder = family_dir(family)[0]
+    result = compress(folder, CompressionConfig(mode="int4_sym", group_size=32))  # the IR, codes kept
+    experts = {c.attrs["weight"]: c for c in result.graph.weight_constants() if ".experts." in c.attrs["weight"]}
+    assert len(experts) == 4 and all(c.meta["format"].mode.bits == 4 for c in experts.values())
+    for name, const in experts.items():
+        w, cw = result.graph.weight(const), const.meta["compressed"]
+        decoded = cw.dequantize()
+        assert decoded.shape == w.shape
+        axes = result.graph.uses_by_weight()[const][0].reduction_axes
+        for e in range(w.shape[0]):  # expert e alone, its input channels on the same axis
+            alone = quantize(w[e], tuple(a - 1 for a in axes), cw.mode, 32).dequantize()
+            assert torch.equal(decoded[e], alone), (name, e)
+    routers = result.results["precision"].summary["routers_in_backup"]
+    assert len(routers) == 2 and all(c.meta["format"].mode.bits == 8 and c.meta["role"] == "backup"
+                                     for c in result.graph.weight_constants() if c.attrs["weight"] in routers)
+    data = [torch.tensor([(7 * i + 3 * j) % 250 + 3 for j in range(16)]) for i in range(4)]
+    aware = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True, gptq=True, dataset=data,
+                                               num_samples=4, seqlen=16), output=tmp_path / "aware", backend="openvino")
+    gptq = aware.report["passes"]["gptq"]
+    assert gptq["quantized"] > 0 and all(name in gptq["skipped"] for name in experts)
+    logits = build_registry().backend("openvino").runner(tmp_path / "aware").logits(np.array([PROMPT]))[0]
+    assert np.isfinite(logits).all() and _cosine(logits, family_dir(family)[2]) > 0.5
+    with pytest.raises(QCompilerError, match="batched MoE expert weights"):
+        compress(folder, CompressionConfig(mode="int4_sym", group_size=32, ratio=0.5, dataset=data, num_samples=4,
+                                           seqlen=16), output=tmp_path / "metric", backend="openvino")
+    assert not (tmp_path / "metric").exists()

@@ -154,6 +154,8 @@ class _Edit:
         self.drop_tensors: set[str] = set()
         self.new_initializers: list[onnx.TensorProto] = []
         self.need_ms_domain = False
+        self.prepend: list[onnx.NodeProto] = []  # nodes producing a dropped initializer's name (run first)
+        self.drop_tensors_only: set[str] = set()  # initializers dropped whose name a new node produces
 
     def replace_tensor(self, name: str, array: np.ndarray) -> None:
         self.drop_tensors.add(name)
@@ -161,6 +163,9 @@ class _Edit:
 
     def compress(self, tname: str, tensor: onnx.TensorProto, uses: list[WeightUse], cw) -> int:
         stored_before = len(self.new_initializers)
+        if len(tensor.dims) > 2 and all(u.node.op_type == "MatMul" for u in uses):
+            self._dequantize_in_place(tname, cw)  # batched MoE expert weights [experts, out, in]
+            return sum(_nbytes(t) for t in self.new_initializers[stored_before:])
         shared: dict = {}
         for use in uses:
             op = use.node.op_type
@@ -258,23 +263,63 @@ class _Edit:
                  helper.make_node("MatMul", [use.node.input[0], dq_out], list(use.node.output), name=use.node.name)]
         self._swap(use.node, nodes)
 
+    def _dequantize_in_place(self, tname: str, cw) -> None:
+        """Batched expert weights [experts, out, in] (`cw` holds them as [experts * out, in]): a blocked
+        DequantizeLinear along the input axis produces the float tensor under the initializer's own
+        name, so the Transpose and batched MatMul reading it stay as exported (MatMulNBits takes 2-D
+        weights only)."""
+        if cw.mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+            raise QCompilerError(f"onnxruntime has no DequantizeLinear for {cw.mode} ({tname}): use int4 or int8, "
+                                 "or --backend openvino")
+        shape = tuple(cw.shape)
+        rows = (*shape[:-2], shape[-1], shape[-2]) if cw.transposed else shape  # [..., out, in] as cw holds it
+        k = rows[-1]
+        block = k if cw.group_size == -1 else cw.group_size
+        codes = cw.codes.numpy().reshape(rows)
+        scale = cw.scale.numpy().astype(np.float16).reshape(*rows[:-1], k // block)  # f16 as stored; Cast after
+        zp = None if cw.zero_point is None else cw.zero_point.numpy().reshape(*rows[:-1], k // block)
+        if cw.transposed:  # the tensor is [..., in, out]: blocks along its axis -2
+            codes, scale = np.ascontiguousarray(codes.swapaxes(-1, -2)), np.ascontiguousarray(scale.swapaxes(-1, -2))
+            zp = None if zp is None else np.ascontiguousarray(zp.swapaxes(-1, -2))
+        signed = not cw.mode.asymmetric
+        if cw.mode.bits == 4:
+            q = helper.make_tensor(f"{tname}_q4", TensorProto.INT4 if signed else TensorProto.UINT4, codes.shape,
+                                   layout.pack_int4(codes), raw=True)
+            self.new_initializers.append(q)
+            inputs = [q.name, self._add(f"{tname}_scale", scale)]
+            if zp is not None:
+                z = helper.make_tensor(f"{tname}_zp4", TensorProto.UINT4, zp.shape, layout.pack_int4(zp), raw=True)
+                self.new_initializers.append(z)
+                inputs.append(z.name)
+        else:
+            inputs = [self._add(f"{tname}_q8", codes.astype(np.int8 if signed else np.uint8)),
+                      self._add(f"{tname}_scale", scale)]
+            if zp is not None:
+                inputs.append(self._add(f"{tname}_zp8", zp.astype(np.uint8)))
+        self.prepend += [helper.make_node("DequantizeLinear", inputs, [f"{tname}_f16"], name=f"{tname}_DQ",
+                                          axis=len(shape) - (2 if cw.transposed else 1), block_size=block),
+                         helper.make_node("Cast", [f"{tname}_f16"], [tname], name=f"{tname}_DQ/cast",
+                                          to=TensorProto.FLOAT)]
+        self.drop_tensors_only.add(tname)
+
     def _swap(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
         self.replace[id(old)] = new
         self.need_ms_domain |= any(n.domain == MS_DOMAIN for n in new)
 
     def commit(self) -> None:
         g = self.model.graph
-        nodes = []
+        nodes = list(self.prepend)
         for node in g.node:
             if id(node) in self.replace:
                 nodes.extend(self.replace[id(node)])
             elif id(node) not in self.drop_nodes and not (
-                node.op_type == "Constant" and node.output[0] in self.drop_tensors
+                node.op_type == "Constant" and node.output[0] in (self.drop_tensors | self.drop_tensors_only)
             ):
                 nodes.append(node)
         del g.node[:]
         g.node.extend(nodes)
-        kept = [t for t in g.initializer if t.name not in self.drop_tensors]
+        dropped = self.drop_tensors | self.drop_tensors_only
+        kept = [t for t in g.initializer if t.name not in dropped]
         del g.initializer[:]
         g.initializer.extend(kept + self.new_initializers)
         if self.need_ms_domain and not any(o.domain == MS_DOMAIN for o in self.model.opset_import):

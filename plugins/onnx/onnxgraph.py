@@ -2,7 +2,8 @@
 what. Used by the ONNX frontend (to build the IR) and the ONNX backend (to rewrite the weights).
 
 A weight is an initializer (or a `Constant` node's tensor) reaching a MatMul's B input, a Gather's
-data input or a Conv's W input through a chain of Cast / Identity / Transpose([1, 0]) nodes.
+data input or a Conv's W input through a chain of Cast / Identity / Transpose([1, 0]) nodes (for
+batched MoE expert weights, the Transpose swaps their last two axes).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class GraphIndex:
             return None
         if node.op_type == "Transpose":
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
-            if perm != [1, 0]:
-                return None
+            if perm[-2:] != [len(perm) - 1, len(perm) - 2] or perm[:-2] != list(range(len(perm) - 2)):
+                return None  # only [1, 0], or the swap of the last two axes of batched (MoE expert) weights
             transposed = not transposed
         users = self.consumers.get(node.output[0], [])
         if len(users) != 1:

@@ -233,7 +233,12 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: lis
     n, k = cw.matrix_shape
     if cw.codes.dim() == 3:
         w = ops.reshape(w, ops.constant(np.array([n, k], dtype=np.int64)), special_zero=False)
-    if cw.transposed:
+    if cw.transposed and len(cw.shape) > 2:  # batched [..., in, out] weights (MoE experts): the last two swapped
+        batched = [*cw.shape[:-2], cw.shape[-1], cw.shape[-2]]
+        w = ops.reshape(w, ops.constant(np.array(batched, dtype=np.int64)), special_zero=False)
+        perm = [*range(len(batched) - 2), len(batched) - 1, len(batched) - 2]
+        w = ops.transpose(w, ops.constant(np.array(perm, dtype=np.int64)))
+    elif cw.transposed:
         w = ops.transpose(w, ops.constant(np.array([1, 0], dtype=np.int64)))
     elif tuple(cw.shape) != (n, k):
         w = ops.reshape(w, ops.constant(np.array(cw.shape, dtype=np.int64)), special_zero=False)

@@ -16,6 +16,7 @@ from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.plugins.torch import hf, kvcache
 from qcompiler.protocols import ExportSpec
+from qcompiler.plugins.torch.experts import dense_experts
 from qcompiler.plugins.torch.trace import trace_module
 
 
@@ -70,7 +71,8 @@ class TorchFrontend:
         return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy)
 
     def trace(self, source: TorchSource) -> Graph:
-        graph = trace_module(source.model, source.example_input, type(source.model).__name__)
+        with dense_experts(source.model):  # MoE experts as MatMuls on their batched weights
+            graph = trace_module(source.model, source.example_input, type(source.model).__name__)
         if source.lazy is not None:
             _lazy_weights(graph, source)
         return graph

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompiler.plugins.torch.experts import dense_experts
 from qcompiler.protocols import ExportSpec
 
 PAST_LEN = 2  # the example's past length; exporters declare every varying dimension dynamic
@@ -69,8 +70,9 @@ class KVCacheForward(torch.nn.Module):
         for i, layer in enumerate(cache.layers):
             layer.lazy_initialization(past[2 * i], past[2 * i + 1])
             layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        with dense_experts(self.model):  # MoE experts as MatMuls, which exporters convert (experts.py)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]

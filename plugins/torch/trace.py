@@ -48,10 +48,15 @@ _TRANSPOSE_2D = (T.t, torch.t)
 
 
 def _is_transpose(func, args) -> bool:
-    """`W.T`, `W.t()`, `torch.t(W)` or `W.transpose(0, 1)` of a matrix."""
-    if func in _TRANSPOSE_2D or func == T.T.__get__ or func == T.mT.__get__:
+    """`W.T`, `W.t()`, `torch.t(W)` or `W.transpose(0, 1)` of a matrix, or the swap of the last two
+    axes of batched matrices (MoE experts [experts, out, in]: `W.transpose(1, 2)`, `W.mT`)."""
+    rank = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 0
+    if rank == 2 and (func in _TRANSPOSE_2D or func == T.T.__get__):
         return True
-    return func in (T.transpose, torch.transpose) and sorted(a % 2 for a in args[1:3]) == [0, 1]
+    if func == T.mT.__get__:
+        return rank >= 2
+    return func in (T.transpose, torch.transpose) and rank >= 2 and sorted(a % rank for a in args[1:3]) == [
+        rank - 2, rank - 1]
 
 
 class _Recorder(TorchFunctionMode):
@@ -70,7 +75,7 @@ class _Recorder(TorchFunctionMode):
             return out
         op, attrs = _OPS.get(func, ("Opaque", {"fn": getattr(func, "__name__", str(func))}))
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if _is_transpose(func, args) and id(tensors[0]) in self.params and tensors[0].dim() == 2:
+        if _is_transpose(func, args) and id(tensors[0]) in self.params and tensors[0].dim() in (2, 3):
             self.transposed[id(out)] = tensors[0]  # W.T of a parameter: a MatMul reading it takes W, transpose_b
             op, attrs = "Transpose", {}
         if op == "MatMul" and len(tensors) == 2 and id(tensors[1]) in self.transposed:

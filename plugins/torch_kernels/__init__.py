@@ -39,6 +39,11 @@ class TorchKernelsBackend:
         for const, uses in graph.uses_by_weight().items():
             fmt = const.meta.get("format")
             if fmt is not None and any(u.op.op == "MatMul" for u in uses):
+                if graph.tensor(const).dim() > 2:
+                    raise QCompilerError(
+                        f"torch has no int kernel for batched mixture-of-experts weights ({const.attrs['weight']}, "
+                        f"{list(graph.tensor(const).shape)}): use --backend openvino or onnx, or ignore the experts "
+                        "(--ignored-scope-pattern '.*experts.*')")
                 n, k = matrix_view(graph.tensor(const), uses[0].reduction_axes)[0].shape
                 _check_kernel(const.attrs["weight"], fmt.mode, fmt.group_size, n, k)
 
