@@ -110,6 +110,23 @@ def test_gpt_oss_two_stage_config(tmp_path, capsys):
     assert rep["parameters"]["total"] == sum(p.numel() for p in tiny_llama().parameters())
 
 
+def test_gpt_oss_two_stage_config_on_a_gpt_oss_model(tmp_path, capsys):
+    """The same row on a (tiny) gpt-oss model: its batched experts in int4_sym g32, attention and
+    routers in int8, nothing float, on OpenVINO."""
+    from tests.families import build
+
+    folder = build("gpt_oss", tmp_path / "gpt-oss")
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "--weight-format", "int4", "--model-id", "openai/gpt-oss-20b",
+                 "-o", str(out), "--quiet"]) == 0
+    rep = report(out)
+    # 2 layers: experts' gate_up and down in int4; 4 attention projections and the router each, plus
+    # the embeddings and lm_head, in int8
+    assert formats(rep) == {"int4_sym, group size 32": 4, "int8_asym, per-channel": 12}
+    assert rep["passes"]["ignored_scope"]["unmatched_backup"] == []  # the router pattern matched this time
+    assert not rep["float_weights"]
+
+
 def test_no_weight_format_is_float_below_a_billion_parameters(tmp_path, capsys):
     folder = tmp_path / "tiny"
     tiny_llama().save_pretrained(folder)

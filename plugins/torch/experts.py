@@ -31,17 +31,18 @@ def _dense_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     experts, tokens = first.shape[0], hidden_states.shape[0]
     routing = torch.zeros(tokens, experts, dtype=hidden_states.dtype, device=hidden_states.device)
     routing = routing.scatter(1, top_k_index, top_k_weights.to(hidden_states.dtype))  # [tokens, experts]
-    x = hidden_states.unsqueeze(0).expand(experts, tokens, hidden_states.shape[-1])
-    h = torch.matmul(x, first if self.is_transposed else first.transpose(1, 2))  # [experts, tokens, out]
+    x = hidden_states.repeat(experts, 1).view(experts, tokens, hidden_states.shape[-1])
+    h = torch.bmm(x, first if self.is_transposed else first.transpose(1, 2))  # [experts, tokens, out]
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[:, None, :]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    out = torch.matmul(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))
+    out = torch.bmm(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))
     if self.has_bias:
         out = out + self.down_proj_bias[:, None, :]
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    return (out * routing.t()[:, :, None]).sum(0).to(hidden_states.dtype)
+    out = out.view(experts, tokens, -1, out.shape[-1]) * routing.transpose(0, 1).view(experts, tokens, -1)[..., None]
+    return out.sum(dim=0).view(tokens, -1).to(hidden_states.dtype)
 
 
 def has_experts(model: torch.nn.Module) -> bool:

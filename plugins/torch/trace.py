@@ -24,6 +24,7 @@ T = torch.Tensor
 _OPS: dict[Any, tuple[str, dict]] = {
     F.linear: ("MatMul", {"transpose_b": True}),
     torch.matmul: ("MatMul", {}), T.matmul: ("MatMul", {}), T.__matmul__: ("MatMul", {}),
+    torch.bmm: ("MatMul", {}), T.bmm: ("MatMul", {}),
     F.embedding: ("Gather", {"axis": 0}),
     F.conv1d: ("Convolution", {}), F.conv2d: ("Convolution", {}), F.conv3d: ("Convolution", {}),
     torch.mul: ("Multiply", {}), T.mul: ("Multiply", {}), T.__mul__: ("Multiply", {}), T.__rmul__: ("Multiply", {}),
