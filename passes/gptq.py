@@ -34,6 +34,7 @@ class GPTQOptions:
                                                 "above": 0})
     block: int = field(default=128, metadata={"help": "columns updated together", "min": 1})
     scale_estimation: bool = False  # set from scale estimation's switch: each group's scale refitted as it is reached
+    scales_by_default: bool = False  # ... because a dataset was given, not asked for (said in the report)
 
 
 class GPTQ(WeightFitPass):
@@ -51,7 +52,9 @@ class GPTQ(WeightFitPass):
     @classmethod
     def options_from(cls, config):
         options = super().options_from(config)
-        return None if options is None else dataclasses.replace(options, scale_estimation=config.switch("scale_estimation"))
+        return None if options is None else dataclasses.replace(
+            options, scale_estimation=config.switch("scale_estimation"),
+            scales_by_default=config.scale_estimation is None and config.switch("scale_estimation"))
 
     @property
     def statistics(self):
@@ -68,7 +71,8 @@ class GPTQ(WeightFitPass):
         return gptq(w, mean_h, fmt.mode, fmt.group_size, self.options.damp, self.options.block, refit, errors)
 
     def extra_summary(self) -> dict:
-        return {"damp": self.options.damp}
+        return {"damp": self.options.damp, "scale_estimation": self.options.scale_estimation,
+                "by_default": self.options.scales_by_default}
 
     def run_block(self, graph, block, stats, ctx) -> None:
         """Weights that read one input (q, k and v; gate and up) share its Hessian, and GPTQ treats rows

@@ -215,7 +215,8 @@ def _routers(graph: Graph) -> set[Node]:
         frontier = [node]
         for _ in range(4):
             frontier = [r for n in frontier for r in consumers.get(n, [])]
-            if any(r.op == "Opaque" and r.attrs.get("fn") == "topk" for r in frontier):
+            if any(r.op == "Opaque" and (r.attrs.get("fn") == "topk" or r.attrs.get("type") == "TopK")
+                   for r in frontier):  # torch's topk; an imported ONNX / OpenVINO graph's TopK
                 out.add(node)
                 break
             frontier = [r for r in frontier if r.op in ROUTER_PATH]

@@ -248,20 +248,25 @@ def config_from_args(args):
     """(CompressionConfig, model_defaults.Defaults or None): the user's options, or the default
     that applies when they name no more than int4 / int8 (or no weight format at all)."""
     from qcompiler import model_defaults
+    from qcompiler.config import SWITCHES
 
     apply_optimum_flags(args)
     scope = IgnoredScope(
         names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
         types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
     )
+    # a default turned off (--no-scale-estimation) is not a config of the user's own: the row still applies
+    turned_off = [name for name in SWITCHES if getattr(args, f"pass__{name}", None) is False]
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
-                   for name in COMPRESSION_OPTIONS) or pass_options.any_given(args)  # or a pass's flag
+                   for name in COMPRESSION_OPTIONS) or pass_options.any_given(args, ignore=turned_off)
     if args.model_id is not None and args.weight_format not in ("int4", "int8"):
         raise QCompilerError("--model-id chooses the per-model defaults of --weight-format int4 / int8: drop it")
     config, defaults = model_defaults.resolve(args.weight_format, explicit, args.model, args.model_id,
                                               {"ignored_scope": scope})
     if config is None:
         config = _config_from_options(args, scope)
+    elif turned_off and config.mode is not None:
+        config = config.replace(**{name: False for name in turned_off})
     return model_defaults.with_table_scope(config, defaults, args.model, args.model_id)
 
 
@@ -322,7 +327,7 @@ def _compress(args) -> int:
     result = compress(args.model, config, output=output, backend=args.backend,
                       backend_options=options, overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
-                      allow_pickle=load.allow_pickle, defaults=defaults)
+                      allow_pickle=load.allow_pickle, defaults=defaults, pad_token_id=args.pad_token_id)
     say(format_report(result.report))
     for line in defaults.lines() if defaults is not None else []:
         say(line)
@@ -343,6 +348,10 @@ def backend_options_from_args(args) -> dict:
     if options and args.backend != "onnx" and not str(args.model or "").endswith(".onnx"):
         raise QCompilerError("--onnx-format and --onnx-accuracy-level are options of the onnx backend: "
                              "add --backend onnx or drop them")
+    if getattr(args, "disable_stateful", False):  # optimum-cli's flags for the OpenVINO output
+        options["stateful"] = False
+    if getattr(args, "disable_convert_tokenizer", False):
+        options["convert_tokenizer"] = False
     return options
 
 

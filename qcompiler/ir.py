@@ -225,7 +225,8 @@ def _weight_use(n: Node) -> WeightUse | None:
         axis = rank - 1 if n.attrs.get("transpose_b") else rank - 2
         return WeightUse(n, n.inputs[1], (axis,))
     if n.op == "Gather" and n.inputs and n.inputs[0].op == "Constant" and n.attrs.get("axis", 0) == 0:
-        return WeightUse(n, n.inputs[0], (1,))
+        rank = len(n.inputs[0].meta.get("shape", (0, 0)))
+        return WeightUse(n, n.inputs[0], tuple(range(1, max(rank, 2))))  # each gathered row, whole
     if n.op == "Convolution" and len(n.inputs) >= 2 and n.inputs[1].op == "Constant":
         rank = len(n.inputs[1].meta.get("shape", ()))
         return WeightUse(n, n.inputs[1], tuple(range(1, rank)))

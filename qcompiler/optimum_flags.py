@@ -14,14 +14,10 @@ DATA_AWARE = "is not implemented yet"
 NOT_YET = {
     "--quant-mode": "activation quantization is not implemented yet; compress the weights with --weight-format",
     "--smooth-quant-alpha": "SmoothQuant (activation quantization) is not implemented yet",
-    "--disable-stateful": "qcompiler writes the stateful KV-cache model optimum-intel and openvino_genai load; a "
-                          "stateless export is not implemented",
-    "--pad-token-id": "the model's own config sets it; editing config.json is not implemented",
     "--variant": "model variants are not read; pass the folder of the variant you want",
     "--cache_dir": "qcompiler reads local folders only and never downloads a model",
-    "--disable-convert-tokenizer": "the OpenVINO tokenizer models are always written (openvino_genai needs them)",
 }
-SWITCHES = ("--disable-stateful", "--disable-convert-tokenizer")
+SWITCHES = ()
 TASKS = ("text-generation-with-past", "text-generation", "auto")
 
 
@@ -34,6 +30,13 @@ def add_optimum_flags(parser) -> None:
     parser.add_argument("--library", choices=["transformers"], help="accepted for optimum-cli compatibility")
     parser.add_argument("--backup-precision", choices=["none", "int8_sym", "int8_asym"],
                         help="optimum-cli's name for --backup-mode")
+    parser.add_argument("--disable-stateful", action="store_true",
+                        help="OpenVINO: the KV cache as model inputs and outputs (past_key_values.N.key/value in, "
+                             "present.N.key/value out) instead of model state, as optimum-cli writes it with this flag")
+    parser.add_argument("--disable-convert-tokenizer", action="store_true",
+                        help="OpenVINO: no openvino_tokenizer.xml / openvino_detokenizer.xml (openvino_genai needs "
+                             "them; optimum-intel does not)")
+    parser.add_argument("--pad-token-id", type=int, help="the pad token id written into the model's config")
     for flag, why in NOT_YET.items():
         if flag in SWITCHES:
             parser.add_argument(flag, action="store_true", help=f"not supported yet: {why}")
@@ -58,6 +61,10 @@ def apply_optimum_flags(args) -> None:
             raise QCompilerError(f"two outputs: {args.model} and -o {args.output}: pass one of them")
         args.output = args.output if args.model is None else args.model
         args.model = args.model_flag
+    for flag, on in (("--disable-stateful", args.disable_stateful),
+                     ("--disable-convert-tokenizer", args.disable_convert_tokenizer)):
+        if on and args.backend not in (None, "openvino"):
+            raise QCompilerError(f"{flag} is an option of the OpenVINO output: drop it with --backend {args.backend}")
     if args.backup_precision is not None:
         if args.backup_mode is not None:
             raise QCompilerError("--backup-precision and --backup-mode say the same thing: pass one of them")

@@ -60,7 +60,7 @@ def add_flags(parser, registry) -> None:
             raise QCompilerError(f"the pass '{cls.name}' declares the flag {bad!r}: a flag is '--name'; fix or "
                                  "uninstall its plugin")
         try:
-            if getattr(cls, "default_with_data", False):  # --flag / --no-flag; unset: the config's default
+            if getattr(cls, "default_with_data", False) and cls.name in _switches():  # --flag / --no-flag
                 parser.add_argument(cls.flag, dest=f"pass__{cls.name}", action=argparse.BooleanOptionalAction,
                                     default=None, help=_escape(getattr(cls, "help", None)))
             else:
@@ -76,6 +76,14 @@ def add_flags(parser, registry) -> None:
         except argparse.ArgumentError as exc:
             raise QCompilerError(f"the pass '{cls.name}' declares a flag another option has ({exc}): fix or "
                                  "uninstall its plugin") from None
+
+
+def _switches() -> tuple[str, ...]:
+    """The built-in passes with a config field of their own: only they can be on by default
+    (`default_with_data`, resolved by `CompressionConfig.switch`)."""
+    from qcompiler.config import SWITCHES
+
+    return SWITCHES
 
 
 def _escape(text):
@@ -109,8 +117,10 @@ def switches(args, registry, names) -> dict[str, bool | None]:
     return out
 
 
-def any_given(args) -> bool:
-    return any(_given(v) for k, v in vars(args).items() if k.startswith("pass__"))
+def any_given(args, ignore=()) -> bool:
+    """Whether any pass flag or option was typed (the switches of passes in `ignore` excepted)."""
+    skip = {f"pass__{name}" for name in ignore}
+    return any(_given(v) for k, v in vars(args).items() if k.startswith("pass__") and k not in skip)
 
 
 def _given(value) -> bool:

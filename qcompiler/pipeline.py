@@ -109,6 +109,7 @@ def compress(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     defaults: Any = None,
+    pad_token_id: int | None = None,
 ) -> CompressedModel:
     """Compress `model` (a folder, a GGUF folder, an nn.Module; None = the default model).
 
@@ -117,6 +118,8 @@ def compress(
     is checked and locked before the model is loaded. Code shipped in a model folder runs only
     with `trust_remote_code`, pickle weights load only with `allow_pickle`. `defaults` (a
     `model_defaults.Defaults`) says which default config was applied, for the report.
+    `pad_token_id` sets the model config's pad token id (optimum-cli's `--pad-token-id`), which the
+    written config.json and the runtimes' config files then carry.
     """
     config = config or CompressionConfig()
     registry = registry or build_registry()
@@ -147,6 +150,8 @@ def compress(
         stack.callback(steps.close)
         start = time.perf_counter()
         source = frontend.load(model, example_input=example_input, options=load_options)
+        if pad_token_id is not None:
+            _set_pad_token_id(source, pad_token_id)
         seconds["load"] = _lap(start, steps, "trace")
         start = time.perf_counter()
         graph = frontend.trace(source)
@@ -197,6 +202,18 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
         method = getattr(executor, "method", {})
         cache = StatisticsCache(Path(config.statistics_path), weights_digest(graph), data.digest(), method)
     return CalibrationEngine(executor, data, cache=cache)
+
+
+def _set_pad_token_id(source, pad_token_id: int) -> None:
+    config = getattr(source.model, "config", None)
+    if config is None or not hasattr(config, "pad_token_id"):
+        raise QCompilerError(f"--pad-token-id sets a transformers model's config; this {type(source.model).__name__} "
+                             "has none: drop --pad-token-id")
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(pad_token_id, int) or pad_token_id < 0 or (isinstance(vocab, int) and pad_token_id >= vocab):
+        raise QCompilerError(f"--pad-token-id {pad_token_id} is not a token of this model (vocabulary {vocab}): pass "
+                             "an id below the vocabulary size")
+    config.pad_token_id = pad_token_id
 
 
 def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, defaults):

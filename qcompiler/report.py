@@ -167,7 +167,9 @@ def _data_aware_lines(report: dict) -> list[str]:
             lines.append(f"{label}: {summary[count]} layers{_errors(summary.get('layers'), 'error_rtn')}"
                          + (f"; {missing} without statistics, rounded to nearest" if missing else "")
                          + (f"; {other} not taken (report: passes.{name}.skipped)" if other else "")
-                         + ("; on by default with a dataset (--no-scale-estimation: round to nearest, as NNCF)"
+                         + (("; on by default with a dataset (--no-scale-estimation: round to nearest, as NNCF)"
+                             if name == "scale_estimation" else "; group scales refitted (scale estimation, on by "
+                             "default with a dataset; --no-scale-estimation turns it off)")
                             if summary.get("by_default") else ""))
     return lines
 
@@ -188,6 +190,10 @@ def _label(fmt) -> str:
 
 def _config_dict(config) -> dict:
     out = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    from qcompiler.config import SWITCHES
+
+    for name in SWITCHES:  # the switch in force, a default resolved (scale estimation with a dataset)
+        out[name] = config.switch(name)
     if config.mode is not None:
         out["group_size"] = config.effective_group_size
         out["group_size_fallback"] = config.fallback.value

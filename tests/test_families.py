@@ -207,3 +207,17 @@ def test_moe_experts_compressed_per_expert_routers_in_backup(family, family_dir,
         compress(folder, CompressionConfig(mode="int4_sym", group_size=32, ratio=0.5, dataset=data, num_samples=4,
                                            seqlen=16), output=tmp_path / "metric", backend="openvino")
     assert not (tmp_path / "metric").exists()
+
+
+def test_moe_onnx_model_imported_and_compressed(family_dir, tmp_path):
+    """An exported MoE ONNX model (batched experts behind a Transpose of their last two axes) read by the
+    ONNX frontend: experts compressed, routers (found by their TopK) in backup, logits kept at int8."""
+    folder, _, want_logits, _ = family_dir("qwen3_moe")
+    compress(folder, CONFIGS["fp32"], output=tmp_path / "fp32", backend="onnx")
+    for name in ("int8", "int4_asym"):
+        result = compress(tmp_path / "fp32" / "model.onnx", CONFIGS[name], output=tmp_path / name)
+        experts = [c for c in result.graph.weight_constants() if ".experts." in c.attrs["weight"]]
+        assert len(experts) == 4 and all(c.meta["format"] is not None for c in experts)
+        logits = build_registry().backend("onnx").runner(tmp_path / name).logits(np.array([PROMPT]))[0]
+        assert _cosine(logits, want_logits) > (0.99 if name == "int8" else 0.5)
+    assert len(result.results["precision"].summary["routers_in_backup"]) == 2

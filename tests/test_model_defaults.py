@@ -72,6 +72,21 @@ def test_int4_alone_applies_the_models_row(named_folder, tmp_path, capsys):
     assert rep["passes"]["precision"]["adjusted_group_size"]
 
 
+def test_no_scale_estimation_keeps_the_row_and_turns_its_scale_estimation_off(named_folder):
+    from qcompiler.cli import _parser, config_from_args
+
+    def resolved(*flags):
+        return config_from_args(_parser().parse_args(["compress", str(named_folder), "--weight-format", "int4",
+                                                      *flags]))
+
+    config, defaults = resolved()
+    assert defaults is not None and config.scale_estimation is True and config.awq  # Qwen3-1.7B's row
+    config, defaults = resolved("--no-scale-estimation")
+    assert defaults is not None and defaults.model_id == "Qwen/Qwen3-1.7B"  # still the row
+    assert config.scale_estimation is False and config.awq and config.group_size == 64
+    assert "scale_estimation" not in config.switched_on()
+
+
 def test_an_option_besides_the_format_turns_the_row_off(named_folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compress", str(named_folder), "--weight-format", "int4", "--group-size", "32", "-o", str(out),

@@ -54,3 +54,42 @@ def test_token_chooser():
     assert set(draws) == {1, 3}
     again = [token_chooser(sample=True, top_k=2, seed=s)(logits) for s in range(200)]
     assert draws == again
+
+
+def test_optimum_flags_stateless_no_tokenizer_pad_token(tmp_path):
+    """optimum-cli's --disable-stateful (the cache as past_key_values.N.* inputs and present.N.* outputs,
+    no beam_idx), --disable-convert-tokenizer (no OpenVINO tokenizer models) and --pad-token-id (written
+    into config.json): the stateless artifact generates what the stateful one does, token by token."""
+    import json
+
+    import openvino as ov
+
+    from qcompiler import QCompilerError
+    from qcompiler.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    from tests.conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(folder)
+    common = ["compress", str(folder), "--weight-format", "int8", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "stateful")]) == 0
+    assert main([*common, "--disable-stateful", "--disable-convert-tokenizer", "--pad-token-id", "3",
+                 "-o", str(tmp_path / "stateless")]) == 0
+    out = tmp_path / "stateless"
+    model = ov.Core().read_model(out / "openvino_model.xml")
+    names = [i.get_any_name() for i in model.inputs]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "beam_idx" not in names
+    assert names[3:] == [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert [o.get_any_name() for o in model.outputs][1:] == [f"present.{i}.{k}" for i in range(2)
+                                                              for k in ("key", "value")]
+    assert not model.get_sinks() and not list(out.glob("openvino_*tokenizer.xml"))
+    assert list((tmp_path / "stateful").glob("openvino_*tokenizer.xml"))
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 3
+    prompt = [5, 17, 200, 3]
+    stateless = OpenVINORunner(out / "openvino_model.xml").generate(prompt, 8, token_chooser())
+    assert stateless == OpenVINORunner(tmp_path / "stateful" / "openvino_model.xml").generate(prompt, 8, token_chooser())
+    assert main([*common, "--disable-stateful", "--backend", "torch", "-o", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(QCompilerError, match="not a token of this model"):
+        compress(folder, CompressionConfig(mode="int8_asym"), output=tmp_path / "p", pad_token_id=10**6)

@@ -84,6 +84,11 @@ def check_formats(graph: Graph, options: ONNXOptions) -> None:
             if use.op.op not in ("MatMul", "Gather"):
                 raise QCompilerError(f"compressed {use.op.op} weights have no onnxruntime kernel ({name}): ignore "
                                      "them (--ignored-scope-type) or use --backend openvino")
+            if use.op.op == "MatMul" and graph.tensor(const).dim() > 2:  # batched experts: DequantizeLinear
+                if fmt.mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+                    raise QCompilerError(f"onnxruntime has no DequantizeLinear for {fmt.mode} ({name}, batched "
+                                         "mixture-of-experts weights): use int4 or int8, or --backend openvino")
+                continue
             if fmt.mode is Mode.NF4 or (use.op.op == "MatMul" and options.format == "qdq"):
                 continue
             k = matrix_view(graph.tensor(const), use.reduction_axes)[0].shape[1]
@@ -164,7 +169,7 @@ class _Edit:
     def compress(self, tname: str, tensor: onnx.TensorProto, uses: list[WeightUse], cw) -> int:
         stored_before = len(self.new_initializers)
         if len(tensor.dims) > 2 and all(u.node.op_type == "MatMul" for u in uses):
-            self._dequantize_in_place(tname, cw)  # batched MoE expert weights [experts, out, in]
+            self._dequantize_in_place(tname, tensor, cw)  # batched MoE expert weights [experts, out, in]
             return sum(_nbytes(t) for t in self.new_initializers[stored_before:])
         shared: dict = {}
         for use in uses:
@@ -263,7 +268,7 @@ class _Edit:
                  helper.make_node("MatMul", [use.node.input[0], dq_out], list(use.node.output), name=use.node.name)]
         self._swap(use.node, nodes)
 
-    def _dequantize_in_place(self, tname: str, cw) -> None:
+    def _dequantize_in_place(self, tname: str, tensor: onnx.TensorProto, cw) -> None:
         """Batched expert weights [experts, out, in] (`cw` holds them as [experts * out, in]): a blocked
         DequantizeLinear along the input axis produces the float tensor under the initializer's own
         name, so the Transpose and batched MatMul reading it stay as exported (MatMulNBits takes 2-D
@@ -271,6 +276,11 @@ class _Edit:
         if cw.mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
             raise QCompilerError(f"onnxruntime has no DequantizeLinear for {cw.mode} ({tname}): use int4 or int8, "
                                  "or --backend openvino")
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < OPSET:
+            raise QCompilerError(f"this ONNX model is opset {opset}; the blocked DequantizeLinear its batched expert "
+                                 f"weights ({tname}) need is opset {OPSET}: re-export it at opset {OPSET}, or "
+                                 "compress the transformers model")
         shape = tuple(cw.shape)
         rows = (*shape[:-2], shape[-1], shape[-2]) if cw.transposed else shape  # [..., out, in] as cw holds it
         k = rows[-1]
@@ -299,7 +309,7 @@ class _Edit:
         self.prepend += [helper.make_node("DequantizeLinear", inputs, [f"{tname}_f16"], name=f"{tname}_DQ",
                                           axis=len(shape) - (2 if cw.transposed else 1), block_size=block),
                          helper.make_node("Cast", [f"{tname}_f16"], [tname], name=f"{tname}_DQ/cast",
-                                          to=TensorProto.FLOAT)]
+                                          to=tensor.data_type)]  # the weight's own float type
         self.drop_tensors_only.add(tname)
 
     def _swap(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:

@@ -64,7 +64,8 @@ class GraphIndex:
         if node.op_type not in CHAIN_OPS or node.output[0] in self.graph_outputs:
             return None
         if node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+            rank = len(self.tensor(tensor).dims) if self.tensor(tensor) is not None else 2
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
             if perm[-2:] != [len(perm) - 1, len(perm) - 2] or perm[:-2] != list(range(len(perm) - 2)):
                 return None  # only [1, 0], or the swap of the last two axes of batched (MoE expert) weights
             transposed = not transposed

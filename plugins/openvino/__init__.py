@@ -33,7 +33,10 @@ class OpenVINOBackend:
     lazy_weights = True  # lowering reads placeholder weights' values from the IR (Graph.weight)
     lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
 
-    OPTIONS = ("dq_group_size",)  # a runtime hint written into the model's rt_info, as optimum-intel writes it
+    # dq_group_size: a runtime hint written into the model's rt_info, as optimum-intel writes it;
+    # stateful (default True) and convert_tokenizer (default True): optimum-cli's --disable-stateful and
+    # --disable-convert-tokenizer turn them off
+    OPTIONS = ("dq_group_size", "stateful", "convert_tokenizer")
 
     def check(self, config, options: dict) -> None:
         unknown = [name for name in options if name not in self.OPTIONS]
@@ -42,6 +45,9 @@ class OpenVINOBackend:
         size = options.get("dq_group_size")
         if size is not None and (not isinstance(size, int) or size < 0):
             raise QCompilerError(f"dq_group_size {size!r} is not a group size: pass a positive integer or 0 (off)")
+        for name in ("stateful", "convert_tokenizer"):
+            if not isinstance(options.get(name, True), bool):
+                raise QCompilerError(f"the openvino backend's option {name} is True or False, not {options[name]!r}")
 
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
         import openvino as ov
@@ -62,7 +68,7 @@ class OpenVINOBackend:
                                      "OpenVINO model not yet: compress the transformers model instead, or drop that option")
         elif hasattr(source.model, "forward"):
             with in_module(source.model, graph) as converted_with:
-                (model, prefix), consts = convert(source), None
+                (model, prefix), consts = convert(source, (options or {}).get("stateful", True)), None
         else:
             raise QCompilerError(f"the openvino backend converts torch or OpenVINO models, not "
                                  f"{type(source.model).__name__}: use --backend onnx for an ONNX model")
@@ -76,7 +82,7 @@ class OpenVINOBackend:
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
                    "save": time.perf_counter() - applied}
         files = [MODEL_XML, MODEL_XML.replace(".xml", ".bin")]
-        if getattr(source, "tokenizer", None) is not None:
+        if getattr(source, "tokenizer", None) is not None and (options or {}).get("convert_tokenizer", True):
             files += write_tokenizer_models(source.tokenizer, out_dir)
         return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
 
@@ -154,31 +160,44 @@ class OpenVINORunner:
                                  "truncated .bin or an edited .xml); compress the model again") from None
         self.input_names = {i.get_any_name() for i in self.compiled.inputs}
         self.stateful = "beam_idx" in self.input_names
+        # a stateless export (--disable-stateful): the past cache as inputs, [batch, heads, past, head_dim]
+        self.past = {i.get_any_name(): i.get_partial_shape() for i in self.compiled.inputs
+                     if i.get_any_name().startswith("past_key_values.")}
+        self.cache: dict[str, np.ndarray] = {}
         self.request = self.compiled.create_infer_request()
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        if self.stateful:
-            self.request.reset_state()
         ids = np.asarray(input_ids, dtype=np.int64)
+        self._reset(ids.shape[0])
         return self._step(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
 
+    def _reset(self, batch: int) -> None:
+        if self.stateful:
+            self.request.reset_state()
+        self.cache = {name: np.zeros((batch, shape[1].get_length(), 0, shape[3].get_length()), np.float32)
+                      for name, shape in self.past.items()}
+
     def _step(self, ids, mask, positions) -> np.ndarray:
-        feed = {"input_ids": ids}
+        feed = {"input_ids": ids, **self.cache}
         if "attention_mask" in self.input_names:
             feed["attention_mask"] = mask
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
         if self.stateful:
             feed["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
-        return self.request.infer(feed)[0]
+        result = self.request.infer(feed)
+        if self.past:  # present.N.* become the next call's past_key_values.N.*
+            self.cache = {f"past_key_values.{out.get_any_name()[len('present.'):]}": result[out].copy()
+                          for out in self.compiled.outputs if out.get_any_name().startswith("present.")}
+        return result[0]
 
     def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
         """Token ids after the prompt; `next_token(logits_row) -> id` chooses each one."""
-        if not self.stateful:
-            raise QCompilerError("this OpenVINO model has no KV-cache state, so it is not a text-generation "
-                                 "artifact: compress a transformers causal LM to generate")
+        if not self.stateful and not self.past:
+            raise QCompilerError("this OpenVINO model has no KV cache (state or past inputs), so it is not a "
+                                 "text-generation artifact: compress a transformers causal LM to generate")
         ids = list(input_ids)
-        self.request.reset_state()
+        self._reset(1)
         new = np.array([ids], dtype=np.int64)
         for _ in range(max_new_tokens):
             n = len(ids)

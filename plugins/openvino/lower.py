@@ -35,17 +35,18 @@ CODE_TYPES = {
 }
 
 
-def convert(source) -> tuple[ov.Model, str]:
+def convert(source, stateful: bool = True) -> tuple[ov.Model, str]:
     """The float OpenVINO model, and the prefix its weight constants carry before the IR's names.
 
-    A causal LM becomes a stateful model with its KV cache (see stateful.py); any other module is
-    converted as it is, with the activations' last dimension static so its MatMuls fuse.
+    A causal LM becomes a stateful model with its KV cache (see stateful.py; `stateful=False`: the
+    cache as inputs and outputs); any other module is converted as it is, with the activations' last
+    dimension static so its MatMuls fuse.
     """
     if source.is_causal_lm:
         from qcompiler.plugins.openvino.stateful import convert_stateful
 
         spec = source.export_spec()
-        return convert_stateful(spec, type(source.model).__name__), spec.weight_prefix
+        return convert_stateful(spec, type(source.model).__name__, stateful), spec.weight_prefix
     example = source.example_input
     shapes = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
     return torch_to_openvino(source.model, example, shapes, type(source.model).__name__), ""

@@ -22,8 +22,11 @@ from qcompiler.plugins.openvino.lower import torch_to_openvino
 from qcompiler.protocols import ExportSpec
 
 
-def convert_stateful(spec: ExportSpec, what: str) -> ov.Model:
-    """`spec`: a causal LM's export signature with its cache (`Source.export_spec()`)."""
+def convert_stateful(spec: ExportSpec, what: str, stateful: bool = True) -> ov.Model:
+    """`spec`: a causal LM's export signature with its cache (`Source.export_spec()`). With
+    `stateful=False`, the layout optimum-cli writes with --disable-stateful: the past keys and values
+    are inputs (`past_key_values.N.key` / `.value`, [batch, kv_heads, past, head_dim]) and the new
+    cache is output (`present.N.key` / `.value`), with no beam_idx."""
     token_inputs = len(spec.input_names) - len(spec.cache)
     shapes = [ov.PartialShape([-1, -1])] * token_inputs + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
     ov_model = torch_to_openvino(spec.module, spec.args, shapes, what)
@@ -33,6 +36,9 @@ def convert_stateful(spec: ExportSpec, what: str) -> ov.Model:
         port.get_tensor().set_names({name})
     for port, name in zip(ov_model.outputs, spec.output_names):
         port.get_tensor().set_names({name})
+    if not stateful:
+        _float_attention_masks(ov_model)
+        return ov_model
     _add_beam_idx(ov_model, past_names)
     _float_attention_masks(ov_model)
     from openvino._offline_transformations import apply_make_stateful_transformation

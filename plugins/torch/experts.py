@@ -10,9 +10,10 @@ every expert runs on every token, and each token's sum is weighted by its routin
 the experts it was not routed to. It is written with MatMuls on the batched weights (transposed
 as a MatMul reads them), so the trace sees each expert weight as a MatMul's weight with its input
 channels on the last axis (compressed per expert, per output channel and group), and the
-exporters convert it to MatMul, Multiply and ReduceSum (OpenVINO's CPU plugin fuses that form into
-its MoE kernel). It computes experts/top-k times the routed work: the calibration engine and
-generation with the torch model keep transformers' own implementation; `dense_experts(model)`
+exporters convert it to MatMul, Multiply and ReduceSum (the op sequence optimum-intel exports; the
+OpenVINO CPU plugin of this version does not fuse it into its MoE kernel). It computes experts /
+top-k times the routed work and holds experts x tokens x hidden activations: the calibration engine
+and generation with the torch model keep transformers' own implementation; `dense_experts(model)`
 switches a model to this one inside a `with` block only (tracing, exporting).
 """
 
@@ -41,7 +42,9 @@ def _dense_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         out = out + self.down_proj_bias[:, None, :]
     if getattr(self, "has_post_expert_norm", False):
         out = self.post_expert_norm(out)
-    out = out.view(experts, tokens, -1, out.shape[-1]) * routing.transpose(0, 1).view(experts, tokens, -1)[..., None]
+    weights = routing.transpose(0, 1).view(experts, tokens, -1)[..., None]
+    out = out.view(experts, tokens, -1, out.shape[-1])
+    out = torch.where(weights > 0, out * weights, 0.0)  # an unrouted expert's inf or NaN must not reach the sum
     return out.sum(dim=0).view(tokens, -1).to(hidden_states.dtype)
 
 
@@ -61,7 +64,8 @@ def dense_experts(model: torch.nn.Module):
 
     if NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(NAME, _dense_forward)
-    before = model.config._experts_implementation
+    before = (model.get_experts_implementation() if hasattr(model, "get_experts_implementation")
+              else model.config._experts_implementation)  # per sub-model where transformers has them
     model.set_experts_implementation(NAME)
     try:
         yield
