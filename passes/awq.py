@@ -1,7 +1,9 @@
-"""Data-free AWQ on the MatMul -> Multiply -> MatMul pattern (LLaMA MLP: down(act(gate(x)) * up(x))).
+"""Data-free AWQ on the MatMul -> Multiply -> MatMul pattern (LLaMA MLP: down(act(gate(x)) * up(x)),
+phi3's fused form: down(up * act(gate)) with gate, up = split(gate_up(x))), and ReLU MLPs
+(OPT: fc2(relu(fc1(x))), the scale folding into fc1's rows and bias).
 
 For the second MatMul's weight W2 (input channels k) the scale is s_k = 1 / max(mean_n |W2[n, k]|, eps);
-W2[:, k] *= s_k, and the first MatMul's output channel k is divided by s_k, so the product is
+W2[:, k] *= s_k, and the first MatMul's output channel k (of the up half, when fused) is divided by s_k, so the product is
 unchanged in exact arithmetic while W2's input channels are equalized before 4-bit rounding
 (NNCF's data-free AWQ step). Applies where W2 is a primary 4-bit weight and no tensor on the path
 is shared with another consumer; the summary counts matches and says why others were skipped.
@@ -19,6 +21,54 @@ from qcompiler.quant import EPS, matrix_view, restore
 
 PATTERN = P.MatMul(P.Multiply(P.MatMul(Var("x"), Weight("w1"), name="first"), Var("y"), name="mul"),
                    Weight("w2"), name="second")
+# gate and up fused in one weight (phi3): its output split in two, the up half multiplied
+FUSED = P.MatMul(P.Multiply(P.GetItem(P.Opaque(P.MatMul(Var("x"), Weight("w1"), name="first"), name="split"),
+                                      name="half"), Var("y"), name="mul"), Weight("w2"), name="second")
+# fc1 -> ReLU -> fc2 (OPT): relu(z / s) = relu(z) / s for s > 0, so the scale folds into fc1's rows and bias
+RELU = P.MatMul(P.Relu(P.Add(P.MatMul(Var("x"), Weight("w1"), name="first"), Weight("b1"), name="add"),
+                       name="act"), Weight("w2"), name="second")
+RELU_NO_BIAS = P.MatMul(P.Relu(P.MatMul(Var("x"), Weight("w1"), name="first"), name="act"), Weight("w2"),
+                        name="second")
+
+
+def gated_matches(graph: Graph) -> tuple[list[dict], dict[str, str]]:
+    """Where a per-channel scale s on the second MatMul's input channels folds exactly into the first
+    MatMul: gated MLPs (MatMul -> Multiply -> MatMul, also with gate and up fused in one weight whose
+    output is split) and ReLU MLPs (MatMul -> [Add bias] -> Relu -> MatMul). Each match has "rows":
+    the slice of the first weight's output channels (rows) that take 1/s (None: all; a fused
+    weight's up half), "bias": the first MatMul's bias Constant that takes 1/s too (or None), and
+    "path": the nodes from the first MatMul to the second, each of which must feed only the next.
+    Also returns the candidates refused, with why."""
+    users, refused, out = graph.consumers(), {}, []
+    for m in (find_matches(graph, PATTERN)[0] + find_matches(graph, FUSED)[0] + find_matches(graph, RELU)[0]
+              + find_matches(graph, RELU_NO_BIAS)[0]):
+        if any(len(graph.tensor(m[w]).shape) != 2 for w in ("w1", "w2")):
+            refused[m["second"].name] = "batched (mixture-of-experts) weights: one scale per expert is not done yet"
+            continue
+        if "act" in m:  # ReLU
+            bias = m.get("b1")
+            if bias is not None and (len(graph.tensor(bias).shape) != 1 or users.get(bias) != [m["add"]]):
+                refused[m["second"].name] = "relu: the first MatMul's bias is not a 1-D weight of its own"
+                continue
+            path = [m["first"], m["add"], m["act"]] if bias is not None else [m["first"], m["act"]]
+            out.append({**m, "rows": None, "bias": bias, "path": path, "pattern": "relu"})
+            continue
+        if "split" not in m:
+            out.append({**m, "rows": None, "bias": None, "path": [m["first"], m["mul"]], "pattern": "gated"})
+            continue
+        split, half, first, mul = m["split"], m["half"], m["first"], m["mul"]
+        halves = users.get(split, [])
+        width = (mul.meta.get("shape") or (0,))[-1]
+        shape = first.meta.get("shape") or (0,)
+        if split.attrs.get("fn") != "chunk":
+            continue  # not a split of the first MatMul's output
+        if (sorted(u.attrs.get("index", -1) for u in halves) != [0, 1] or any(u.op != "GetItem" for u in halves)
+                or shape[-1] != 2 * width or users.get(first) != [split] or users.get(half) != [mul]):
+            refused[m["second"].name] = "fused gate_up: not an even split of the first MatMul's last axis, used once"
+            continue
+        start = half.attrs["index"] * width
+        out.append({**m, "rows": (start, start + width), "bias": None, "path": [mul], "pattern": "gated"})
+    return out, refused
 
 
 class DataFreeAWQ(Pass):
@@ -29,10 +79,10 @@ class DataFreeAWQ(Pass):
         return cls.Options() if config.awq and config.dataset is None else None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        matches, _ = find_matches(graph, PATTERN)
+        matches, skipped = gated_matches(graph)
         users = graph.consumers()
         axes = {u.op: u.reduction_axes for u in graph.weight_uses()}
-        applied, skipped = 0, {}
+        applied = 0
         for m in matches:
             reason = _why_not(m, users, axes)
             if reason:
@@ -41,7 +91,7 @@ class DataFreeAWQ(Pass):
             _apply(graph, m, axes)
             applied += 1
         if not matches:
-            skipped["<graph>"] = "no MatMul -> Multiply -> MatMul pattern in this model"
+            skipped["<graph>"] = "no MatMul -> Multiply -> MatMul or MatMul -> Relu -> MatMul pattern in this model"
         return PassResult(applied > 0, {"matched": len(matches), "applied": applied, "skipped": skipped})
 
 
@@ -51,7 +101,8 @@ def _why_not(m, users, axes) -> str:
         return "the second MatMul's weight is not in 4-bit primary precision"
     if "ignored" in m["second"].meta or "ignored" in m["first"].meta:
         return "a MatMul of the pattern is in the ignored scope"
-    for node, only in ((m["first"], m["mul"]), (m["mul"], m["second"])):
+    path = m["path"] + [m["second"]]
+    for node, only in zip(path, path[1:]):
         if users[node] != [only]:
             return f"%{node.name} has other consumers, so scaling it would change them"
     for w, op in ((m["w1"], m["first"]), (m["w2"], m["second"])):
@@ -67,9 +118,15 @@ def _apply(graph: Graph, m, axes) -> None:
     w1, t1 = matrix_view(graph.weight(m["w1"]).float(), axes[m["first"]])  # [N1 = K2, K1]
     scale = 1.0 / torch.clamp(w2.abs().mean(dim=0), min=EPS)
     new_w2 = restore(w2 * scale[None, :], graph.tensor(m["w2"]).shape, t2)
-    new_w1 = restore(w1 / scale[:, None], graph.tensor(m["w1"]).shape, t1)
+    start, stop = m["rows"] or (0, w1.shape[0])  # the rows feeding the Multiply (a fused weight's up half)
+    w1 = w1.clone()
+    w1[start:stop] /= scale[:, None]
+    new_w1 = restore(w1, graph.tensor(m["w1"]).shape, t1)
     graph.set_weight(m["w2"], new_w2.to(graph.tensor(m["w2"]).dtype))
     graph.set_weight(m["w1"], new_w1.to(graph.tensor(m["w1"]).dtype))
+    if m["bias"] is not None:  # relu(W1 x + b1) / s = relu((W1 x + b1) / s): the bias takes 1/s too
+        bias = graph.weight(m["bias"])
+        graph.set_weight(m["bias"], (bias.float() / scale).to(bias.dtype))
     m["second"].meta["awq"] = True
 
 

@@ -3,7 +3,8 @@
 Two patterns, found by the pattern language, each a place where a scale s on the input channels of
 the target MatMuls can be folded into the op before them, so the float function is unchanged:
 - `gated`: MatMul -> Multiply -> MatMul (a gated MLP's down projection): W2[:, k] *= s_k and the
-  first MatMul's output channel k is divided by s_k;
+  first MatMul's output channel k is divided by s_k (of its up half, when gate and up are one fused
+  weight whose output is split, as phi3's; `qcompiler.passes.awq.gated_matches`);
 - `norm`: Multiply(gamma, y) -> MatMuls (q/k/v after an RMSNorm, gate/up after the second one):
   every target's W[:, k] *= s_k, and gamma_k /= s_k. All consumers of the norm must be targets.
 
@@ -25,11 +26,10 @@ import torch
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
+from qcompiler.passes.awq import gated_matches
 from qcompiler.pattern import P, Var, Weight, find_matches
 from qcompiler.quant import fake_quantize, matrix_view, restore
 
-GATED = P.MatMul(P.Multiply(P.MatMul(Var("x"), Weight("w1"), name="first"), Var("y"), name="mul"),
-                 Weight("w2"), name="second")
 NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
 
 
@@ -47,6 +47,8 @@ class _Site:
     targets: list  # (MatMul node, weight Constant)
     fold: object  # the Constant whose values absorb 1/s
     fold_rows: bool  # True: the fold weight's output channels (rows); False: a 1-D norm weight
+    rows: tuple[int, int] | None = None  # the fold weight's rows that take 1/s (a fused gate_up's up half)
+    bias: object = None  # the fold MatMul's bias Constant, which takes 1/s too (ReLU MLPs)
 
 
 class DataAwareAWQ(BlockPass):
@@ -60,7 +62,7 @@ class DataAwareAWQ(BlockPass):
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.sites, self.skipped = _sites(graph)
-        self.applied = {"gated": 0, "norm": 0}
+        self.applied = {"gated": 0, "relu": 0, "norm": 0}
         self.layers: dict[str, dict] = {}
 
     def wants(self, graph, ctx) -> list[str]:
@@ -107,7 +109,7 @@ class DataAwareAWQ(BlockPass):
             self.applied[site.pattern] += 1
 
     def finish(self, graph, ctx) -> PassResult:
-        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "norm")}
+        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "relu", "norm")}
         return PassResult(any(self.applied.values()), {
             "matched": counts, "applied": dict(self.applied), "skipped": self.skipped,
             "layers": self.layers, "grid": self.options.grid})
@@ -142,17 +144,19 @@ def graph_rank(const) -> int:
 
 def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
     users = graph.consumers()
-    sites, skipped, taken = [], {}, set()
-    for m in find_matches(graph, GATED)[0]:
-        reason = _eligible(m["w2"], m["second"], users) or (
-            "the first MatMul's output has other consumers" if users[m["first"]] != [m["mul"]] else "") or (
-            "the product has other consumers" if users[m["mul"]] != [m["second"]] else "") or (
+    taken = set()
+    matches, refused = gated_matches(graph)
+    sites, skipped = [], {name: f"gated: {why}" for name, why in refused.items()}
+    for m in matches:
+        path = m["path"] + [m["second"]]
+        reason = _eligible(m["w2"], m["second"], users) or next(
+            (f"%{a.name} has other consumers" for a, b in zip(path, path[1:]) if users[a] != [b]), "") or (
             "the first MatMul's weight is shared or not [out, in]" if users[m["w1"]] != [m["first"]]
             or not m["first"].attrs.get("transpose_b") else "")
         if reason:
-            skipped[m["second"].name] = f"gated: {reason}"
+            skipped[m["second"].name] = f"{m['pattern']}: {reason}"
             continue
-        sites.append(_Site("gated", [(m["second"], m["w2"])], m["w1"], True))
+        sites.append(_Site(m["pattern"], [(m["second"], m["w2"])], m["w1"], True, m["rows"], m["bias"]))
         taken.add(m["second"])
     by_norm: dict = {}
     for m in find_matches(graph, NORM)[0]:
@@ -182,7 +186,13 @@ def _apply(graph: Graph, site: _Site, s: torch.Tensor) -> None:
     fold = graph.weight(site.fold)
     if site.fold_rows:
         matrix, transposed = matrix_view(fold.float(), (1,))
-        new = restore(matrix / s[:, None], graph.tensor(site.fold).shape, transposed)
+        start, stop = site.rows or (0, matrix.shape[0])
+        matrix = matrix.clone()
+        matrix[start:stop] /= s[:, None]
+        new = restore(matrix, graph.tensor(site.fold).shape, transposed)
+        if site.bias is not None:
+            bias = graph.weight(site.bias)
+            graph.set_weight(site.bias, (bias.float() / s).to(bias.dtype))
     else:
         new = fold.float() / s
     graph.set_weight(site.fold, new.to(fold.dtype))

@@ -47,8 +47,8 @@ AWQ_MATCHES: dict[str, tuple[int, str]] = {
                            "olmo", "olmo2", "granite", "cohere")},
     **{f: _GELU for f in ("phi", "gpt_neox", "gptj", "bloom", "falcon", "starcoder2", "gpt_bigcode", "codegen",
                           "gpt2")},
-    "phi3": (0, "fused gate_up_proj split in two: NNCF's Act_Mul_MatMul needs an inserted Multiply (not yet)"),
-    "opt": (0, "fc1 -> ReLU -> fc2: NNCF's Act_MatMul needs an inserted Multiply (not yet)"),
+    "phi3": (2, "fused gate_up_proj split in two: the scale folds into its up half (NNCF inserts a Multiply)"),
+    "opt": (2, "fc1 -> ReLU -> fc2: the scale folds into fc1's rows and bias (NNCF inserts a Multiply)"),
     "qwen2_moe": (2, "the shared expert's gated MLP (the routed experts' gate and up are one batched weight)"),
     **{f: (0, "the experts' gate and up are one batched weight whose output is split: no MatMul -> Multiply -> "
               "MatMul") for f in ("mixtral", "qwen3_moe", "gpt_oss")},

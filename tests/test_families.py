@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from qcompiler import CompressionConfig, QCompilerError, compress
-from qcompiler.pattern import find_matches
 from qcompiler.plugins.torch import TorchFrontend, lazy
 from qcompiler.registry import build_registry
 from tests import families
@@ -110,17 +109,35 @@ def test_family_on_backend(family, backend, family_dir, tmp_path):
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_awq_patterns_found_per_family(family, family_dir):
-    """The AWQ pattern (MatMul -> Multiply -> MatMul) is found by the pattern language in every gated
-    MLP, whatever its activation, and nowhere else (`families.AWQ_MATCHES` says why per family)."""
-    from qcompiler.passes.awq import PATTERN
+    """The AWQ pattern (MatMul -> Multiply -> MatMul, also with gate and up fused in one weight whose
+    output is split) is found by the pattern language in every gated MLP, whatever its activation, and
+    nowhere else (`families.AWQ_MATCHES` says why per family)."""
+    from qcompiler.passes.awq import gated_matches
 
     folder = family_dir(family)[0]
     frontend = TorchFrontend()
     graph = frontend.trace(frontend.load(folder))
-    matches, _ = find_matches(graph, PATTERN)
+    matches, _ = gated_matches(graph)
     expected, _why = families.AWQ_MATCHES[family]
     assert len(matches) == expected
-    assert all(m["second"].name.endswith("down_proj/MatMul") for m in matches)
+    assert all(m["second"].name.endswith(("down_proj/MatMul", "fc2/MatMul")) for m in matches)
+    if family == "phi3":  # the fused gate_up_proj's up half (its second half of rows) takes 1/s
+        width = graph.tensor(matches[0]["w2"]).shape[1]
+        assert all(m["rows"] == (width, 2 * width) for m in matches)
+    if family in ("phi3", "opt"):
+        from transformers import AutoModelForCausalLM
+
+        result = compress(folder, CompressionConfig(mode="int4_sym", group_size=32, awq=True))  # data-free
+        assert result.results["awq"].summary["applied"] == 2
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        params = dict(model.named_parameters())
+        for c in result.graph.parameter_constants():
+            if c.meta.get("rewritten"):
+                params[c.attrs["weight"]].data = result.graph.weight(c).clone()
+        with torch.no_grad():  # the folded float model computes what the original does
+            logits = model(input_ids=torch.tensor([PROMPT])).logits[0].numpy()
+        want = family_dir(family)[2]
+        assert np.abs(logits - want).max() < 1e-3 * np.abs(want).max()
 
 
 DATA = [torch.tensor([(7 * i + 3 * j) % 250 + 3 for j in range(16)]) for i in range(4)]
