@@ -47,7 +47,8 @@ def gated_matches(graph: Graph) -> tuple[list[dict], dict[str, str]]:
             continue
         if "act" in m:  # ReLU
             bias = m.get("b1")
-            if bias is not None and (len(graph.tensor(bias).shape) != 1 or users.get(bias) != [m["add"]]):
+            width = (m["first"].meta.get("shape") or (0,))[-1]
+            if bias is not None and (tuple(graph.tensor(bias).shape) != (width,) or users.get(bias) != [m["add"]]):
                 refused[m["second"].name] = "relu: the first MatMul's bias is not a 1-D weight of its own"
                 continue
             path = [m["first"], m["add"], m["act"]] if bias is not None else [m["first"], m["act"]]
@@ -60,8 +61,8 @@ def gated_matches(graph: Graph) -> tuple[list[dict], dict[str, str]]:
         halves = users.get(split, [])
         width = (mul.meta.get("shape") or (0,))[-1]
         shape = first.meta.get("shape") or (0,)
-        if split.attrs.get("fn") != "chunk":
-            continue  # not a split of the first MatMul's output
+        if split.attrs.get("fn") != "chunk" or width <= 0:
+            continue  # not a split of the first MatMul's output (or no shapes recorded)
         if (sorted(u.attrs.get("index", -1) for u in halves) != [0, 1] or any(u.op != "GetItem" for u in halves)
                 or shape[-1] != 2 * width or users.get(first) != [split] or users.get(half) != [mul]):
             refused[m["second"].name] = "fused gate_up: not an even split of the first MatMul's last axis, used once"
@@ -91,7 +92,8 @@ class DataFreeAWQ(Pass):
             _apply(graph, m, axes)
             applied += 1
         if not matches:
-            skipped["<graph>"] = "no MatMul -> Multiply -> MatMul or MatMul -> Relu -> MatMul pattern in this model"
+            skipped.setdefault("<graph>", "no MatMul -> Multiply -> MatMul or MatMul -> Relu -> MatMul pattern in this "
+                                          "model")
         return PassResult(applied > 0, {"matched": len(matches), "applied": applied, "skipped": skipped})
 
 

@@ -146,7 +146,7 @@ def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
     users = graph.consumers()
     taken = set()
     matches, refused = gated_matches(graph)
-    sites, skipped = [], {name: f"gated: {why}" for name, why in refused.items()}
+    sites, skipped = [], dict(refused)
     for m in matches:
         path = m["path"] + [m["second"]]
         reason = _eligible(m["w2"], m["second"], users) or next(

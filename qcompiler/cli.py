@@ -267,6 +267,10 @@ def config_from_args(args):
         config = _config_from_options(args, scope)
     elif turned_off and config.mode is not None:
         config = config.replace(**{name: False for name in turned_off})
+        if config.dataset is not None and not (config.awq or config.ratio < 1.0
+                                               or any(config.switch(name) for name in SWITCHES)):
+            config = config.replace(dataset=None, num_samples=None, seqlen=None)  # nothing left uses the data
+            defaults.skipped.append("calibration (--no-scale-estimation turned off the row's only data-aware step)")
     return model_defaults.with_table_scope(config, defaults, args.model, args.model_id)
 
 

@@ -65,7 +65,22 @@ def apply_optimum_flags(args) -> None:
                      ("--disable-convert-tokenizer", args.disable_convert_tokenizer)):
         if on and args.backend not in (None, "openvino"):
             raise QCompilerError(f"{flag} is an option of the OpenVINO output: drop it with --backend {args.backend}")
+        if on and _exported(args.model_flag or args.model):
+            raise QCompilerError(f"{flag} shapes the OpenVINO model qcompiler converts from a transformers model; an "
+                                 "ONNX or OpenVINO input keeps its own layout and files: drop it")
     if args.backup_precision is not None:
         if args.backup_mode is not None:
             raise QCompilerError("--backup-precision and --backup-mode say the same thing: pass one of them")
         args.backup_mode = args.backup_precision
+
+
+def _exported(model) -> bool:
+    """An ONNX or OpenVINO model (file or folder), not a transformers one."""
+    from pathlib import Path
+
+    if model is None:
+        return False
+    path = Path(model)
+    if path.suffix in (".onnx", ".xml"):
+        return True
+    return path.is_dir() and ((path / "openvino_model.xml").is_file() or (path / "model.onnx").is_file())

@@ -118,8 +118,8 @@ def compress(
     is checked and locked before the model is loaded. Code shipped in a model folder runs only
     with `trust_remote_code`, pickle weights load only with `allow_pickle`. `defaults` (a
     `model_defaults.Defaults`) says which default config was applied, for the report.
-    `pad_token_id` sets the model config's pad token id (optimum-cli's `--pad-token-id`), which the
-    written config.json and the runtimes' config files then carry.
+    `pad_token_id` sets the model's pad token id (optimum-cli's `--pad-token-id`) in its config and
+    generation config, which the written config.json, generation_config.json and genai_config.json carry.
     """
     config = config or CompressionConfig()
     registry = registry or build_registry()
@@ -214,6 +214,12 @@ def _set_pad_token_id(source, pad_token_id: int) -> None:
         raise QCompilerError(f"--pad-token-id {pad_token_id} is not a token of this model (vocabulary {vocab}): pass "
                              "an id below the vocabulary size")
     config.pad_token_id = pad_token_id
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config and hasattr(text, "pad_token_id"):
+        text.pad_token_id = pad_token_id
+    generation = getattr(source.model, "generation_config", None)
+    if generation is not None:  # runtimes read it there first (onnxruntime-genai's config, openvino_genai)
+        generation.pad_token_id = pad_token_id
 
 
 def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, defaults):

@@ -84,7 +84,9 @@ def test_no_scale_estimation_keeps_the_row_and_turns_its_scale_estimation_off(na
     config, defaults = resolved("--no-scale-estimation")
     assert defaults is not None and defaults.model_id == "Qwen/Qwen3-1.7B"  # still the row
     assert config.scale_estimation is False and config.awq and config.group_size == 64
-    assert "scale_estimation" not in config.switched_on()
+    assert "scale_estimation" not in config.switched_on() and config.dataset is not None  # AWQ still uses it
+    config, defaults = resolved("--no-scale-estimation", "--model-id", "Qwen/Qwen3-8B")  # its only data step: SE
+    assert defaults is not None and config.scale_estimation is False and config.dataset is None
 
 
 def test_an_option_besides_the_format_turns_the_row_off(named_folder, tmp_path, capsys):

@@ -86,10 +86,13 @@ def test_optimum_flags_stateless_no_tokenizer_pad_token(tmp_path):
     assert not model.get_sinks() and not list(out.glob("openvino_*tokenizer.xml"))
     assert list((tmp_path / "stateful").glob("openvino_*tokenizer.xml"))
     assert json.loads((out / "config.json").read_text())["pad_token_id"] == 3
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 3
     prompt = [5, 17, 200, 3]
     stateless = OpenVINORunner(out / "openvino_model.xml").generate(prompt, 8, token_chooser())
     assert stateless == OpenVINORunner(tmp_path / "stateful" / "openvino_model.xml").generate(prompt, 8, token_chooser())
     assert main([*common, "--disable-stateful", "--backend", "torch", "-o", str(tmp_path / "t")]) == 2
+    assert main(["compress", str(out), "--weight-format", "int8", "--disable-convert-tokenizer", "-o",
+                 str(tmp_path / "t")]) == 2  # an OpenVINO input keeps its own layout and files
     assert not (tmp_path / "t").exists()
     with pytest.raises(QCompilerError, match="not a token of this model"):
         compress(folder, CompressionConfig(mode="int8_asym"), output=tmp_path / "p", pad_token_id=10**6)

@@ -174,10 +174,14 @@ class OpenVINORunner:
     def _reset(self, batch: int) -> None:
         if self.stateful:
             self.request.reset_state()
+        if any(shape.rank.get_length() != 4 or shape[1].is_dynamic or shape[3].is_dynamic
+               for shape in self.past.values()):
+            raise QCompilerError("this stateless OpenVINO model's past inputs have no fixed [batch, heads, past, "
+                                 "head_dim] layout, so qcompiler cannot feed it an empty cache")
         self.cache = {name: np.zeros((batch, shape[1].get_length(), 0, shape[3].get_length()), np.float32)
                       for name, shape in self.past.items()}
 
-    def _step(self, ids, mask, positions) -> np.ndarray:
+    def _step(self, ids, mask, positions, carry: bool = False) -> np.ndarray:
         feed = {"input_ids": ids, **self.cache}
         if "attention_mask" in self.input_names:
             feed["attention_mask"] = mask
@@ -186,7 +190,7 @@ class OpenVINORunner:
         if self.stateful:
             feed["beam_idx"] = np.arange(ids.shape[0], dtype=np.int32)
         result = self.request.infer(feed)
-        if self.past:  # present.N.* become the next call's past_key_values.N.*
+        if self.past and carry:  # present.N.* become the next call's past_key_values.N.*
             self.cache = {f"past_key_values.{out.get_any_name()[len('present.'):]}": result[out].copy()
                           for out in self.compiled.outputs if out.get_any_name().startswith("present.")}
         return result[0]
@@ -201,11 +205,12 @@ class OpenVINORunner:
         new = np.array([ids], dtype=np.int64)
         for _ in range(max_new_tokens):
             n = len(ids)
-            logits = self._step(new, np.ones((1, n), np.int64), np.arange(n - new.shape[1], n)[None])
+            logits = self._step(new, np.ones((1, n), np.int64), np.arange(n - new.shape[1], n)[None], carry=True)
             ids.append(next_token(logits[0, -1]))
             if ids[-1] == eos_token_id:
                 break
             new = np.array([[ids[-1]]], dtype=np.int64)
+        self.cache = {}
         return ids[len(input_ids):]
 
 

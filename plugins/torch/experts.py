@@ -44,7 +44,7 @@ def _dense_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         out = self.post_expert_norm(out)
     weights = routing.transpose(0, 1).view(experts, tokens, -1)[..., None]
     out = out.view(experts, tokens, -1, out.shape[-1])
-    out = torch.where(weights > 0, out * weights, 0.0)  # an unrouted expert's inf or NaN must not reach the sum
+    out = torch.where(weights != 0, out * weights, 0.0)  # an unrouted expert's inf or NaN must not reach the sum
     return out.sum(dim=0).view(tokens, -1).to(hidden_states.dtype)
 
 
