@@ -82,8 +82,12 @@ def targets(graph: Graph, modes, compressed: bool = False) -> list:
 def group_error(w: torch.Tensor, deq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """[N, G]: the mean squared output error of each group, d^T H_g d, for w and deq grouped [N, G, g]
     and the Hessian's diagonal blocks [G, g, g]."""
-    diff = w - deq
-    return (torch.bmm(diff.transpose(0, 1), blocks).transpose(0, 1) * diff).sum(-1)
+    return _error_by_group((w - deq).transpose(0, 1), blocks).t()
+
+
+def _error_by_group(diff: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[G, N]: d^T H_g d for the differences grouped group-major [G, N, g]."""
+    return (torch.bmm(diff, blocks) * diff).sum(-1)
 
 
 def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
@@ -98,35 +102,41 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
     the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    wg = grouped(w, g).reshape(n, k // g, g)
+    # group-major [G, N, g] throughout: the error's batched MatMul reads contiguous groups
+    wg = grouped(w, g).reshape(n, k // g, g).transpose(0, 1).contiguous()
     xg = blocks.float()
     rtn = quantize(w, (1,), mode, group_size)
-    scale, zp = rtn.scale.float().reshape(n, k // g, 1), rtn.zero_point
-    zp = None if zp is None else zp.reshape(n, k // g, 1)
-    imp = importance.float().reshape(1, k // g, g)
+    scale = rtn.scale.float().reshape(n, k // g, 1).transpose(0, 1)
+    zp = None if rtn.zero_point is None else rtn.zero_point.reshape(n, k // g, 1).transpose(0, 1)
+    imp = importance.float().reshape(k // g, 1, g)
 
-    def decode(s16, z):
-        codes = quantize_matrix_with_scale(wg, mode, s16, z)
-        values = decode_values(mode, codes)
-        return codes, values - z.float() if z is not None else values
+    zf = None if zp is None else zp.float()
+
+    def decode(s16, z):  # the decoded values (code minus zero point) for scale s16, in float
+        if mode is Mode.NF4:
+            return None, decode_values(mode, quantize_matrix_with_scale(wg, mode, s16, z))
+        v = (wg / s16.float()).round_()  # quantize_matrix_with_scale's rounding, kept in float
+        if zf is None:
+            half = 2 ** (mode.bits - 1)
+            return None, v.clamp_(-half, half - 1)
+        return None, v.add_(zf).clamp_(0, 2**mode.bits - 1).sub_(zf)
 
     def error(s16, z):
-        codes, v = decode(s16, z)
-        return group_error(wg, v * s16.float(), xg), v
+        _, v = decode(s16, z)
+        return _error_by_group(torch.addcmul(wg, v, s16.float(), value=-1), xg), v
 
     best_s = _f16_scale(scale)
     best_err, v = error(best_s, zp)
     base = float(best_err.sum())
 
-    w_abs = wg.abs()
     sign = torch.sign(best_s.float())
     s_rtn = best_s.float()
     a = imp * (v != 0)  # importance, zero where round to nearest gave a zero code, normalised per group
     a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
+    weighted = a * wg.abs()  # a_i |w_i|, the numerator of every candidate
 
-    def candidate(v):
-        ideal = w_abs / torch.where(v != 0, v.abs(), 0.001)
-        return _f16_scale(sign * (a * ideal).sum(-1, keepdim=True).clamp(min=1e-12))
+    def candidate(v):  # sum_i a_i |w_i| / |v_i|, with 0.001 for a zero code (|v| >= 0.07 otherwise)
+        return _f16_scale(sign * (weighted / v.abs().clamp_(min=0.001)).sum(-1, keepdim=True).clamp(min=1e-12))
 
     def keep(s16, err):
         nonlocal best_s, best_err
@@ -144,12 +154,14 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
         s16 = candidate(v_step)
         err, _ = error(s16, zp)
         keep(s16, err)
+    reference = float(_error_by_group(wg, xg).sum()) or 1.0
+    wg, best_s = wg.transpose(0, 1).contiguous(), best_s.transpose(0, 1).contiguous()  # back to [N, G, g]
+    zp = None if zp is None else zp.transpose(0, 1).contiguous()
     codes = quantize_matrix_with_scale(wg, mode, best_s, zp)
     if g == k:  # one group per row: the per-channel layout, as round to nearest writes it
         codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
         zp = None if zp is None else zp.reshape(n, 1)
     cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
-    reference = float(group_error(wg, torch.zeros_like(wg), xg).sum()) or 1.0
     return cw, base / reference, float(best_err.sum()) / reference
 
 
