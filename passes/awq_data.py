@@ -35,6 +35,9 @@ NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"),
 
 @dataclass(frozen=True)
 class AWQOptions:
+    # alphas 0, 1/20, ..., 19/20 (AutoAWQ's and NNCF's grid). A grid of 40 took SmolLM2's held-out
+    # perplexity with scale estimation from 22.53 to 22.16, but with GPTQ after it from 21.83 to 22.08
+    # (benchmarks/measured/data_aware-2026-11-27-s7-awq-grid40.json): not adopted
     grid: int = 20
     rows: int = 256  # calibration rows the search measures the error on
     duo: bool = True  # divide by mean|W|^(1 - alpha) too (AutoAWQ's duo scaling)
