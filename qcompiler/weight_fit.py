@@ -79,12 +79,6 @@ def targets(graph: Graph, modes, compressed: bool = False) -> list:
     return out
 
 
-def group_error(w: torch.Tensor, deq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[N, G]: the mean squared output error of each group, d^T H_g d, for w and deq grouped [N, G, g]
-    and the Hessian's diagonal blocks [G, g, g]."""
-    return _error_by_group((w - deq).transpose(0, 1), blocks).t()
-
-
 def _error_by_group(diff: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """[G, N]: d^T H_g d for the differences grouped group-major [G, N, g]."""
     return (torch.bmm(diff, blocks) * diff).sum(-1)
@@ -114,15 +108,15 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
 
     def decode(s16, z):  # the decoded values (code minus zero point) for scale s16, in float
         if mode is Mode.NF4:
-            return None, decode_values(mode, quantize_matrix_with_scale(wg, mode, s16, z))
+            return decode_values(mode, quantize_matrix_with_scale(wg, mode, s16, z))
         v = (wg / s16.float()).round_()  # quantize_matrix_with_scale's rounding, kept in float
         if zf is None:
             half = 2 ** (mode.bits - 1)
-            return None, v.clamp_(-half, half - 1)
-        return None, v.add_(zf).clamp_(0, 2**mode.bits - 1).sub_(zf)
+            return v.clamp_(-half, half - 1)
+        return v.add_(zf).clamp_(0, 2**mode.bits - 1).sub_(zf)
 
     def error(s16, z):
-        _, v = decode(s16, z)
+        v = decode(s16, z)
         return _error_by_group(torch.addcmul(wg, v, s16.float(), value=-1), xg), v
 
     best_s = _f16_scale(scale)
@@ -148,9 +142,9 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
         s16 = candidate(v)
         err, _ = error(s16, zp)
         keep(s16, err)
-        _, v = decode(best_s, zp)
+        v = decode(best_s, zp)
     for step in range(scale_steps):
-        _, v_step = decode(_f16_scale(s_rtn * (1 - 0.05 * step)), zp)
+        v_step = decode(_f16_scale(s_rtn * (1 - 0.05 * step)), zp)
         s16 = candidate(v_step)
         err, _ = error(s16, zp)
         keep(s16, err)

@@ -29,6 +29,7 @@ from qcompiler.plugins.onnx.onnxgraph import GraphIndex, WeightUse
 
 MS_DOMAIN = "com.microsoft"
 FORMATS = ("nbits", "qdq")
+DQ_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM)  # what DequantizeLinear decodes
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def check_formats(graph: Graph, options: ONNXOptions) -> None:
                 raise QCompilerError(f"compressed {use.op.op} weights have no onnxruntime kernel ({name}): ignore "
                                      "them (--ignored-scope-type) or use --backend openvino")
             if use.op.op == "MatMul" and graph.tensor(const).dim() > 2:  # batched experts: DequantizeLinear
-                if fmt.mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+                if fmt.mode not in DQ_MODES:
                     raise QCompilerError(f"onnxruntime has no DequantizeLinear for {fmt.mode} ({name}, batched "
                                          "mixture-of-experts weights): use int4 or int8, or --backend openvino")
                 continue
@@ -239,27 +240,12 @@ class _Edit:
         self._swap(use.node, [node])
 
     def _qdq(self, tname: str, use: WeightUse, cw) -> None:
-        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = self._opset()
         if opset < OPSET and cw.mode.bits == 4:
             raise QCompilerError(f"this ONNX model is opset {opset}; blocked int4 DequantizeLinear needs opset "
                                  f"{OPSET}: drop --onnx-format qdq (MatMulNBits works at any opset)")
         codes, scale, zp, axis = layout.qdq(cw)
-        signed = not cw.mode.asymmetric
-        if cw.mode.bits == 4:
-            q = helper.make_tensor(f"{tname}_q4", TensorProto.INT4 if signed else TensorProto.UINT4,
-                                   codes.shape, layout.pack_int4(codes), raw=True)
-            self.new_initializers.append(q)
-            q = q.name
-        else:
-            q = self._add(f"{tname}_q8", codes.astype(np.int8 if signed else np.uint8))
-        inputs = [q, self._add(f"{tname}_scale", scale)]
-        if zp is not None:
-            if cw.mode.bits == 4:
-                z = helper.make_tensor(f"{tname}_zp4", TensorProto.UINT4, zp.shape, layout.pack_int4(zp), raw=True)
-                self.new_initializers.append(z)
-                inputs.append(z.name)
-            else:
-                inputs.append(self._add(f"{tname}_zp8", zp))
+        inputs = self._dq_inputs(tname, cw.mode, codes, scale, zp)
         attrs = {"axis": axis}
         if cw.group_size != -1:
             attrs["block_size"] = cw.group_size
@@ -273,10 +259,10 @@ class _Edit:
         DequantizeLinear along the input axis produces the float tensor under the initializer's own
         name, so the Transpose and batched MatMul reading it stay as exported (MatMulNBits takes 2-D
         weights only)."""
-        if cw.mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+        if cw.mode not in DQ_MODES:
             raise QCompilerError(f"onnxruntime has no DequantizeLinear for {cw.mode} ({tname}): use int4 or int8, "
                                  "or --backend openvino")
-        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = self._opset()
         if opset < OPSET:
             raise QCompilerError(f"this ONNX model is opset {opset}; the blocked DequantizeLinear its batched expert "
                                  f"weights ({tname}) need is opset {OPSET}: re-export it at opset {OPSET}, or "
@@ -291,8 +277,18 @@ class _Edit:
         if cw.transposed:  # the tensor is [..., in, out]: blocks along its axis -2
             codes, scale = np.ascontiguousarray(codes.swapaxes(-1, -2)), np.ascontiguousarray(scale.swapaxes(-1, -2))
             zp = None if zp is None else np.ascontiguousarray(zp.swapaxes(-1, -2))
-        signed = not cw.mode.asymmetric
-        if cw.mode.bits == 4:
+        inputs = self._dq_inputs(tname, cw.mode, codes, scale, zp)
+        self.prepend += [helper.make_node("DequantizeLinear", inputs, [f"{tname}_f16"], name=f"{tname}_DQ",
+                                          axis=len(shape) - (2 if cw.transposed else 1), block_size=block),
+                         helper.make_node("Cast", [f"{tname}_f16"], [tname], name=f"{tname}_DQ/cast",
+                                          to=tensor.data_type)]  # the weight's own float type
+        self.drop_tensors_only.add(tname)
+
+    def _dq_inputs(self, tname: str, mode: Mode, codes: np.ndarray, scale: np.ndarray, zp) -> list[str]:
+        """DequantizeLinear's inputs as new initializers: the codes (int4/uint4 packed, or int8/uint8,
+        keeping the mode's signedness), the scale, and the zero point of asymmetric modes."""
+        signed = not mode.asymmetric
+        if mode.bits == 4:
             q = helper.make_tensor(f"{tname}_q4", TensorProto.INT4 if signed else TensorProto.UINT4, codes.shape,
                                    layout.pack_int4(codes), raw=True)
             self.new_initializers.append(q)
@@ -301,16 +297,15 @@ class _Edit:
                 z = helper.make_tensor(f"{tname}_zp4", TensorProto.UINT4, zp.shape, layout.pack_int4(zp), raw=True)
                 self.new_initializers.append(z)
                 inputs.append(z.name)
-        else:
-            inputs = [self._add(f"{tname}_q8", codes.astype(np.int8 if signed else np.uint8)),
-                      self._add(f"{tname}_scale", scale)]
-            if zp is not None:
-                inputs.append(self._add(f"{tname}_zp8", zp.astype(np.uint8)))
-        self.prepend += [helper.make_node("DequantizeLinear", inputs, [f"{tname}_f16"], name=f"{tname}_DQ",
-                                          axis=len(shape) - (2 if cw.transposed else 1), block_size=block),
-                         helper.make_node("Cast", [f"{tname}_f16"], [tname], name=f"{tname}_DQ/cast",
-                                          to=tensor.data_type)]  # the weight's own float type
-        self.drop_tensors_only.add(tname)
+            return inputs
+        inputs = [self._add(f"{tname}_q8", codes.astype(np.int8 if signed else np.uint8)),
+                  self._add(f"{tname}_scale", scale)]
+        if zp is not None:
+            inputs.append(self._add(f"{tname}_zp8", zp.astype(np.uint8)))
+        return inputs
+
+    def _opset(self) -> int:
+        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def _swap(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
         self.replace[id(old)] = new
