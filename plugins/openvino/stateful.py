@@ -9,7 +9,8 @@ length 0 after a reset) and written with the new cache at its end.
 
 The float graph is traced by OpenVINO's PyTorch frontend (`lower.torch_to_openvino`) through the
 source's export module, whose forward takes the past as plain tensors and returns the present ones
-(`Source.export_spec()`).
+(`Source.export_spec()`); when the source's blocks are alike, only four are traced and the rest
+repeated (repeat.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from qcompiler.plugins.openvino.lower import torch_to_openvino
+from qcompiler.plugins.openvino.repeat import repeated
 from qcompiler.protocols import ExportSpec
 
 
@@ -29,7 +31,9 @@ def convert_stateful(spec: ExportSpec, what: str, stateful: bool = True) -> ov.M
     cache is output (`present.N.key` / `.value`), with no beam_idx."""
     token_inputs = len(spec.input_names) - len(spec.cache)
     shapes = [ov.PartialShape([-1, -1])] * token_inputs + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
-    ov_model = torch_to_openvino(spec.module, spec.args, shapes, what)
+    ov_model = repeated(spec.repeat, what) if spec.repeat is not None else None
+    if ov_model is None:
+        ov_model = torch_to_openvino(spec.module, spec.args, shapes, what)
 
     past_names, present_names = [p for p, _ in spec.cache], [p for _, p in spec.cache]
     for port, name in zip(ov_model.inputs, spec.input_names):

@@ -79,9 +79,12 @@ class KVCacheForward(torch.nn.Module):
         return (out.logits, *present)
 
 
-def export_spec(model: torch.nn.Module) -> ExportSpec:
+def export_spec(model: torch.nn.Module, repeat: bool = True) -> ExportSpec:
     """The causal LM's export signature in optimum's layout: input_ids, attention_mask, position_ids
-    and the past cache in; logits and the present cache out."""
+    and the past cache in; logits and the present cache out; with `repeat`, its alike blocks (see
+    repeat.py), when it has them."""
+    from qcompiler.plugins.torch.repeat import repeat_spec
+
     layout = cache_layout(model)
     past, present = io_names(layout)
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
@@ -90,7 +93,8 @@ def export_spec(model: torch.nn.Module) -> ExportSpec:
     dynamic.update({n: {0: "batch", 2: "total"} for n in present})
     return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
                       *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.",
-                      model_info(model))
+                      model_info(model),
+                      repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.") if repeat else None)
 
 
 def model_info(model: torch.nn.Module) -> dict:
