@@ -365,5 +365,19 @@ def _default_output(model, config: CompressionConfig, defaults) -> str:
     return str(Path("out") / f"{name}-{fmt}")
 
 
+def run() -> None:
+    """The `qcompiler` command: main(), then the process ends without the interpreter's teardown.
+    Everything is written and closed by then; the teardown only frees what the OS frees anyway
+    (torch's and OpenVINO's objects, thread pools): 1.6 s of a 14 s SmolLM2 run."""
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,13 +51,24 @@ class OpenVINOBackend:
                 raise QCompilerError(f"the openvino backend's option {name} is True or False, not {options[name]!r}")
 
     def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
+        options = options or {}
+        self.check(None, options)
+        tokenizer = getattr(source, "tokenizer", None) if options.get("convert_tokenizer", True) else None
+        if tokenizer is None:
+            return self._lower_model(graph, source, out_dir, options)
+        # the tokenizer's conversion (1.5 s for SmolLM2's) runs beside the model's on the second core
+        with Background(write_tokenizer_models, tokenizer, out_dir) as job:
+            result = self._lower_model(graph, source, out_dir, options)
+            result["files"] += job.result()
+        return result
+
+    def _lower_model(self, graph, source, out_dir: Path, options: dict) -> dict:
         import openvino as ov
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
         from qcompiler.plugins.openvino.lower import apply_weights, convert
         from qcompiler.rewrites import in_module
 
-        self.check(None, options or {})
         start = time.perf_counter()
         converted_with = set()
         if isinstance(source, OpenVINOSource):
@@ -68,22 +80,20 @@ class OpenVINOBackend:
                                      "OpenVINO model not yet: compress the transformers model instead, or drop that option")
         elif hasattr(source.model, "forward"):
             with in_module(source.model, graph) as converted_with:
-                (model, prefix), consts = convert(source, (options or {}).get("stateful", True)), None
+                (model, prefix), consts = convert(source, options.get("stateful", True)), None
         else:
             raise QCompilerError(f"the openvino backend converts torch or OpenVINO models, not "
                                  f"{type(source.model).__name__}: use --backend onnx for an ONNX model")
         converted = time.perf_counter()
         keep: list = []  # arrays the new constants share memory with, alive until saved
         weight_bytes = apply_weights(model, graph, keep, prefix, consts, converted_with)
-        if (options or {}).get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
+        if options.get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
             model.set_rt_info(str(options["dq_group_size"]), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         applied = time.perf_counter()
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
                    "save": time.perf_counter() - applied}
         files = [MODEL_XML, MODEL_XML.replace(".xml", ".bin")]
-        if getattr(source, "tokenizer", None) is not None and (options or {}).get("convert_tokenizer", True):
-            files += write_tokenizer_models(source.tokenizer, out_dir)
         return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
 
     def can_load(self, path: Path) -> bool:
@@ -91,6 +101,35 @@ class OpenVINOBackend:
 
     def runner(self, path: Path):
         return OpenVINORunner(Path(path) / MODEL_XML)
+
+
+class Background:
+    """`fn(*args)` on a thread from entering the block; leaving it (normally or by an exception)
+    waits for the thread, so nothing is still being written when the caller cleans up a failed
+    output folder. `result()` returns fn's value or raises its exception."""
+
+    def __init__(self, fn, *args) -> None:
+        self._fn, self._args, self._value, self._error = fn, args, None, None
+        self._thread = threading.Thread(target=self._run, name=f"qcompiler-{fn.__name__}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as exc:  # handed to the caller's thread by result()
+            self._error = exc
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def write_tokenizer_models(tokenizer, out_dir: Path) -> list[str]:
