@@ -127,6 +127,8 @@ class LoadOptions:
     # the backend reads weight values from the IR when lowering (its `lazy_weights`): a frontend may
     # then leave large weights as placeholders, read when a pass needs them
     lazy_weights: bool = False
+    # model_type -> qcompiler.model_spec.ModelSpec, from the registry's plugins
+    model_specs: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)

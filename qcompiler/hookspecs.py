@@ -25,3 +25,9 @@ def qcompiler_register_frontends():
 def qcompiler_register_backends():
     """Return a list of backend objects (see `qcompiler.protocols.Backend`): they lower a compressed
     `Graph` to an artifact folder and load such a folder back for running."""
+
+
+@hookspec
+def qcompiler_register_model_specs():
+    """Return a list of `qcompiler.model_spec.ModelSpec`: what a model family (its `name`, the
+    transformers model_type) needs beyond what qcompiler derives from the model."""

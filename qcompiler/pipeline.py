@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -140,7 +142,8 @@ def compress(
         _check_backend(lowering, config, dict(backend_options or {}))
     # data-aware passes run the model's blocks with the real weights: no placeholders then
     load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                               lazy_weights=bool(getattr(lowering, "lazy_weights", False)) and config.dataset is None)
+                               lazy_weights=bool(getattr(lowering, "lazy_weights", False)) and config.dataset is None,
+                               model_specs=registry.model_specs)
 
     with ExitStack() as stack:
         if folder is not None:
@@ -159,6 +162,10 @@ def compress(
             config, passes = _decide_format(graph, config, registry, defaults)
         if config.mode is not None:
             refuse_unseen_weights(graph)
+        spec = getattr(source, "spec", None)
+        if spec is not None and spec.ignored_scope:
+            config = _with_spec_scope(config, spec, graph)
+            passes = build_passes(config, registry)
         seconds["trace"] = _lap(start, steps, "passes")
         start = time.perf_counter()
         check = getattr(lowering, "check_formats", None)
@@ -202,6 +209,18 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
         method = getattr(executor, "method", {})
         cache = StatisticsCache(Path(config.statistics_path), weights_digest(graph), data.digest(), method)
     return CalibrationEngine(executor, data, cache=cache)
+
+
+def _with_spec_scope(config: CompressionConfig, spec, graph: Graph) -> CompressionConfig:
+    """`config` with the model spec's ignored-scope patterns added, those that match a node of this
+    model (a spec describes a family, whose variants may lack a part): never an error of the user's."""
+    names = [n.name for n in graph.nodes] + [n.attrs["weight"] for n in graph.weight_constants()]
+    found = tuple(p for p in spec.ignored_scope if any(re.match(p, name) for name in names))
+    if not found:
+        return config
+    scope = config.ignored_scope
+    return dataclasses.replace(config, ignored_scope=dataclasses.replace(scope, patterns=scope.patterns + tuple(
+        p for p in found if p not in scope.patterns)))
 
 
 def _set_pad_token_id(source, pad_token_id: int) -> None:

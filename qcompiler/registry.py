@@ -2,7 +2,7 @@
 
 Nothing is registered at import time: `build_registry()` makes a fresh manager each call, loads
 the `qcompiler` entry points (the built-ins register the same way a third party does), and
-collects passes, frontends and backends. A name registered twice is an error naming both plugins.
+collects passes, frontends, backends and model specs. A name registered twice is an error naming both plugins.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Registry:
     passes: dict = field(default_factory=dict)
     frontends: dict = field(default_factory=dict)
     backends: dict = field(default_factory=dict)
+    model_specs: dict = field(default_factory=dict)
 
     def pass_class(self, name: str):
         return _lookup(self.passes, name, "pass")
@@ -62,6 +63,7 @@ def build_registry(plugins=(), load_entrypoints: bool = True) -> Registry:
         passes=_collect(pm, "qcompiler_register_passes", "pass"),
         frontends=_collect(pm, "qcompiler_register_frontends", "frontend"),
         backends=_collect(pm, "qcompiler_register_backends", "backend"),
+        model_specs=_collect(pm, "qcompiler_register_model_specs", "model spec"),
     )
 
 

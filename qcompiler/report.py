@@ -86,6 +86,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
             "all_weights": 8 * all_bytes / total if total else None,
         },
         "defaults": compressed.defaults.as_dict() if compressed.defaults is not None else None,
+        "model_spec": spec.as_dict() if (spec := getattr(compressed.source, "spec", None)) is not None else None,
         "calibration": compressed.calibration,
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
@@ -126,6 +127,9 @@ def format_report(report: dict) -> str:
             f"bits per weight, compressed weights: {bpw['compressed_measured']:.3f} "
             f"(theoretical {bpw['compressed_theoretical']:.3f}); all weights: {bpw['all_weights']:.3f}"
         )
+    spec = report.get("model_spec")
+    if spec:
+        lines.append("model spec " + spec["name"] + ": " + "; ".join(f"{k} {v}" for k, v in spec.items() if k != "name"))
     awq = report["passes"].get("awq")
     if awq is not None:
         lines.append(f"AWQ: {awq['matched']} patterns matched, {awq['applied']} applied")

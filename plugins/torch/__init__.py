@@ -29,6 +29,11 @@ class TorchSource:
     gguf: str | None = None
     info: dict = field(default_factory=dict)
     lazy: tuple | None = None  # (placeholders {parameter name: file key}, reader): see lazy.py
+    spec: Any = None  # the family's qcompiler.model_spec.ModelSpec, when a plugin registered one
+
+    @property
+    def block_path(self) -> str | None:
+        return self.spec.block_path if self.spec is not None else None
 
     @property
     def is_causal_lm(self) -> bool:
@@ -36,7 +41,7 @@ class TorchSource:
 
     def export_spec(self) -> ExportSpec:
         if self.is_causal_lm:
-            return kvcache.export_spec(self.model)
+            return kvcache.export_spec(self.model, block_path=self.block_path)
         names = list(self.example_input)
         dynamic = {n: {d: f"{n}_{d}" for d in range(t.dim() - 1)} for n, t in self.example_input.items()}
         return ExportSpec(self.model, tuple(self.example_input.values()), names, [], dynamic)
@@ -55,6 +60,13 @@ class TorchFrontend:
         return isinstance(model, (str, Path)) and hf.is_hf_folder(Path(model))
 
     def load(self, model: Any, *, example_input: Any = None, options: LoadOptions | None = None) -> TorchSource:
+        options = options or LoadOptions()
+        source = self._load(model, example_input, options)
+        config = getattr(source.model, "config", None)
+        source.spec = options.model_specs.get(getattr(config, "model_type", None))
+        return source
+
+    def _load(self, model: Any, example_input: Any, options: LoadOptions) -> TorchSource:
         if isinstance(model, torch.nn.Module):
             model.eval()
             if hasattr(model, "generation_config"):
@@ -67,7 +79,7 @@ class TorchFrontend:
                 )
             return TorchSource(model, None, _as_kwargs(model, example_input))
         folder = Path(model)
-        module, tokenizer, gguf, lazy = hf.load_causal_lm(folder, options or LoadOptions())
+        module, tokenizer, gguf, lazy = hf.load_causal_lm(folder, options)
         return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy)
 
     def trace(self, source: TorchSource) -> Graph:
@@ -88,7 +100,7 @@ class TorchFrontend:
             raise QCompilerError(f"calibration runs transformers causal LMs block by block; a plain "
                                  f"{type(source.model).__name__} cannot take --dataset yet: drop the data-aware options")
         names = [c.attrs["weight"] for c in graph.parameter_constants()]
-        return TorchBlockExecutor(source.model, names, source.tokenizer)
+        return TorchBlockExecutor(source.model, names, source.tokenizer, source.block_path)
 
     def save_companions(self, source: TorchSource, out_dir: Path) -> list[str]:
         if not source.is_causal_lm:

@@ -1,7 +1,8 @@
 """The torch frontend's side of the calibration engine: run a transformers model block by block.
 
 The blocks are the children of the model's largest `nn.ModuleList` of same-typed modules (the
-decoder layers, whatever the family calls them); nothing here is per-architecture. The first
+decoder layers, whatever the family calls them), or the list its model spec names; nothing here is
+per-architecture. The first
 block's inputs (hidden states and keyword arguments: masks, rotary tables) are captured by a
 pre-hook that stops the forward there; each block then runs on its own, with `functional_call`
 replacing weights (AWQ-scaled or dequantized ones) and forward pre-hooks on the modules that own
@@ -29,9 +30,19 @@ class _Stop(Exception):
     pass
 
 
-def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+def find_blocks(model: torch.nn.Module, path: str | None = None) -> tuple[str, torch.nn.ModuleList]:
     """(path, list) of the ModuleList of same-typed modules holding the most parameters (with as many
-    entries as the config's layers, where it says, so an MoE layer's experts are never taken)."""
+    entries as the config's layers, where it says, so an MoE layer's experts are never taken); or the
+    list at `path`, which a model spec gives."""
+    if path is not None:
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            found = None
+        if not isinstance(found, torch.nn.ModuleList) or len(found) == 0:
+            raise QCompilerError(f"the model spec's block path {path!r} is not a list of modules of "
+                                 f"{type(model).__name__}: fix the spec's plugin (or uninstall it)")
+        return path, found
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best, best_size = None, 0
     for name, module in model.named_modules():
@@ -63,9 +74,10 @@ def bf16_matmuls() -> bool:
 class TorchBlockExecutor:
     """`BlockExecutor` for a transformers causal LM (see `qcompiler.protocols`)."""
 
-    def __init__(self, model: torch.nn.Module, weight_names: list[str], tokenizer=None) -> None:
+    def __init__(self, model: torch.nn.Module, weight_names: list[str], tokenizer=None,
+                 block_path: str | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.path, self.layers = find_blocks(model)
+        self.path, self.layers = find_blocks(model, block_path)
         names = set(weight_names)
         self.blocks = []
         for i in range(len(self.layers)):

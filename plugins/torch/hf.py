@@ -53,7 +53,7 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     weights load only with `allow_pickle` (and then with torch's weights-only loader), and every
     safetensors file's header is checked against the file's size, so a truncated or foreign file is
     one line, not a traceback from deep inside the loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     options = options or LoadOptions()
     gguf = None if (folder / "config.json").is_file() else gguf_file(folder)
@@ -66,14 +66,15 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
         kwargs["use_safetensors"], names = check_weight_files(folder, options.allow_pickle)
         check_layer_count(folder, config, names)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    auto = auto_class(options.model_specs.get(model_type(folder)) if gguf is None else None)
     lazy = None
     if gguf is None and options.lazy_weights and kwargs["use_safetensors"]:
-        lazy = _load_lazy(folder, options.trust_remote_code)
+        lazy = _load_lazy(folder, options.trust_remote_code, auto)
     try:
         if lazy is not None:
             model, info = lazy[0], {}
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = auto.from_pretrained(
                 folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
                 **kwargs)
     except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
@@ -98,15 +99,35 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None)
 
 
-def _load_lazy(folder: Path, trust_remote_code: bool):
+def auto_class(spec):
+    """The transformers auto class that builds the model: its model spec's loader, else
+    AutoModelForCausalLM."""
+    import transformers
+
+    name = (spec.loader if spec is not None else None) or "AutoModelForCausalLM"
+    auto = getattr(transformers, name, None)
+    if auto is None:
+        raise QCompilerError(f"model spec {spec.name} names the loader {name}, which this transformers "
+                             f"({transformers.__version__}) does not have: update transformers or the spec's plugin")
+    return auto
+
+
+def model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_lazy(folder: Path, trust_remote_code: bool, auto):
     """(model, placeholders, reader) from `lazy.load_lazy`, or None to load eagerly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from qcompiler.plugins.torch.lazy import load_lazy
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        loaded = load_lazy(folder, AutoModelForCausalLM, config, trust_remote_code)
+        loaded = load_lazy(folder, auto, config, trust_remote_code)
     except Exception:  # anything this path does not read exactly goes the eager way, which reports it
         return None
     if loaded is not None and (folder / "generation_config.json").is_file():

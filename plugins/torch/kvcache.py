@@ -79,7 +79,7 @@ class KVCacheForward(torch.nn.Module):
         return (out.logits, *present)
 
 
-def export_spec(model: torch.nn.Module, repeat: bool = True) -> ExportSpec:
+def export_spec(model: torch.nn.Module, repeat: bool = True, block_path: str | None = None) -> ExportSpec:
     """The causal LM's export signature in optimum's layout: input_ids, attention_mask, position_ids
     and the past cache in; logits and the present cache out; with `repeat`, its alike blocks (see
     repeat.py), when it has them."""
@@ -94,7 +94,8 @@ def export_spec(model: torch.nn.Module, repeat: bool = True) -> ExportSpec:
     return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
                       *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.",
                       model_info(model),
-                      repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.") if repeat else None)
+                      repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.", block_path) if repeat
+                      else None)
 
 
 def model_info(model: torch.nn.Module) -> dict:

@@ -27,14 +27,15 @@ SMALL = 1 << 16  # parameters below this many elements get marker values (the la
 PLAIN = (int, float, str, bool, type(None))
 
 
-def repeat_spec(model: torch.nn.Module, export_spec, prefix: str) -> Repeat | None:
+def repeat_spec(model: torch.nn.Module, export_spec, prefix: str, block_path: str | None = None) -> Repeat | None:
     """The `Repeat` of a causal LM whose blocks are alike, or None. `export_spec(model)` builds the
-    export of a model; `prefix` is what the export module puts before the model's parameter names."""
+    export of a model; `prefix` is what the export module puts before the model's parameter names;
+    `block_path` the model spec's path of the blocks, if it gives one."""
     from qcompiler.errors import QCompilerError
     from qcompiler.plugins.torch.blocks import find_blocks
 
     try:
-        path, blocks = find_blocks(model)
+        path, blocks = find_blocks(model, block_path)
     except QCompilerError:
         return None
     if len(blocks) < MIN_LAYERS or not _alike(blocks, model.config):
