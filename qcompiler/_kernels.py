@@ -29,7 +29,15 @@ class Kernels:
         lib.quantize_table.restype = None
         lib.int_error.argtypes = [_P, _I64, _I64, _INT, _INT, _INT]
         lib.int_error.restype = ctypes.c_double
+        lib.pack_nibbles.argtypes = [_P, _I64, _P, _INT]
+        lib.pack_nibbles.restype = None
         self.lib = lib
+
+    def pack_nibbles(self, values: torch.Tensor) -> torch.Tensor:
+        """uint8 [ceil(n / 2)] of the n one-byte 4-bit codes in `values` (contiguous), two per byte."""
+        out = torch.empty((values.numel() + 1) // 2, dtype=torch.uint8)
+        self.lib.pack_nibbles(values.data_ptr(), values.numel(), out.data_ptr(), torch.get_num_threads())
+        return out
 
     def quantize(self, w: torch.Tensor, mode: Mode, table=None, code_of=None):
         """(codes, scale, zero point) of float32 groups `w` [..., g] (contiguous), shaped like quant.py's."""

@@ -146,6 +146,15 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
     return worst;
 }
 
+/* 4-bit codes (one per byte, low nibble used) packed two per byte, element 2i in the low nibble: the
+ * layout of OpenVINO's u4/i4/nf4/f4e2m1 constants and of the torch backend's packed weights. */
+void pack_nibbles(const uint8_t *src, int64_t n, uint8_t *dst, int threads) {
+    const int64_t pairs = n / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < pairs; i++) dst[i] = (uint8_t)((src[2 * i] & 0x0F) | (src[2 * i + 1] << 4));
+    if (n % 2) dst[pairs] = src[n - 1] & 0x0F;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quant_kernels", "C kernels, called through ctypes", -1, NULL};
 
 PyMODINIT_FUNC PyInit__quant_kernels(void) { return PyModule_Create(&module); }

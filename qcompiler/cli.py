@@ -230,8 +230,10 @@ def _add_load_flags(parser) -> None:
                              "safetensors need nothing")
 
 
-def load_options_from_args(args) -> LoadOptions:
-    return LoadOptions(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+def load_options_from_args(args, registry=None) -> LoadOptions:
+    """The command's LoadOptions; with `registry`, its model specs too (the frontend reads them)."""
+    return LoadOptions(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                       model_specs=registry.model_specs if registry is not None else {})
 
 
 def at_least(value, low, flag: str, fix: str) -> None:
@@ -374,8 +376,16 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing left to say
+        except BrokenPipeError:  # the reader left: nothing left to say
             pass
+        except (OSError, ValueError):  # a full disk or a closed stream: the output is lost, say so (as Python)
+            code = max(code, 120)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # what native libraries printed through C stdio
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
 
 

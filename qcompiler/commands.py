@@ -47,7 +47,7 @@ def eval_command(args) -> int:
     reference = None
     if original:  # loaded first: a bad original is an error now, not after scoring the artifact
         frontend = registry.frontend_for(original)
-        reference = frontend.runner(frontend.load(original, options=load_options_from_args(args)))
+        reference = frontend.runner(frontend.load(original, options=load_options_from_args(args, registry)))
     results = {"compressed": perplexity(backend.runner(artifact), ids, desc="compressed", **opts)}
     if reference is not None:
         results["original"] = perplexity(reference, ids, desc="original", **opts)
@@ -136,7 +136,7 @@ def graph_command(args) -> int:
     registry = build_registry()
     model = resolve_model(args.model, registry)
     frontend = registry.frontend_for(model)
-    graph = frontend.trace(frontend.load(model, options=load_options_from_args(args)))
+    graph = frontend.trace(frontend.load(model, options=load_options_from_args(args, registry)))
     if args.full:
         say(graph.to_text())
         return 0

@@ -21,7 +21,7 @@ class Runner(Protocol):
 @dataclass
 class Repeat:
     """A model whose `layers` transformer blocks are alike, offered to an exporter that would rather
-    convert a few blocks and repeat the last one than trace them all (OpenVINO's converter spends
+    convert a few blocks and repeat one of them than trace them all (OpenVINO's converter spends
     about 0.17 s per block). `spec` is the export of a copy with only the first `traced` blocks, whose
     small parameters (norms, biases) hold distinct marker values, so that a converter which folds
     one into another constant can still tell which parameter it was: `markers` maps the SHA-1 of a
@@ -57,7 +57,9 @@ class ExportSpec:
     past_shapes: list[tuple[int, int]] = field(default_factory=list)
     weight_prefix: str = ""
     model_info: dict = field(default_factory=dict)  # model_type, vocab_size, hidden_size, heads, token ids, ...
-    repeat: Repeat | None = None  # alike blocks an exporter may repeat instead of tracing each
+    # () -> Repeat | None: the alike blocks an exporter may repeat instead of tracing each (built on
+    # demand: it costs a short forward of a truncated copy, which exporters that trace it all skip)
+    repeat: Any = None
 
 
 class Source(Protocol):

@@ -45,3 +45,17 @@ def test_c_error_equals_the_torch_error(monkeypatch, mode):
     c = quantization_error(w, (1,), mode, -1)
     monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
     assert c == pytest.approx(quantization_error(w, (1,), mode, -1), rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 4096 + 3])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_c_nibble_packing_equals_the_torch_path(monkeypatch, n, dtype):
+    from qcompiler.quant import pack_nibbles
+
+    torch.manual_seed(n)
+    codes = torch.randint(-8, 8, (n,), dtype=dtype) if dtype == torch.int8 else torch.randint(0, 16, (n,), dtype=dtype)
+    c = pack_nibbles(codes)
+    monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
+    t = pack_nibbles(codes)
+    assert c.dtype == t.dtype == torch.uint8 and c.numel() == (n + 1) // 2 and torch.equal(c, t)
+    assert int(c[0]) & 0x0F == int(codes[0]) & 0x0F  # element 0 in the low nibble

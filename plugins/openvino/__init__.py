@@ -123,7 +123,14 @@ class Background:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._thread.join()
+        interrupted = None
+        while self._thread.is_alive():  # a signal during the wait must not cut it short
+            try:
+                self._thread.join()
+            except KeyboardInterrupt as caught:
+                interrupted = caught
+        if interrupted is not None:
+            raise interrupted
 
     def result(self):
         self._thread.join()

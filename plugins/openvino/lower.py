@@ -26,7 +26,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError, export_failed
 from qcompiler.ir import Graph
 from qcompiler.plugins.openvino.fuse import concatenate, fusable_groups, replace_with_split
-from qcompiler.quant import CompressedWeight
+from qcompiler.quant import CompressedWeight, pack_nibbles
 from qcompiler.rewrites import rewritten_params
 
 CODE_TYPES = {
@@ -251,15 +251,10 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: lis
 def _constant(values, element_type: ov.Type, name: str, keep: list) -> ov.Node:
     """A Constant of `element_type` holding the integer codes in torch tensor `values`, one per element.
 
-    4-bit codes are packed with torch (element 2i in the low nibble); the bytes are shared with the
+    4-bit codes are packed two per byte (`quant.pack_nibbles`); the bytes are shared with the
     Constant, not copied, and `keep` holds them until the model is saved.
     """
-    raw = values.contiguous().view(torch.uint8).reshape(-1)
-    if element_type.bitwidth == 4:
-        if raw.numel() % 2:
-            raw = torch.cat([raw, raw.new_zeros(1)])
-        pairs = raw.view(torch.int16)  # little-endian: element 2i is the low byte of pair i
-        raw = ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)
+    raw = pack_nibbles(values) if element_type.bitwidth == 4 else values.contiguous().view(torch.uint8).reshape(-1)
     array = raw.numpy()
     keep.append(array)
     node = ops.constant(ov.Tensor(array, ov.Shape(list(values.shape)), element_type), shared_memory=True)

@@ -16,9 +16,11 @@ the converter runs on a copy with four, and the graph is completed by repeating 
    every block is converted.
 3. For each further block L, a clone of the 4-block graph gives a copy of block 2's body, rewired
    to block L-1's output, new Parameters for block L's past, new Results for its present, the
-   shared inputs of the main graph, and Constants holding block L's own tensors (shared with the
-   torch model, not copied). Block 3 is dropped: the last copy feeds the final norm.
-4. The markers in blocks 0-2 are replaced by the real parameters.
+   shared inputs of the main graph, and Constants holding block L's own tensors (sharing the torch
+   model's memory where the tensor is contiguous), with node and tensor names of its own. Block 3
+   is dropped: the last copy feeds the final norm.
+4. The markers in blocks 0-2 are replaced by the real parameters (blocks 0-2 must read the same
+   weights by name, and every marker must be found, so none can stay behind).
 The result has the inputs and outputs of the full conversion, in its order (tested against it).
 """
 
@@ -41,21 +43,25 @@ class NotRepeatable(Exception):
     pass
 
 
-def repeated(repeat, what: str) -> ov.Model | None:
+def repeated(make_repeat, what: str) -> ov.Model | None:
     """The full model's float graph (inputs and outputs as `torch_to_openvino` gives them for the
-    full export), or None when its blocks cannot be repeated (then convert them all)."""
+    full export), or None when its blocks cannot be repeated (then convert them all).
+    `make_repeat()` gives the source's `Repeat` or None (`ExportSpec.repeat`)."""
     from qcompiler.plugins.openvino.lower import torch_to_openvino
 
-    spec = repeat.spec
-    tokens = len(spec.input_names) - len(spec.cache)
-    shapes = [ov.PartialShape([-1, -1])] * tokens + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
-    if len(spec.cache) != 2 * repeat.traced:
-        return None
-    model = torch_to_openvino(spec.module, spec.args, shapes, what)
     try:
+        repeat = make_repeat()
+        if repeat is None:
+            return None
+        spec = repeat.spec
+        if len(spec.cache) != 2 * repeat.traced:
+            return None
+        tokens = len(spec.input_names) - len(spec.cache)
+        shapes = [ov.PartialShape([-1, -1])] * tokens + [ov.PartialShape([-1, h, -1, d]) for h, d in spec.past_shapes]
+        model = torch_to_openvino(spec.module, spec.args, shapes, what)
         return _Repeater(model, repeat, tokens).build()
-    except NotRepeatable as exc:
-        log.debug("OpenVINO conversion of every block: %s", exc)
+    except Exception as exc:  # NotRepeatable, or anything the shortcut trips on: the full conversion decides
+        log.debug("OpenVINO conversion of every block: %s: %s", type(exc).__name__, exc)
         return None
 
 
@@ -176,7 +182,17 @@ class _Repeater:
         return ("shared", i, port)
 
     def check(self) -> None:
-        """Blocks 1 and 2 match node for node (else NotRepeatable)."""
+        """Blocks 0-2 read the same weights (by name, every marker found), and blocks 1 and 2 match
+        node for node (else NotRepeatable)."""
+        prefix = self.repeat.prefix
+        templates = [sorted(n.replace(f"{prefix}.{b}.", f"{prefix}.{{}}.", 1) for n in self.weights[b].values())
+                     for b in range(3)]
+        if templates[0] != templates[1] or templates[1] != templates[2]:
+            raise NotRepeatable("blocks 0, 1 and 2 read different weights")
+        for name in self.repeat.markers.values():  # a marker folded into something else would stay in the model
+            block = name[len(prefix) + 1:].split(".", 1)[0]
+            if block in ("0", "1", "2") and name not in self.weights[int(block)].values():
+                raise NotRepeatable(f"{name} was folded into another constant")
         b1, b2 = self.body[1], self.body[2]
         if len(b1) != len(b2):
             raise NotRepeatable(f"blocks 1 and 2 have {len(b1)} and {len(b2)} nodes")
@@ -202,6 +218,9 @@ class _Repeater:
                 raise NotRepeatable(f"{self.order[x].get_friendly_name()} has no counterpart in block 2")
         if sorted(match.values()) != b2:
             raise NotRepeatable("blocks 1 and 2 do not match one to one")
+        ends = [(self.hidden[1], self.hidden[2])] + list(zip(self.present[1], self.present[2]))
+        if any(a[0] not in match or (match[a[0]], a[1]) != b for a, b in ends):
+            raise NotRepeatable("blocks 1 and 2 end in different nodes")
         memo: dict = {}
         for x in b1:
             a, b = self.order[x], self.order[match[x]]
@@ -219,8 +238,8 @@ class _Repeater:
 
     def build(self) -> ov.Model:
         self.check()
-        clone_types = [n.get_type_name() for n in self.template.get_ordered_ops()]
-        if clone_types != [n.get_type_name() for n in self.order]:
+        clone = [(n.get_type_name(), n.get_friendly_name()) for n in self.template.get_ordered_ops()]
+        if clone != [(n.get_type_name(), n.get_friendly_name()) for n in self.order]:
             raise NotRepeatable("a clone of the graph orders its nodes differently")
         for block in range(3):  # the markers out, the real parameters in
             for i, name in self.weights[block].items():
@@ -257,11 +276,14 @@ class _Repeater:
                         target.replace_source_output(self.order[i].output(port))
             for i, port in self.present[2]:
                 new_results.append(ops.result(nodes[i].output(port)))
-            for x in body:
+            for x in body:  # unique node and tensor names (runtimes and NNCF find outputs by them)
                 name = nodes[x].get_friendly_name()
                 tag = f".{prefix}.2"
                 nodes[x].set_friendly_name(name.replace(tag, f".{prefix}.{block}", 1) if tag in name
                                            else f"{name}/block{block}")
+                for out in nodes[x].outputs():
+                    if out.get_names():
+                        out.get_tensor().set_names({f"{n}/block{block}" for n in out.get_names()})
             previous = nodes[self.hidden[2][0]].output(self.hidden[2][1])
         for target in self.readers[3]:  # the final norm reads the last block
             target.replace_source_output(previous)
@@ -283,9 +305,10 @@ class _Repeater:
         element = like.get_output_element_type(0)
         if OV_DTYPES.get(tensor.dtype) != element or tensor.numel() != int(np.prod(shape)):
             raise NotRepeatable(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, its constant {element} {shape}")
+        shared = tensor.is_contiguous()  # the model's own memory, alive until saved; a copy would not be
         tensor = tensor.contiguous()
         array = tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-        node = ops.constant(ov.Tensor(array, ov.Shape(shape), element), shared_memory=True)
+        node = ops.constant(ov.Tensor(array, ov.Shape(shape), element), shared_memory=shared)
         node.set_friendly_name("self." + name)
         return node.output(0)
 
@@ -298,8 +321,8 @@ def _replace(old: ov.Output, new: ov.Output) -> None:
 def _same_attributes(a, b) -> bool:
     try:
         return a.get_attributes() == b.get_attributes()
-    except Exception:  # an op whose attributes Python cannot read: compared by type and wiring only
-        return True
+    except Exception:  # an op whose attributes Python cannot read: not known to be the same
+        return False
 
 
 def _const_key(node):

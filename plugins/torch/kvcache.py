@@ -94,8 +94,8 @@ def export_spec(model: torch.nn.Module, repeat: bool = True, block_path: str | N
     return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
                       *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.",
                       model_info(model),
-                      repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.", block_path) if repeat
-                      else None)
+                      (lambda: repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.", block_path))
+                      if repeat else None)
 
 
 def model_info(model: torch.nn.Module) -> dict:

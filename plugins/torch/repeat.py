@@ -1,20 +1,25 @@
 """Alike transformer blocks, offered to exporters as a few traced blocks to repeat (`protocols.Repeat`).
 
-A model qualifies when every block is the same program on different weights: the same module
-types, parameter names, shapes and dtypes, the same buffers, the same plain attributes (all but
-`layer_idx`), no hooks, and a config that gives every layer the same kind (`layer_types`), so a
-family that alternates sliding and full attention, or mixes dense and MoE blocks, never does. The
-exporter checks the rest on the graph it gets (the second and third traced blocks must match node
-for node) and falls back to tracing every block when anything differs.
+A model qualifies when every block is the same program on different weights: transformers' own
+module classes (never remote code, whose forward may branch on `layer_idx`), the same module
+types, parameter names, shapes and dtypes, the same buffers, the same attributes (all but
+`layer_idx`: values compared recursively, objects by identity), no hooks, and a config with no
+per-layer list whose entries differ (`layer_types`, ...), so a family that alternates sliding and
+full attention, or mixes dense and MoE blocks, never does. The exporter checks the rest on the
+graph it gets (the second and third traced blocks must match node for node) and falls back to
+tracing every block when anything differs.
 
 The traced copy shares the model's large weights and modules' code; only its first `traced` blocks
-are kept (config and ModuleList copied, nothing of the model changed), and their small parameters
-are replaced by distinct marker values the exporter swaps for the real ones.
+are kept (config, ModuleList and the copied modules' parameter and buffer tables are its own, so
+nothing of the model changes), and their small parameters are replaced by distinct marker values
+the exporter swaps for the real ones.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
+import functools
 import hashlib
 
 import torch
@@ -52,9 +57,9 @@ def repeat_spec(model: torch.nn.Module, export_spec, prefix: str, block_path: st
 
 
 def _alike(blocks: torch.nn.ModuleList, config) -> bool:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        return False
+    for value in vars(config).values():  # layer_types, mlp_only_layers as flags, ...: one kind for all
+        if isinstance(value, (list, tuple)) and len(value) == len(blocks) and len({repr(v) for v in value}) > 1:
+            return False
     first = _signature(blocks[0])
     return first is not None and all(_signature(b) == first for b in blocks[1:])
 
@@ -62,18 +67,36 @@ def _alike(blocks: torch.nn.ModuleList, config) -> bool:
 def _signature(block: torch.nn.Module):
     out = []
     for name, module in block.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or not type(module).__module__.startswith(
+                ("transformers.", "torch.", "qcompiler.")):
             return None
-        attrs = sorted((k, v) for k, v in vars(module).items()
-                       if not k.startswith("_") and k not in ("layer_idx", "training") and _plain(v))
+        attrs = sorted((k, _key(v)) for k, v in vars(module).items()
+                       if not k.startswith("_") and k not in ("layer_idx", "training"))
         params = [(k, tuple(p.shape), p.dtype) for k, p in module._parameters.items() if p is not None]
         buffers = [(k, tuple(b.shape), b.dtype, _digest(b)) for k, b in module._buffers.items() if b is not None]
         out.append((name, type(module).__qualname__, attrs, params, buffers))
     return out
 
 
-def _plain(value) -> bool:
-    return isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value))
+def _key(value):
+    """What an attribute's value is, for comparing blocks: plain values and containers by value,
+    tensors by content, functions and classes by name, any other object by identity (the config,
+    shared by every block, is equal; a per-block object is not)."""
+    if isinstance(value, PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), _key(v)) for k, v in value.items())))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), _digest(value))
+    if isinstance(value, (torch.dtype, torch.device, enum.Enum)):
+        return repr(value)
+    if isinstance(value, functools.partial):
+        return ("partial", _key(value.func), _key(value.args), _key(value.keywords))
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return ("callable", getattr(value, "__module__", None), value.__qualname__)
+    return ("object", id(value))
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -106,6 +129,8 @@ def _traced_copy(model: torch.nn.Module, path: str, blocks) -> tuple[torch.nn.Mo
 def _with_config(module: torch.nn.Module, configs: dict) -> torch.nn.Module:
     new = copy.copy(module)
     new._modules = dict(module._modules)
+    new._buffers = dict(module._buffers)  # a buffer registered while tracing stays in the copy
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     if id(vars(module).get("config")) in configs:
         new.config = configs[id(module.config)]
     return new

@@ -18,7 +18,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
-from qcompiler.quant import CompressedWeight, matrix_view
+from qcompiler.quant import CompressedWeight, matrix_view, pack_nibbles
 from qcompiler.rewrites import Epilogue, epilogues
 
 LAYOUT = "qcompiler_torch.json"
@@ -181,14 +181,6 @@ def _load_model(folder: Path):
     model.eval()
     return model
 
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes two per byte, element 2i in the low nibble (signed codes as two's complement)."""
-    flat = (codes.reshape(-1).to(torch.int16) & 0x0F).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...], signed: bool) -> torch.Tensor:
