@@ -117,3 +117,21 @@ def test_compressed_artifact_is_the_full_conversions(config, tmp_path, monkeypat
     ids = np.array([[5, 17, 100, 3, 99, 42]])
     logits = [OpenVINOBackend().runner(tmp_path / out).logits(ids) for out in ("repeated", "full")]
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_repeated_model_outlives_its_source():
+    """The repeated blocks' constants share the torch tensors' memory and hold them: the OpenVINO model
+    still computes the same after the torch model is gone (NNCF's benchmark drops it)."""
+    import gc
+
+    model = _model("llama")
+    spec = TorchFrontend().load(model).export_spec()
+    built = repeated(spec.repeat, "llama")
+    want = _outputs(built)
+    del model, spec
+    gc.collect()
+    junk = [torch.randn(1 << 20) for _ in range(16)]  # reuse the freed memory
+    got = _outputs(built)
+    del junk
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -32,6 +32,7 @@ import logging
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+from openvino import op as ov_op
 import torch
 
 log = logging.getLogger("qcompiler")
@@ -299,16 +300,19 @@ class _Repeater:
 
     def _constant(self, name: str, like) -> ov.Output:
         """A Constant of block tensor `name` (an export name), shaped and typed as `like`, sharing memory
-        with the torch model's tensor."""
+        with the torch model's tensor and holding it (the model may outlive the source): OpenVINO keeps
+        the numpy array a Constant is made from alive, not one behind an ov.Tensor."""
         tensor = self.repeat.tensor(name)
         shape = list(like.get_output_shape(0))
         element = like.get_output_element_type(0)
         if OV_DTYPES.get(tensor.dtype) != element or tensor.numel() != int(np.prod(shape)):
             raise NotRepeatable(f"{name} is {tensor.dtype} {tuple(tensor.shape)}, its constant {element} {shape}")
-        shared = tensor.is_contiguous()  # the model's own memory, alive until saved; a copy would not be
         tensor = tensor.contiguous()
-        array = tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-        node = ops.constant(ov.Tensor(array, ov.Shape(shape), element), shared_memory=shared)
+        if tensor.dtype == torch.bfloat16:  # no numpy type: through an ov.Tensor, which would not hold it, so copied
+            array = tensor.view(torch.int16).numpy().reshape(shape)
+            node = ops.constant(ov.Tensor(array, ov.Shape(shape), element), shared_memory=False)
+        else:
+            node = ov_op.Constant(tensor.numpy().reshape(shape), shared_memory=True)
         node.set_friendly_name("self." + name)
         return node.output(0)
 
