@@ -41,6 +41,15 @@ class Mode(str, Enum):
         return self.value
 
 
+def check_patterns(patterns, what: str, fix: str) -> None:
+    """Each of `patterns` compiles as a regular expression, else a one-line error naming `what` and `fix`."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise QCompilerError(f"{what} '{pattern}' is not a valid regular expression ({exc}): {fix}") from None
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """The format one weight is assigned: a mode and a group size (-1 = per output channel)."""
@@ -105,12 +114,8 @@ class IgnoredScope:
     validate: bool = True
 
     def __post_init__(self) -> None:
-        for pattern in self.patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise QCompilerError(f"--ignored-scope-pattern '{pattern}' is not a valid regular expression ({exc}): "
-                                     "fix the pattern (names are matched with Python's re.match)") from None
+        check_patterns(self.patterns, "--ignored-scope-pattern", "fix the pattern (names are matched with Python's "
+                       "re.match)")
 
     def __bool__(self) -> bool:
         return bool(self.names or self.patterns or self.types or self.subgraphs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
+from qcompiler.config import check_patterns
 from qcompiler.errors import QCompilerError
 
 
@@ -24,12 +25,8 @@ class ModelSpec:
     ignored_scope: tuple[str, ...] = ()  # regexes (re.match) of IR names that stay in float by default
 
     def __post_init__(self) -> None:
-        for pattern in self.ignored_scope:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise QCompilerError(f"model spec {self.name}: ignored-scope pattern '{pattern}' is not a valid "
-                                     f"regular expression ({exc}): fix the plugin that registers it") from None
+        check_patterns(self.ignored_scope, f"model spec {self.name}: ignored-scope pattern",
+                       "fix the plugin that registers it")
         if self.loader is not None and not re.fullmatch(r"Auto\w+", self.loader):
             raise QCompilerError(f"model spec {self.name}: loader {self.loader!r} is not a transformers auto class "
                                  "name (AutoModelForCausalLM, ...): fix the plugin that registers it")

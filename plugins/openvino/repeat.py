@@ -88,7 +88,7 @@ class _Repeater:
                 and all(self.const_only[self.src(v)] for v in node.input_values())))
         params, results = list(model.get_parameters()), list(model.get_results())
         self.params, self.results = params, results
-        self.weights = [self._weights(b) for b in range(repeat.traced)]
+        self.weights = self._weights()
         self.past = [[self.index[_id(params[tokens + 2 * b + j])] for j in range(2)] for b in range(repeat.traced)]
         self.present = [[(self.src(results[1 + 2 * b + j].input_value(0)), results[1 + 2 * b + j].input_value(0)
                           .get_index()) for j in range(2)] for b in range(repeat.traced)]
@@ -102,24 +102,28 @@ class _Repeater:
         tag = f"__module.{self.repeat.prefix}.{block}"
         return {i for i, n in enumerate(self.order) if n.get_friendly_name().startswith((tag + "/", tag + "."))}
 
-    def _weights(self, block: int) -> dict[int, str]:
-        """{node index: export name} of the block's weight Constants."""
-        tag = f"self.{self.repeat.prefix}.{block}."
-        own = f"{self.repeat.prefix}.{block}."
-        out = {}
+    def _weights(self) -> list[dict[int, str]]:
+        """Per traced block, {node index: export name} of its weight Constants: named after the
+        parameter, or holding a marker's values (each small constant hashed once)."""
+        prefix = self.repeat.prefix
+        out: list[dict[int, str]] = [{} for _ in range(self.repeat.traced)]
         for i, node in enumerate(self.order):
             if node.get_type_name() != "Constant":
                 continue
             name = node.get_friendly_name()
-            if name.startswith(tag):
-                out[i] = name[len("self."):]
+            if name.startswith(f"self.{prefix}."):
+                name = name[len("self."):]
             elif node.get_output_element_type(0) == ov.Type.f32 and node.get_output_partial_shape(0).is_static:
                 data = node.get_data()
-                if data.size and data.size < (1 << 16):
-                    marked = self.repeat.markers.get(hashlib.sha1(np.ascontiguousarray(data, np.float32).tobytes())
-                                                     .hexdigest())
-                    if marked is not None and marked.startswith(own):
-                        out[i] = marked
+                if not data.size or data.size >= (1 << 16):
+                    continue
+                name = self.repeat.markers.get(hashlib.sha1(np.ascontiguousarray(data, np.float32).tobytes())
+                                               .hexdigest())
+            else:
+                continue
+            block = name.split(".")[prefix.count(".") + 1] if name and name.startswith(prefix + ".") else ""
+            if block.isdigit() and int(block) < self.repeat.traced:
+                out[int(block)][i] = name
         return out
 
     def _reach(self, seeds, down: bool, through_shapes: bool = True) -> set[int]:

@@ -14,6 +14,7 @@ exported graph stays free of the data-dependent trimming a sliding cache does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -94,8 +95,7 @@ def export_spec(model: torch.nn.Module, repeat: bool = True, block_path: str | N
     return ExportSpec(KVCacheForward(model, layout), example(layout), ["input_ids", "attention_mask", "position_ids",
                       *past], ["logits", *present], dynamic, list(zip(past, present)), layout.past_shapes(), "model.",
                       model_info(model),
-                      (lambda: repeat_spec(model, lambda m: export_spec(m, repeat=False), "model.", block_path))
-                      if repeat else None)
+                      functools.partial(repeat_spec, model, "model.", block_path) if repeat else None)
 
 
 def model_info(model: torch.nn.Module) -> dict:

@@ -32,12 +32,13 @@ SMALL = 1 << 16  # parameters below this many elements get marker values (the la
 PLAIN = (int, float, str, bool, type(None))
 
 
-def repeat_spec(model: torch.nn.Module, export_spec, prefix: str, block_path: str | None = None) -> Repeat | None:
-    """The `Repeat` of a causal LM whose blocks are alike, or None. `export_spec(model)` builds the
-    export of a model; `prefix` is what the export module puts before the model's parameter names;
-    `block_path` the model spec's path of the blocks, if it gives one."""
+def repeat_spec(model: torch.nn.Module, prefix: str, block_path: str | None = None) -> Repeat | None:
+    """The `Repeat` of a causal LM whose blocks are alike, or None. `prefix` is what the export module
+    (kvcache.KVCacheForward) puts before the model's parameter names; `block_path` the model spec's
+    path of the blocks, if it gives one."""
     from qcompiler.errors import QCompilerError
     from qcompiler.plugins.torch.blocks import find_blocks
+    from qcompiler.plugins.torch.kvcache import export_spec
 
     try:
         path, blocks = find_blocks(model, block_path)
@@ -52,7 +53,7 @@ def repeat_spec(model: torch.nn.Module, export_spec, prefix: str, block_path: st
     def tensor(name: str) -> torch.Tensor:
         return tensors[name[len(prefix):]].detach()
 
-    return Repeat(export_spec(truncated), TRACED, len(blocks), prefix + path, tensor,
+    return Repeat(export_spec(truncated, repeat=False), TRACED, len(blocks), prefix + path, tensor,
                   {digest: prefix + name for digest, name in markers.items()})
 
 
