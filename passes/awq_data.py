@@ -28,7 +28,7 @@ from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler.passes.awq import gated_matches
 from qcompiler.pattern import P, Var, Weight, find_matches
-from qcompiler.quant import fake_quantize, matrix_view, restore
+from qcompiler.quant import awq_residual, matrix_view, restore
 
 NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
 
@@ -86,7 +86,7 @@ class DataAwareAWQ(BlockPass):
             xb = x.to(torch.bfloat16) if self.options.bf16 else x
 
             def loss(s: torch.Tensor) -> float:  # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
-                return sum(float((xb @ (w - fake_quantize(w * s, f.mode, f.group_size) / s).to(xb.dtype).t())
+                return sum(float((xb @ awq_residual(w, s, f.mode, f.group_size).to(xb.dtype).t())
                                  .float().pow(2).sum()) for w, f in zip(weights, fmts))
 
             base_loss = loss(torch.ones_like(mean))  # round to nearest, no scale

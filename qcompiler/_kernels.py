@@ -29,6 +29,11 @@ class Kernels:
         lib.quantize_table.restype = None
         lib.int_error.argtypes = [_P, _I64, _I64, _INT, _INT, _INT]
         lib.int_error.restype = ctypes.c_double
+        lib.scale_estimate_int.argtypes = [_P, _I64, _I64, _I64, _P, _P, _INT, _INT, _INT, _INT, _P, _P, _P, _P, _P,
+                                           _INT]
+        lib.scale_estimate_int.restype = None
+        lib.awq_residual_int.argtypes = [_P, _P, _I64, _I64, _I64, _INT, _INT, _P, _INT]
+        lib.awq_residual_int.restype = None
         lib.pack_nibbles.argtypes = [_P, _I64, _P, _INT]
         lib.pack_nibbles.restype = None
         self.lib = lib
@@ -59,6 +64,29 @@ class Kernels:
                                 table.below.data_ptr(), table.threshold.data_ptr(), code_of.data_ptr(),
                                 codes.data_ptr(), scale.data_ptr(), threads)
         return codes, scale, None
+
+    def scale_estimate(self, wg: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode,
+                       initial_steps: int, scale_steps: int):
+        """`weight_fit.estimate`'s refit for an integer mode: (scale f16 [G, N, 1], zero point uint8 or None,
+        error with RTN, after, of the weights alone, each float32 [G, N]) of group-major weights wg [G, N, g]
+        with the Hessian blocks [G, g, g] and importance [G, g] (all float32, contiguous)."""
+        groups, rows, g = wg.shape
+        scale = torch.empty((groups, rows, 1), dtype=torch.float16)
+        zero_point = torch.empty((groups, rows, 1), dtype=torch.uint8) if mode.asymmetric else None
+        errors = torch.empty((3, groups, rows), dtype=torch.float32)
+        self.lib.scale_estimate_int(wg.data_ptr(), groups, rows, g, blocks.data_ptr(), importance.data_ptr(), mode.bits,
+                                    int(mode.asymmetric), initial_steps, scale_steps, scale.data_ptr(),
+                                    zero_point.data_ptr() if zero_point is not None else None, errors[0].data_ptr(),
+                                    errors[1].data_ptr(), errors[2].data_ptr(), torch.get_num_threads())
+        return scale, zero_point, errors[0], errors[1], errors[2]
+
+    def awq_residual(self, w: torch.Tensor, s: torch.Tensor, mode: Mode, g: int) -> torch.Tensor:
+        """W - Q(W * s) / s for float32 W [N, K] and s [K] (contiguous), Q round to nearest in groups of g."""
+        rows, k = w.shape
+        out = torch.empty_like(w)
+        self.lib.awq_residual_int(w.data_ptr(), s.data_ptr(), rows, k, g, mode.bits, int(mode.asymmetric),
+                                  out.data_ptr(), torch.get_num_threads())
+        return out
 
     def int_error(self, matrix: torch.Tensor, mode: Mode) -> float:
         rows, k = matrix.shape

@@ -11,6 +11,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define EPS FLT_EPSILON
@@ -18,8 +19,10 @@
  * time where the CPU has it, the baseline x86-64 code elsewhere. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES_FMA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
+#define CLONES_FMA
 #endif
 #define F16_TINY 6.103515625e-05f /* smallest normal f16 */
 
@@ -144,6 +147,182 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
         worst = mean > worst ? mean : worst;
     }
     return worst;
+}
+
+/* Scale estimation for the integer modes (qcompiler/weight_fit.py's `estimate`, the reference and the
+ * fallback, in the same steps): each group row (one output channel's g weights) is refitted start to
+ * end while its weights and its g x g Hessian block are in cache, instead of ~100 passes over the whole
+ * weight; TILE rows of one group go through the steps together so that the error d^T H d of all of them
+ * reads H once (a small matrix product in registers). wg: float32 [G, N, g] (group major); h: [G, g, g];
+ * imp: [G, g]. Out: scale (f16 bits) and zero point (asymmetric) [G * N]; per group row the error with
+ * round to nearest, after, and of d = w (the reference the errors are relative to). */
+#define TILE 8
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline float decode_int(float w, float s, float zp, int asym, float levels, float half_range) {
+    float v = rintf(w / s); /* = nearbyintf (round half to even), but inlined as one vector instruction */
+    return asym ? clampf(v + zp, 0.0f, levels) - zp : clampf(v, -half_range, half_range - 1.0f);
+}
+
+/* err[r] = d_r^T H d_r for the TILE rows of d [TILE][g] */
+static inline void quadratic_tile(const float *d, const float *h, int64_t g, float *err) {
+    for (int r = 0; r < TILE; r++) err[r] = 0.0f;
+    if (g % 8) {
+        for (int r = 0; r < TILE; r++)
+            for (int64_t i = 0; i < g; i++) {
+                float hd = 0.0f;
+                for (int64_t j = 0; j < g; j++) hd += d[r * g + j] * h[j * g + i];
+                err[r] += hd * d[r * g + i];
+            }
+        return;
+    }
+    for (int64_t c = 0; c < g; c += 8) {
+        v8f acc[TILE];
+        for (int r = 0; r < TILE; r++) acc[r] = (v8f){0};
+        for (int64_t j = 0; j < g; j++) {
+            v8f hv;
+            memcpy(&hv, h + j * g + c, sizeof hv);
+            for (int r = 0; r < TILE; r++) acc[r] += d[r * g + j] * hv;
+        }
+        for (int r = 0; r < TILE; r++) {
+            v8f dv;
+            memcpy(&dv, d + r * g + c, sizeof dv);
+            v8f p = acc[r] * dv;
+            err[r] += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+        }
+    }
+}
+
+static inline void decode_row(const float *w, float s, float zp, int asym, float levels, float half_range, float *v,
+                              float *d, int64_t g) {
+    if (asym)
+        for (int64_t j = 0; j < g; j++) v[j] = clampf(rintf(w[j] / s) + zp, 0.0f, levels) - zp;
+    else
+        for (int64_t j = 0; j < g; j++) v[j] = clampf(rintf(w[j] / s), -half_range, half_range - 1.0f);
+    if (d)
+        for (int64_t j = 0; j < g; j++) d[j] = w[j] - v[j] * s;
+}
+
+static inline _Float16 candidate_scale(const float *weighted, const float *v, float sign, int64_t g) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < g; j++) {
+        float a = fabsf(v[j]);
+        sum += weighted[j] / (a > 0.001f ? a : 0.001f);
+    }
+    return f16_scale(sign * (sum > 1e-12f ? sum : 1e-12f));
+}
+
+CLONES_FMA void scale_estimate_int(const float *wg, int64_t groups, int64_t rows, int64_t g, const float *h,
+                               const float *imp, int bits, int asym, int initial_steps, int scale_steps,
+                               uint16_t *scale, uint8_t *zero_point, float *err_rtn, float *err_best,
+                               float *err_ref, int threads) {
+    const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
+    const int64_t tiles_per_group = (rows + TILE - 1) / TILE;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = (float *)calloc((size_t)(4 * TILE * g), sizeof(float));
+        float *v = buf, *v2 = buf + TILE * g, *d = buf + 2 * TILE * g, *weighted = buf + 3 * TILE * g;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t t = 0; t < groups * tiles_per_group; t++) {
+            const int64_t gi = t / tiles_per_group, n0 = (t % tiles_per_group) * TILE;
+            const int live = (int)(rows - n0 < TILE ? rows - n0 : TILE);
+            const float *hb = h + gi * g * g, *a = imp + gi * g;
+            const int64_t first = gi * rows + n0;  /* index of the tile's first group row */
+            float zp[TILE], s_rtn[TILE], sign[TILE], best_err[TILE], e[TILE];
+            _Float16 best[TILE], c[TILE];
+            memset(d, 0, sizeof(float) * TILE * g);  /* rows past `live` stay zero: their error is 0 */
+            for (int r = 0; r < live; r++) {
+                const float *w = wg + (first + r) * g;
+                float lo, hi;
+                min_max(w, g, &lo, &hi);
+                zp[r] = 0.0f;
+                if (asym) {
+                    lo = lo < 0.0f ? lo : 0.0f;
+                    hi = hi > 0.0f ? hi : 0.0f;
+                    best[r] = f16_scale((hi - lo) / levels);
+                    zp[r] = clampf(-nearbyintf(lo / (float)best[r]), 0.0f, levels);
+                    zero_point[first + r] = (uint8_t)zp[r];
+                } else {
+                    float m = fabsf(lo);
+                    best[r] = f16_scale((m >= hi ? m : -hi) / half_range);
+                }
+                s_rtn[r] = (float)best[r];
+                sign[r] = s_rtn[r] > 0.0f ? 1.0f : -1.0f;
+                decode_row(w, s_rtn[r], zp[r], asym, levels, half_range, v + r * g, d + r * g, g);
+                float total = 0.0f;
+                for (int64_t j = 0; j < g; j++) total += v[r * g + j] != 0.0f ? a[j] : 0.0f;
+                total = total > 1e-12f ? total : 1e-12f;
+                for (int64_t j = 0; j < g; j++)
+                    weighted[r * g + j] = (v[r * g + j] != 0.0f ? a[j] : 0.0f) / total * fabsf(w[j]);
+            }
+            quadratic_tile(d, hb, g, best_err);
+            for (int r = 0; r < live; r++) err_rtn[first + r] = best_err[r];
+            for (int step = 0; step < initial_steps + scale_steps; step++) {
+                for (int r = 0; r < live; r++) {
+                    const float *w = wg + (first + r) * g;
+                    const float *from = v + r * g;
+                    if (step >= initial_steps) {  /* the codes of the RTN scale shrunk by 5% steps */
+                        const float shrunk = (float)f16_scale(s_rtn[r] * (float)(1.0 - 0.05 * (step - initial_steps)));
+                        decode_row(w, shrunk, zp[r], asym, levels, half_range, v2 + r * g, NULL, g);
+                        from = v2 + r * g;
+                    }
+                    c[r] = candidate_scale(weighted + r * g, from, sign[r], g);
+                    decode_row(w, (float)c[r], zp[r], asym, levels, half_range, v2 + r * g, d + r * g, g);
+                }
+                quadratic_tile(d, hb, g, e);
+                for (int r = 0; r < live; r++) {
+                    if (e[r] < best_err[r]) best[r] = c[r], best_err[r] = e[r];
+                    if (step < initial_steps)  /* the next round starts from the best scale's codes */
+                        decode_row(wg + (first + r) * g, (float)best[r], zp[r], asym, levels, half_range, v + r * g,
+                                   NULL, g);
+                }
+            }
+            for (int r = 0; r < live; r++) {
+                err_best[first + r] = best_err[r];
+                memcpy(scale + first + r, &best[r], sizeof best[r]);
+                memcpy(d + r * g, wg + (first + r) * g, sizeof(float) * g);
+            }
+            quadratic_tile(d, hb, g, e);
+            for (int r = 0; r < live; r++) err_ref[first + r] = e[r];
+        }
+        free(buf);
+    }
+}
+
+/* AWQ's search residual W - Q(W * s) / s for the integer modes (quant.py's `awq_residual`, which is the
+ * reference): W float32 [rows, k] in groups of g along k, s [k] the per-input-channel scale; each group
+ * is scaled, quantized to nearest as `quantize_int` does, decoded and unscaled while in cache. */
+CLONES void awq_residual_int(const float *w, const float *s, int64_t rows, int64_t k, int64_t g, int bits, int asym,
+                             float *out, int threads) {
+    const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
+    const int64_t groups = rows * (k / g);
+#pragma omp parallel num_threads(threads)
+    {
+        float *x = (float *)malloc(sizeof(float) * g);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < groups; i++) {
+            const int64_t c0 = (i % (k / g)) * g;
+            const float *wi = w + i * g, *si = s + c0;
+            float *o = out + i * g;
+            for (int64_t j = 0; j < g; j++) x[j] = wi[j] * si[j];
+            float lo, hi;
+            min_max(x, g, &lo, &hi);
+            if (asym) {
+                lo = lo < 0.0f ? lo : 0.0f;
+                hi = hi > 0.0f ? hi : 0.0f;
+                const float sc = (float)f16_scale((hi - lo) / levels);
+                const float zp = clampf(-nearbyintf(lo / sc), 0.0f, levels);
+                for (int64_t j = 0; j < g; j++)
+                    o[j] = wi[j] - ((clampf(rintf(x[j] / sc) + zp, 0.0f, levels) - zp) * sc) / si[j];
+            } else {
+                const float a = fabsf(lo);
+                const float sc = (float)f16_scale((a >= hi ? a : -hi) / half_range);
+                for (int64_t j = 0; j < g; j++)
+                    o[j] = wi[j] - (clampf(rintf(x[j] / sc), -half_range, half_range - 1.0f) * sc) / si[j];
+            }
+        }
+        free(x);
+    }
 }
 
 /* 4-bit codes (one per byte, low nibble used) packed two per byte, element 2i in the low nibble: the

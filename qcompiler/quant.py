@@ -174,6 +174,17 @@ def fake_quantize(matrix: torch.Tensor, mode: Mode, group_size: int) -> torch.Te
     return values.mul_(scale_values(cw)).reshape(matrix.shape)
 
 
+def awq_residual(matrix: torch.Tensor, s: torch.Tensor, mode: Mode, group_size: int) -> torch.Tensor:
+    """W - Q(W * s) / s for a float matrix W [N, K] and per-input-channel scales s [K]: what AWQ's search
+    multiplies its calibration rows by. One pass in C for the integer modes where the kernels are built."""
+    c = _kernels.get()
+    if c is not None and mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+        g = matrix.shape[1] if group_size == -1 else group_size
+        grouped(matrix, g)  # the group size divides K, or the usual error
+        return c.awq_residual(matrix.float().contiguous(), s.float().contiguous(), mode, g)
+    return matrix - fake_quantize(matrix * s, mode, group_size) / s
+
+
 def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point):
     """Codes of grouped weights `w` for a given stored scale (and zero point): the rounding step alone."""
     s = scale.float() if mode is not Mode.MXFP4 else torch.exp2(scale.float() - 127.0)

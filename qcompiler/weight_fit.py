@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from qcompiler import _kernels
 from qcompiler.config import Mode
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
@@ -93,11 +94,39 @@ def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
 def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
              initial_steps: int = 5, scale_steps: int = 5) -> tuple[CompressedWeight, float, float]:
     """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K], for
-    the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`)."""
+    the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`).
+    The integer modes run in C where the kernels are built (`_kernels.Kernels.scale_estimate`, the same
+    steps per group row); `_search` is the reference and the path for NF4."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     # group-major [G, N, g] throughout: the error's batched MatMul reads contiguous groups
     wg = grouped(w, g).reshape(n, k // g, g).transpose(0, 1).contiguous()
+    kernels = _kernels.get()
+    if kernels is not None and mode in INT_MODES:
+        imp = importance.float().reshape(k // g, g).contiguous()
+        best_s, zp, rtn, best, ref = kernels.scale_estimate(wg, blocks.float().contiguous(), imp, mode, initial_steps,
+                                                            scale_steps)
+        base, best_err, reference = float(rtn.sum()), float(best.sum()), float(ref.sum()) or 1.0
+    else:
+        best_s, zp, base, best_err, reference = _search(w, wg, blocks, importance, mode, group_size, initial_steps,
+                                                        scale_steps)
+    wg, best_s = wg.transpose(0, 1).contiguous(), best_s.transpose(0, 1).contiguous()  # back to [N, G, g]
+    zp = None if zp is None else zp.transpose(0, 1).contiguous()
+    codes = quantize_matrix_with_scale(wg, mode, best_s, zp)
+    if g == k:  # one group per row: the per-channel layout, as round to nearest writes it
+        codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
+        zp = None if zp is None else zp.reshape(n, 1)
+    cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
+    return cw, base / reference, best_err / reference
+
+
+INT_MODES = frozenset({Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM})
+
+
+def _search(w, wg, blocks, importance, mode, group_size, initial_steps, scale_steps):
+    """`estimate`'s search in torch, for W [N, K] and its group-major view wg [G, N, g]: (best f16 scale
+    [G, N, 1], zero point or None, summed error with RTN, after, of the weights alone)."""
+    (n, k), g = w.shape, wg.shape[2]
     xg = blocks.float()
     rtn = quantize(w, (1,), mode, group_size)
     scale = rtn.scale.float().reshape(n, k // g, 1).transpose(0, 1)
@@ -149,13 +178,4 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
         err, _ = error(s16, zp)
         keep(s16, err)
     reference = float(_error_by_group(wg, xg).sum()) or 1.0
-    wg, best_s = wg.transpose(0, 1).contiguous(), best_s.transpose(0, 1).contiguous()  # back to [N, G, g]
-    zp = None if zp is None else zp.transpose(0, 1).contiguous()
-    codes = quantize_matrix_with_scale(wg, mode, best_s, zp)
-    if g == k:  # one group per row: the per-channel layout, as round to nearest writes it
-        codes, best_s = codes.reshape(n, k), best_s.reshape(n, 1)
-        zp = None if zp is None else zp.reshape(n, 1)
-    cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
-    return cw, base / reference, float(best_err.sum()) / reference
-
-
+    return best_s, zp, base, float(best_err.sum()), reference

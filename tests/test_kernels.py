@@ -59,3 +59,39 @@ def test_c_nibble_packing_equals_the_torch_path(monkeypatch, n, dtype):
     t = pack_nibbles(codes)
     assert c.dtype == t.dtype == torch.uint8 and c.numel() == (n + 1) // 2 and torch.equal(c, t)
     assert int(c[0]) & 0x0F == int(codes[0]) & 0x0F  # element 0 in the low nibble
+
+
+@pytest.mark.parametrize("mode,group_size", [
+    (Mode.INT4_SYM, 64), (Mode.INT4_ASYM, 32), (Mode.INT4_SYM, -1), (Mode.INT8_ASYM, 64), (Mode.INT4_SYM, 12),
+])
+def test_c_scale_estimation_equals_the_torch_path(monkeypatch, mode, group_size):
+    """The C refit (tiles of 8 rows; 93 rows leave a partial tile, group 12 takes the scalar error) picks
+    the torch path's scales: equal up to ties that float summation order decides."""
+    from qcompiler.weight_fit import estimate, hessian_blocks
+
+    torch.manual_seed(1)
+    w = torch.randn(93, 192) * torch.rand(93, 1) * 0.1
+    w[0, :64] = 0.0  # an all-zero group
+    w[2, 5] = 4.0  # an outlier
+    x = torch.randn(512, 192) * torch.rand(192) * 3
+    g = 192 if group_size == -1 else group_size
+    blocks, importance = hessian_blocks(x.t() @ x / 512, g), x.abs().amax(0)
+    c, c_before, c_after = estimate(w, blocks, importance, mode, group_size, 5, 10)
+    monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
+    t, t_before, t_after = estimate(w, blocks, importance, mode, group_size, 5, 10)
+    assert c_before == pytest.approx(t_before, rel=1e-4) and c_after == pytest.approx(t_after, rel=1e-4)
+    assert c_after < c_before
+    assert (c.scale == t.scale).float().mean() > 0.99 and (c.codes == t.codes).float().mean() > 0.999
+    assert (c.zero_point is None and t.zero_point is None) or torch.equal(c.zero_point, t.zero_point)
+
+
+@pytest.mark.parametrize("mode,group_size", [(Mode.INT4_SYM, 64), (Mode.INT4_ASYM, 32), (Mode.INT8_ASYM, -1)])
+def test_c_awq_residual_equals_the_torch_path(monkeypatch, mode, group_size):
+    from qcompiler.quant import awq_residual
+
+    w = weights(1)[5:]  # no powers of two: W * s must stay finite
+    s = torch.rand(256) * 2 + 0.1
+    c = awq_residual(w, s, mode, group_size)
+    monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
+    t = awq_residual(w, s, mode, group_size)
+    assert torch.equal(c, t) and c.abs().max() > 0
