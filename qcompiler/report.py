@@ -160,7 +160,9 @@ def _data_aware_lines(report: dict) -> list[str]:
     awq = passes.get("awq_data")
     if awq is not None:
         found = ", ".join(f"{k} {awq['applied'][k]}/{v}" for k, v in awq["matched"].items())
-        lines.append(f"AWQ (data-aware): applied / matched per pattern: {found}{_errors(awq.get('layers'), 'error_before')}")
+        refit = sum(1 for v in (awq.get("layers") or {}).values() if "error_refit" in v)
+        lines.append(f"AWQ (data-aware): applied / matched per pattern: {found}{_errors(awq.get('layers'), 'error_before')}"
+                     + (f"; {refit} scales chosen by the error after scale estimation's refit" if refit else ""))
     for name, label, count in (("scale_estimation", "scale estimation", "estimated"), ("gptq", "GPTQ", "quantized"),
                                ("lora_correction", "LoRA correction", "corrected")):
         summary = passes.get(name)

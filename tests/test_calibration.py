@@ -273,11 +273,21 @@ def test_awq_with_data_keeps_the_float_function():
     result = compress(model, config)
     awq = result.results["awq_data"].summary
     assert awq["matched"] == {"gated": 2, "relu": 0, "norm": 4} and sum(awq["applied"].values()) > 0
+    # scale estimation follows (on by default with data): each site's scale was chosen after its refit
+    assert len(awq["layers"]) == 6 and all("error_refit" in v for v in awq["layers"].values())
     params = dict(model.named_parameters())
     for c in result.graph.parameter_constants():
         if c.meta.get("rewritten"):
             params[c.attrs["weight"]].data = result.graph.weight(c).clone()
     assert torch.allclose(_logits(model, _samples(1, 12, seed=5)[0][None]), reference, atol=1e-4)
+
+
+def test_awq_without_scale_estimation_chooses_by_round_to_nearest():
+    config = CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=_samples(), num_samples=8,
+                               scale_estimation=False)
+    layers = compress(tiny_llama(), config).results["awq_data"].summary["layers"]
+    assert len(layers) == 6 and not any("error_refit" in v for v in layers.values())
+    assert all(v["error_after"] <= v["error_before"] for v in layers.values())
 
 
 def test_data_aware_passes_lower_the_error_of_the_model(monkeypatch):
