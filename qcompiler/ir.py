@@ -62,6 +62,9 @@ class Graph:
         self.placeholders: set[str] = set()
         self.weight_source = None
         self.released: str | None = None  # why compressed weights' codes are gone (written, then dropped)
+        # the weights are the frontend's own copy (a model it loaded, nobody else holds): a rewrite of the
+        # same shape and dtype is written into them, instead of keeping a second copy
+        self.owns_weights = False
         self._names: set[str] = set()
 
     # building -------------------------------------------------------------------------------
@@ -149,8 +152,15 @@ class Graph:
         return self.weights[const.attrs["weight"]]
 
     def set_weight(self, const: Node, tensor: torch.Tensor) -> None:
-        self.weights[const.attrs["weight"]] = tensor
-        self.placeholders.discard(const.attrs["weight"])
+        name = const.attrs["weight"]
+        old = self.weights.get(name)
+        if (self.owns_weights and name not in self.placeholders and old is not None and old is not tensor
+                and old.shape == tensor.shape and old.dtype == tensor.dtype):
+            with torch.no_grad():
+                old.copy_(tensor)
+        else:
+            self.weights[name] = tensor
+        self.placeholders.discard(name)
         const.meta["rewritten"] = True
 
     def weight_uses(self) -> list[WeightUse]:

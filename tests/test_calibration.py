@@ -623,3 +623,28 @@ def test_gptq_rows_are_independent_so_weights_sharing_an_input_stack(mode, refit
     two, _, _ = gptq(w2, h, mode, 32, refit=fit)
     assert torch.equal(both.codes[:32], one.codes) and torch.equal(both.codes[32:], two.codes)
     assert torch.equal(both.scale[:32], one.scale) and torch.equal(both.scale[32:], two.scale)
+
+
+def test_awq_rewrites_go_in_place_only_into_a_model_qcompiler_loaded(tmp_path):
+    """A folder's model is qcompiler's own: AWQ writes its scaled weights into it (no second copy) and
+    computes what it computes on an in-memory model; a model the caller passed is left as it was."""
+    config = CompressionConfig(mode="int4_sym", group_size=32, awq=True, dataset=_samples(), num_samples=8)
+    user = tiny_llama()
+    before = {n: p.detach().clone() for n, p in user.named_parameters()}
+    in_memory = compress(user, config)
+    assert not in_memory.graph.owns_weights
+    assert all(torch.equal(p, before[n]) for n, p in user.named_parameters())
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    loaded = compress(folder, config)
+    graph = loaded.graph
+    assert graph.owns_weights
+    params = {n: p for n, p in loaded.source.model.named_parameters()}
+    rewritten = [c for c in graph.parameter_constants() if c.meta.get("rewritten")]
+    assert rewritten and all(graph.weight(c).data_ptr() == params[c.attrs["weight"]].data_ptr() for c in rewritten)
+    consts = {c.attrs["weight"]: c for c in in_memory.graph.parameter_constants()}
+    for c in rewritten:
+        assert torch.allclose(graph.weight(c), in_memory.graph.weight(consts[c.attrs["weight"]]), atol=1e-6)
+        cw, other = c.meta.get("compressed"), consts[c.attrs["weight"]].meta.get("compressed")
+        assert (cw is None) == (other is None) and (cw is None or torch.equal(cw.codes, other.codes))

@@ -87,6 +87,7 @@ class TorchFrontend:
             graph = trace_module(source.model, source.example_input, type(source.model).__name__)
         if source.lazy is not None:
             _lazy_weights(graph, source)
+        graph.owns_weights = source.path is not None  # loaded here from a folder or file: rewrites go in place
         return graph
 
     def runner(self, source: TorchSource):
