@@ -87,19 +87,6 @@ class CompressedWeight:
         return bits
 
 
-def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes in `values` (one per byte, any 1-byte dtype) as uint8 [ceil(n / 2)], two per
-    byte, element 2i in the low nibble (OpenVINO's layout, the torch backend's)."""
-    raw = values.contiguous().view(torch.uint8).reshape(-1)
-    kernels = _kernels.get()
-    if kernels is not None:
-        return kernels.pack_nibbles(raw)
-    if raw.numel() % 2:
-        raw = torch.cat([raw, raw.new_zeros(1)])
-    pairs = raw.view(torch.int16)  # little-endian: element 2i is the low byte of pair i
-    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)
-
-
 def scale_values(cw: CompressedWeight) -> torch.Tensor:
     if cw.mode is Mode.MXFP4:
         return torch.exp2(cw.scale.float() - 127.0)

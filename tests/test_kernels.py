@@ -50,7 +50,7 @@ def test_c_error_equals_the_torch_error(monkeypatch, mode):
 @pytest.mark.parametrize("n", [1, 2, 7, 4096 + 3])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
 def test_c_nibble_packing_equals_the_torch_path(monkeypatch, n, dtype):
-    from qcompiler.quant import pack_nibbles
+    from qcompiler.bitpack import pack_nibbles
 
     torch.manual_seed(n)
     codes = torch.randint(-8, 8, (n,), dtype=dtype) if dtype == torch.int8 else torch.randint(0, 16, (n,), dtype=dtype)

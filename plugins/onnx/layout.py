@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.bitpack import NIBBLES, NIBBLES_HIGH_FIRST, pack
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.quant import CompressedWeight
@@ -38,10 +39,7 @@ class Blocks:
         """MatMulNBits' zero points: packed along the blocks, low bits first, each row whole bytes."""
         if self.zero_point is None or self.bits == 8:
             return self.zero_point
-        zp = self.zero_point
-        if zp.shape[1] % 2:
-            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
-        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        return pack(self.zero_point, NIBBLES, axis=1)
 
 
 def to_blocks(cw: CompressedWeight, name: str) -> Blocks:
@@ -66,7 +64,7 @@ def to_blocks(cw: CompressedWeight, name: str) -> Blocks:
     unsigned = codes.astype(np.int16) + (1 << (cw.mode.bits - 1)) if not cw.mode.asymmetric else codes
     unsigned = np.ascontiguousarray(unsigned, dtype=np.uint8).reshape(n, k // block, block)
     if cw.mode.bits == 4:
-        unsigned = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+        unsigned = pack(unsigned, NIBBLES)
     return Blocks(cw.mode.bits, block, n, k, np.ascontiguousarray(unsigned, np.uint8),
                   np.ascontiguousarray(scale, np.float32), zero_point)
 
@@ -86,10 +84,7 @@ def block_for(k: int, name: str) -> int:
 def bnb4(cw: CompressedWeight) -> tuple[np.ndarray, np.ndarray]:
     """MatMulBnb4 (NF4): codes of the row-major [N, K] matrix, first element in the HIGH nibble
     (bitsandbytes' order), and absmax [N*K/g] float32."""
-    flat = cw.codes.numpy().reshape(-1).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)
+    packed = pack(cw.codes.numpy().reshape(-1), NIBBLES_HIGH_FIRST)
     return packed, cw.scale.float().numpy().reshape(-1).astype(np.float32)
 
 
@@ -112,7 +107,4 @@ def qdq(cw: CompressedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
 
 def pack_int4(values: np.ndarray) -> bytes:
     """ONNX INT4/UINT4 raw data: two per byte, element 2i in the low nibble."""
-    flat = values.reshape(-1).astype(np.uint8) & 0x0F
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    return pack(np.asarray(values).reshape(-1), NIBBLES).tobytes()

@@ -26,7 +26,8 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError, export_failed
 from qcompiler.ir import Graph
 from qcompiler.plugins.openvino.fuse import concatenate, fusable_groups, replace_with_split
-from qcompiler.quant import CompressedWeight, pack_nibbles
+from qcompiler.bitpack import pack_nibbles
+from qcompiler.quant import CompressedWeight
 from qcompiler.rewrites import rewritten_params
 
 CODE_TYPES = {
@@ -251,7 +252,7 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: lis
 def _constant(values, element_type: ov.Type, name: str, keep: list) -> ov.Node:
     """A Constant of `element_type` holding the integer codes in torch tensor `values`, one per element.
 
-    4-bit codes are packed two per byte (`quant.pack_nibbles`); the bytes are shared with the
+    4-bit codes are packed two per byte (`bitpack.pack_nibbles`); the bytes are shared with the
     Constant, not copied, and `keep` holds them until the model is saved.
     """
     raw = pack_nibbles(values) if element_type.bitwidth == 4 else values.contiguous().view(torch.uint8).reshape(-1)

@@ -18,7 +18,8 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
-from qcompiler.quant import CompressedWeight, matrix_view, pack_nibbles
+from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
+from qcompiler.quant import CompressedWeight, matrix_view
 from qcompiler.rewrites import Epilogue, epilogues
 
 LAYOUT = "qcompiler_torch.json"
@@ -184,10 +185,7 @@ def _load_model(folder: Path):
 
 
 def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...], signed: bool) -> torch.Tensor:
-    flat = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[: int(np.prod(shape))]
-    if signed:
-        return ((flat.to(torch.int8) ^ 8) - 8).reshape(shape)
-    return flat.reshape(shape)
+    return unpack(packed.reshape(-1), NIBBLES, int(np.prod(shape)), signed=signed).reshape(shape)
 
 
 class TorchKernelsRunner:
