@@ -35,10 +35,10 @@ from qcompiler.passes.awq import gated_matches
 from qcompiler.pattern import P, Var, Weight, find_matches
 from qcompiler.quant import awq_residual, matrix_view, restore
 from qcompiler.passes.scale_estimation import MODES as SE_MODES
-from qcompiler.passes.scale_estimation import ScaleEstimationOptions
+from qcompiler.passes.scale_estimation import ScaleEstimation, ScaleEstimationOptions
 from qcompiler.weight_fit import estimate
 
-SE = ScaleEstimationOptions()  # the refit the search measures is scale estimation's, with its default steps
+SE = ScaleEstimationOptions()  # scale estimation's default steps
 NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
 
 
@@ -55,6 +55,7 @@ class AWQOptions:
     bf16: bool = True  # the search's MatMuls in bf16 (the losses it compares differ by far more than bf16's error)
     refit_top: int = 2  # candidates measured again after scale estimation's refit, when it follows (0: never)
     refit: bool = False  # scale estimation follows (set from its switch)
+    refit_steps: tuple[int, int] = (SE.initial_steps, SE.scale_steps)  # its steps (set from its options)
 
 
 @dataclass
@@ -76,7 +77,9 @@ class DataAwareAWQ(BlockPass):
     def options_from(cls, config):
         if not config.awq or config.dataset is None:
             return None
-        return cls.Options(refit=config.switch("scale_estimation"))
+        se = ScaleEstimation.options_from(config)  # None with GPTQ, which refits with the default steps
+        steps = (se.initial_steps, se.scale_steps) if se is not None else (SE.initial_steps, SE.scale_steps)
+        return cls.Options(refit=config.switch("scale_estimation"), refit_steps=steps)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.sites, self.skipped = _sites(graph)
@@ -120,7 +123,7 @@ class DataAwareAWQ(BlockPass):
             entry = {"pattern": site.pattern}
             if self.options.refit and self.options.refit_top > 0 and all(f.mode in SE_MODES for f in fmts):
                 top = sorted(candidates, key=lambda c: c[0])[: self.options.refit_top]
-                refits = [_refit_error(x, xb, weights, fmts, c[2]) for c in top]
+                refits = [_refit_error(x, xb, weights, fmts, c[2], self.options.refit_steps) for c in top]
                 best = top[min(range(len(top)), key=refits.__getitem__)]
                 entry["error_refit"] = min(refits) / norm
             best_loss, best = best[0], (best[1], best[2])
@@ -142,7 +145,7 @@ class DataAwareAWQ(BlockPass):
 
 
 
-def _refit_error(x: torch.Tensor, xb: torch.Tensor, weights, fmts, s: torch.Tensor) -> float:
+def _refit_error(x: torch.Tensor, xb: torch.Tensor, weights, fmts, s: torch.Tensor, steps: tuple[int, int]) -> float:
     """sum over targets of ||X W^T - (X / s) Q(W s)^T||^2, Q scale estimation's refit of the scaled weight
     on the rows X / s (their Hessian's diagonal blocks and max |x| as importance)."""
     xs = x / s
@@ -153,7 +156,7 @@ def _refit_error(x: torch.Tensor, xb: torch.Tensor, weights, fmts, s: torch.Tens
         if g not in blocks:  # X_g^T X_g / rows for each group of input channels, one batched product
             xg = xs.reshape(xs.shape[0], -1, g).transpose(0, 1)
             blocks[g] = torch.bmm(xg.transpose(1, 2), xg) / xs.shape[0]
-        cw, _, _ = estimate(w * s, blocks[g], xs.abs().amax(0), f.mode, f.group_size, SE.initial_steps, SE.scale_steps)
+        cw, _, _ = estimate(w * s, blocks[g], xs.abs().amax(0), f.mode, f.group_size, *steps)
         residual = w - cw.dequantize().float().reshape(w.shape) / s
         total += float((xb @ residual.to(xb.dtype).t()).float().pow(2).sum())
     return total

@@ -30,9 +30,9 @@ class Kernels:
         lib.int_error.argtypes = [_P, _I64, _I64, _INT, _INT, _INT]
         lib.int_error.restype = ctypes.c_double
         lib.scale_estimate_int.argtypes = [_P, _I64, _I64, _I64, _P, _P, _INT, _INT, _INT, _INT, _P, _P, _P, _P, _P,
-                                           _INT]
+                                           _P, _INT]
         lib.scale_estimate_int.restype = None
-        lib.awq_residual_int.argtypes = [_P, _P, _I64, _I64, _I64, _INT, _INT, _P, _INT]
+        lib.awq_residual_int.argtypes = [_P, _P, _I64, _I64, _I64, _INT, _INT, _P, _P, _INT]
         lib.awq_residual_int.restype = None
         lib.pack_nibbles.argtypes = [_P, _I64, _P, _INT]
         lib.pack_nibbles.restype = None
@@ -69,23 +69,34 @@ class Kernels:
                        initial_steps: int, scale_steps: int):
         """`weight_fit.estimate`'s refit for an integer mode: (scale f16 [G, N, 1], zero point uint8 or None,
         error with RTN, after, of the weights alone, each float32 [G, N]) of group-major weights wg [G, N, g]
-        with the Hessian blocks [G, g, g] and importance [G, g] (all float32, contiguous)."""
+        with the Hessian blocks [G, g, g] and importance [G, g]."""
         groups, rows, g = wg.shape
+        wg, blocks, importance = (t.float().contiguous() for t in (wg, blocks, importance))
+        if blocks.shape != (groups, g, g) or importance.shape != (groups, g):
+            raise ValueError(f"Hessian blocks {tuple(blocks.shape)} / importance {tuple(importance.shape)} do not fit "
+                             f"weights of {groups} groups of {g}")
+        threads = torch.get_num_threads()
         scale = torch.empty((groups, rows, 1), dtype=torch.float16)
         zero_point = torch.empty((groups, rows, 1), dtype=torch.uint8) if mode.asymmetric else None
         errors = torch.empty((3, groups, rows), dtype=torch.float32)
+        work = torch.empty(threads * 4 * 8 * g, dtype=torch.float32)  # 4 buffers of a tile of 8 rows per thread
         self.lib.scale_estimate_int(wg.data_ptr(), groups, rows, g, blocks.data_ptr(), importance.data_ptr(), mode.bits,
                                     int(mode.asymmetric), initial_steps, scale_steps, scale.data_ptr(),
                                     zero_point.data_ptr() if zero_point is not None else None, errors[0].data_ptr(),
-                                    errors[1].data_ptr(), errors[2].data_ptr(), torch.get_num_threads())
+                                    errors[1].data_ptr(), errors[2].data_ptr(), work.data_ptr(), threads)
         return scale, zero_point, errors[0], errors[1], errors[2]
 
     def awq_residual(self, w: torch.Tensor, s: torch.Tensor, mode: Mode, g: int) -> torch.Tensor:
-        """W - Q(W * s) / s for float32 W [N, K] and s [K] (contiguous), Q round to nearest in groups of g."""
+        """W - Q(W * s) / s for W [N, K] and s [K] (as float32), Q round to nearest in groups of g."""
         rows, k = w.shape
+        w, s = w.float().contiguous(), s.float().contiguous()
+        if s.shape != (k,) or k % g:
+            raise ValueError(f"scales {tuple(s.shape)} or group {g} do not fit a weight of {k} input channels")
+        threads = torch.get_num_threads()
         out = torch.empty_like(w)
+        work = torch.empty(threads * g, dtype=torch.float32)
         self.lib.awq_residual_int(w.data_ptr(), s.data_ptr(), rows, k, g, mode.bits, int(mode.asymmetric),
-                                  out.data_ptr(), torch.get_num_threads())
+                                  out.data_ptr(), work.data_ptr(), threads)
         return out
 
     def int_error(self, matrix: torch.Tensor, mode: Mode) -> float:

@@ -11,7 +11,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <omp.h>
 #include <string.h>
 
 #define EPS FLT_EPSILON
@@ -154,15 +154,11 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
  * end while its weights and its g x g Hessian block are in cache, instead of ~100 passes over the whole
  * weight; TILE rows of one group go through the steps together so that the error d^T H d of all of them
  * reads H once (a small matrix product in registers). wg: float32 [G, N, g] (group major); h: [G, g, g];
- * imp: [G, g]. Out: scale (f16 bits) and zero point (asymmetric) [G * N]; per group row the error with
- * round to nearest, after, and of d = w (the reference the errors are relative to). */
+ * imp: [G, g]; work: 4 * TILE * g floats per thread. Out: scale (f16 bits) and zero point (asymmetric)
+ * [G * N]; per group row the error with round to nearest, after, and of d = w (the reference the errors
+ * are relative to). Worth it while a Hessian block stays in cache: the caller keeps g <= 256. */
 #define TILE 8
 typedef float v8f __attribute__((vector_size(32)));
-
-static inline float decode_int(float w, float s, float zp, int asym, float levels, float half_range) {
-    float v = rintf(w / s); /* = nearbyintf (round half to even), but inlined as one vector instruction */
-    return asym ? clampf(v + zp, 0.0f, levels) - zp : clampf(v, -half_range, half_range - 1.0f);
-}
 
 /* err[r] = d_r^T H d_r for the TILE rows of d [TILE][g] */
 static inline void quadratic_tile(const float *d, const float *h, int64_t g, float *err) {
@@ -171,7 +167,7 @@ static inline void quadratic_tile(const float *d, const float *h, int64_t g, flo
         for (int r = 0; r < TILE; r++)
             for (int64_t i = 0; i < g; i++) {
                 float hd = 0.0f;
-                for (int64_t j = 0; j < g; j++) hd += d[r * g + j] * h[j * g + i];
+                for (int64_t j = 0; j < g; j++) hd += h[i * g + j] * d[r * g + j]; /* H symmetric: rows read along */
                 err[r] += hd * d[r * g + i];
             }
         return;
@@ -215,12 +211,12 @@ static inline _Float16 candidate_scale(const float *weighted, const float *v, fl
 CLONES_FMA void scale_estimate_int(const float *wg, int64_t groups, int64_t rows, int64_t g, const float *h,
                                const float *imp, int bits, int asym, int initial_steps, int scale_steps,
                                uint16_t *scale, uint8_t *zero_point, float *err_rtn, float *err_best,
-                               float *err_ref, int threads) {
+                               float *err_ref, float *work, int threads) {
     const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
     const int64_t tiles_per_group = (rows + TILE - 1) / TILE;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = (float *)calloc((size_t)(4 * TILE * g), sizeof(float));
+        float *buf = work + (size_t)omp_get_thread_num() * 4 * TILE * g;
         float *v = buf, *v2 = buf + TILE * g, *d = buf + 2 * TILE * g, *weighted = buf + 3 * TILE * g;
 #pragma omp for schedule(dynamic, 4)
         for (int64_t t = 0; t < groups * tiles_per_group; t++) {
@@ -285,7 +281,6 @@ CLONES_FMA void scale_estimate_int(const float *wg, int64_t groups, int64_t rows
             quadratic_tile(d, hb, g, e);
             for (int r = 0; r < live; r++) err_ref[first + r] = e[r];
         }
-        free(buf);
     }
 }
 
@@ -293,12 +288,12 @@ CLONES_FMA void scale_estimate_int(const float *wg, int64_t groups, int64_t rows
  * reference): W float32 [rows, k] in groups of g along k, s [k] the per-input-channel scale; each group
  * is scaled, quantized to nearest as `quantize_int` does, decoded and unscaled while in cache. */
 CLONES void awq_residual_int(const float *w, const float *s, int64_t rows, int64_t k, int64_t g, int bits, int asym,
-                             float *out, int threads) {
+                             float *out, float *work, int threads) {
     const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
     const int64_t groups = rows * (k / g);
 #pragma omp parallel num_threads(threads)
     {
-        float *x = (float *)malloc(sizeof(float) * g);
+        float *x = work + (size_t)omp_get_thread_num() * g; /* g floats per thread */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < groups; i++) {
             const int64_t c0 = (i % (k / g)) * g;
@@ -321,7 +316,6 @@ CLONES void awq_residual_int(const float *w, const float *s, int64_t rows, int64
                     o[j] = wi[j] - (clampf(rintf(x[j] / sc), -half_range, half_range - 1.0f) * sc) / si[j];
             }
         }
-        free(x);
     }
 }
 

@@ -63,6 +63,8 @@ def pack(codes, layout: Layout, axis: int = -1):
     Works in the word's own width (one byte per 4-bit code for bytes), never in 64-bit temporaries."""
     as_torch = isinstance(codes, torch.Tensor)
     x = np.moveaxis(codes.numpy() if as_torch else np.asarray(codes), axis, -1)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"codes to pack must be integers, not {x.dtype}")
     n, per = x.shape[-1], layout.per
     word = np.uint8 if layout.word_bits == 8 else np.uint32
     runs = np.zeros((*x.shape[:-1], -(-n // per) * per), dtype=word)

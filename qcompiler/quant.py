@@ -168,7 +168,7 @@ def awq_residual(matrix: torch.Tensor, s: torch.Tensor, mode: Mode, group_size: 
     if c is not None and mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
         g = matrix.shape[1] if group_size == -1 else group_size
         grouped(matrix, g)  # the group size divides K, or the usual error
-        return c.awq_residual(matrix.float().contiguous(), s.float().contiguous(), mode, g)
+        return c.awq_residual(matrix, s, mode, g)
     return matrix - fake_quantize(matrix * s, mode, group_size) / s
 
 

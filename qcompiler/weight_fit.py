@@ -95,14 +95,16 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
              initial_steps: int = 5, scale_steps: int = 5) -> tuple[CompressedWeight, float, float]:
     """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K], for
     the g x g diagonal blocks [K/g, g, g] of its inputs' mean Hessian X^T X / T (`hessian_blocks`).
-    The integer modes run in C where the kernels are built (`_kernels.Kernels.scale_estimate`, the same
-    steps per group row); `_search` is the reference and the path for NF4."""
+    The integer modes with groups up to 256 run in C where the kernels are built
+    (`_kernels.Kernels.scale_estimate`, the same steps per group row); `_search` is the reference and the
+    path for NF4 and per-channel weights."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
     # group-major [G, N, g] throughout: the error's batched MatMul reads contiguous groups
     wg = grouped(w, g).reshape(n, k // g, g).transpose(0, 1).contiguous()
     kernels = _kernels.get()
-    if kernels is not None and mode in INT_MODES:
+    if kernels is not None and mode in INT_MODES and g <= 256:  # larger Hessian blocks leave the cache: torch's
+        # blocked matrix products win there (per-channel K = 512: 33 ms in C, 15 ms in torch)
         imp = importance.float().reshape(k // g, g).contiguous()
         best_s, zp, rtn, best, ref = kernels.scale_estimate(wg, blocks.float().contiguous(), imp, mode, initial_steps,
                                                             scale_steps)

