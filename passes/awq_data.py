@@ -16,8 +16,8 @@ round to nearest in the weight's assigned format; no scale (s = 1) is a candidat
 When scale estimation follows (on its own or inside GPTQ), the `refit_top` best candidates are
 measured again with Q the scale-estimation refit of W * s on the same rows, and the best of them is
 kept: the scale that is best for round to nearest is not always best once the scales are refitted
-(SmolLM2 int4 g64, held-out perplexity with AWQ + SE: 22.53 -> 22.34 with 2, 22.45 with 3). Otherwise the best by the
-round-to-nearest error is kept. The statistics of the scaled input are updated (x / s) for the passes
+(SmolLM2 int4 g64, held-out perplexity with AWQ + SE: 22.53 -> 22.34 with 2, 22.45 with 3).
+Otherwise the best by the round-to-nearest error is kept. The statistics of the scaled input are updated (x / s) for the passes
 after this one. The summary counts matches and applications per pattern, and per layer the chosen
 alpha and the error before and after (round to nearest; with the refit too when it chose).
 """
@@ -33,12 +33,10 @@ from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler.passes.awq import gated_matches
 from qcompiler.pattern import P, Var, Weight, find_matches
+from qcompiler.engine import hessian_blocks_of
 from qcompiler.quant import awq_residual, matrix_view, restore
-from qcompiler.passes.scale_estimation import MODES as SE_MODES
-from qcompiler.passes.scale_estimation import ScaleEstimation, ScaleEstimationOptions
-from qcompiler.weight_fit import estimate
+from qcompiler.weight_fit import ESTIMATE_MODES, INITIAL_STEPS, SCALE_STEPS, estimate
 
-SE = ScaleEstimationOptions()  # scale estimation's default steps
 NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
 
 
@@ -55,7 +53,7 @@ class AWQOptions:
     bf16: bool = True  # the search's MatMuls in bf16 (the losses it compares differ by far more than bf16's error)
     refit_top: int = 2  # candidates measured again after scale estimation's refit, when it follows (0: never)
     refit: bool = False  # scale estimation follows (set from its switch)
-    refit_steps: tuple[int, int] = (SE.initial_steps, SE.scale_steps)  # its steps (set from its options)
+    refit_steps: tuple[int, int] = (INITIAL_STEPS, SCALE_STEPS)  # its steps (set from its options)
 
 
 @dataclass
@@ -77,8 +75,8 @@ class DataAwareAWQ(BlockPass):
     def options_from(cls, config):
         if not config.awq or config.dataset is None:
             return None
-        se = ScaleEstimation.options_from(config)  # None with GPTQ, which refits with the default steps
-        steps = (se.initial_steps, se.scale_steps) if se is not None else (SE.initial_steps, SE.scale_steps)
+        asked = config.switched_on().get("scale_estimation") or {}  # its options, as the user gave them
+        steps = (asked.get("initial_steps", INITIAL_STEPS), asked.get("scale_steps", SCALE_STEPS))
         return cls.Options(refit=config.switch("scale_estimation"), refit_steps=steps)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
@@ -104,8 +102,7 @@ class DataAwareAWQ(BlockPass):
             xb = x.to(torch.bfloat16) if self.options.bf16 else x
 
             def loss(s: torch.Tensor) -> float:  # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
-                return sum(float((xb @ awq_residual(w, s, f.mode, f.group_size).to(xb.dtype).t())
-                                 .float().pow(2).sum()) for w, f in zip(weights, fmts))
+                return sum(_output_error(xb, awq_residual(w, s, f.mode, f.group_size)) for w, f in zip(weights, fmts))
 
             ones = torch.ones_like(mean)
             candidates = [(loss(ones), None, ones)]  # (round-to-nearest error, alpha, s); None: no scale
@@ -116,24 +113,23 @@ class DataAwareAWQ(BlockPass):
                     s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
                 s = s / (s.max() * s.min()).sqrt()
                 candidates.append((loss(s), alpha, s))
-            base_loss = candidates[0][0]
-            best = min(candidates, key=lambda c: c[0])
             norm = sum(float((x @ w.t()).pow(2).sum()) for w in weights) or 1.0
-            name = site.targets[-1][1].attrs["weight"]
-            entry = {"pattern": site.pattern}
-            if self.options.refit and self.options.refit_top > 0 and all(f.mode in SE_MODES for f in fmts):
+            layer = {"pattern": site.pattern}
+            if self.options.refit and self.options.refit_top > 0 and all(f.mode in ESTIMATE_MODES for f in fmts):
                 top = sorted(candidates, key=lambda c: c[0])[: self.options.refit_top]
                 refits = [_refit_error(x, xb, weights, fmts, c[2], self.options.refit_steps) for c in top]
-                best = top[min(range(len(top)), key=refits.__getitem__)]
-                entry["error_refit"] = min(refits) / norm
-            best_loss, best = best[0], (best[1], best[2])
-            self.layers[name] = {**entry, "alpha": best[0], "error_before": base_loss / norm,
-                                 "error_after": best_loss / norm}
-            if best[0] is None:
+                best = top[refits.index(min(refits))]
+                layer["error_refit"] = min(refits) / norm
+            else:
+                best = min(candidates, key=lambda c: c[0])
+            loss_after, alpha, s = best
+            self.layers[site.targets[-1][1].attrs["weight"]] = {
+                **layer, "alpha": alpha, "error_before": candidates[0][0] / norm, "error_after": loss_after / norm}
+            if alpha is None:
                 continue
-            _apply(graph, site, best[1])
+            _apply(graph, site, s)
             for seen in {id(stats[c.attrs["weight"]]): stats[c.attrs["weight"]] for _, c in site.targets}.values():
-                seen.scale_channels(1.0 / best[1])
+                seen.scale_channels(1.0 / s)
             self.applied[site.pattern] += 1
 
     def finish(self, graph, ctx) -> PassResult:
@@ -153,13 +149,16 @@ def _refit_error(x: torch.Tensor, xb: torch.Tensor, weights, fmts, s: torch.Tens
     total = 0.0
     for w, f in zip(weights, fmts):
         g = w.shape[1] if f.group_size == -1 else f.group_size
-        if g not in blocks:  # X_g^T X_g / rows for each group of input channels, one batched product
-            xg = xs.reshape(xs.shape[0], -1, g).transpose(0, 1)
-            blocks[g] = torch.bmm(xg.transpose(1, 2), xg) / xs.shape[0]
+        if g not in blocks:
+            blocks[g] = hessian_blocks_of(xs, g) / xs.shape[0]
         cw, _, _ = estimate(w * s, blocks[g], xs.abs().amax(0), f.mode, f.group_size, *steps)
-        residual = w - cw.dequantize().float().reshape(w.shape) / s
-        total += float((xb @ residual.to(xb.dtype).t()).float().pow(2).sum())
+        total += _output_error(xb, w - cw.dequantize().float().reshape(w.shape) / s)
     return total
+
+
+def _output_error(xb: torch.Tensor, residual: torch.Tensor) -> float:
+    """||X R^T||^2 for a weight residual R, in the search's dtype (that of the rows `xb`)."""
+    return float((xb @ residual.to(xb.dtype).t()).float().pow(2).sum())
 
 
 def _weight_magnitude(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:

@@ -189,7 +189,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
 def _column_rounding(mode: Mode, scale: torch.Tensor, zp):
     """column [N] -> (codes [N], decoded values [N]) for one group's stored scale (and zero point):
     `quantize_matrix_with_scale` and `_decode` on one column, inlined for the integer modes."""
-    if mode not in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+    if not mode.integer:
         def generic(col):
             q = quantize_matrix_with_scale(col[:, None], mode, scale, zp)
             return q[:, 0], _decode(mode, q, scale, zp)[:, 0]

@@ -22,19 +22,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.quant import matrix_view
-from qcompiler.weight_fit import WeightFitPass, estimate
+from qcompiler.weight_fit import ESTIMATE_MODES, INITIAL_STEPS, SCALE_STEPS, WeightFitPass, estimate
 
-MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4)
+MODES = ESTIMATE_MODES
 
 
 @dataclass(frozen=True)
 class ScaleEstimationOptions:
-    initial_steps: int = field(default=5, metadata={"help": "rounds of refitting from the current codes", "min": 0})
-    scale_steps: int = field(default=10, metadata={"help": "candidates from round-to-nearest scales shrunk by "
+    initial_steps: int = field(default=INITIAL_STEPS, metadata={"help": "rounds of refitting from the current codes", "min": 0})
+    scale_steps: int = field(default=SCALE_STEPS, metadata={"help": "candidates from round-to-nearest scales shrunk by "
                                                            "5% steps (NNCF: 5)", "min": 0})
     by_default: bool = False  # on because a dataset was given, not asked for (said in the report)
 

@@ -18,6 +18,7 @@ from qcompiler.config import Mode
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
+TILE = 8  # rows of a group the scale-estimation kernel refits together (TILE in _quant_kernels.c)
 
 
 class Kernels:
@@ -79,7 +80,7 @@ class Kernels:
         scale = torch.empty((groups, rows, 1), dtype=torch.float16)
         zero_point = torch.empty((groups, rows, 1), dtype=torch.uint8) if mode.asymmetric else None
         errors = torch.empty((3, groups, rows), dtype=torch.float32)
-        work = torch.empty(threads * 4 * 8 * g, dtype=torch.float32)  # 4 buffers of a tile of 8 rows per thread
+        work = torch.empty(threads * 4 * TILE * g, dtype=torch.float32)  # 4 buffers of a tile per thread
         self.lib.scale_estimate_int(wg.data_ptr(), groups, rows, g, blocks.data_ptr(), importance.data_ptr(), mode.bits,
                                     int(mode.asymmetric), initial_steps, scale_steps, scale.data_ptr(),
                                     zero_point.data_ptr() if zero_point is not None else None, errors[0].data_ptr(),

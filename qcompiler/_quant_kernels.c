@@ -45,6 +45,23 @@ static inline void min_max(const float *x, int64_t n, float *lo, float *hi) {
     *hi = b;
 }
 
+/* Round to nearest's f16 scale of a group and its zero point (0 for symmetric): quant.py's formulas,
+ * shared by every integer kernel below. A symmetric scale takes the sign of the larger side. */
+static inline _Float16 rtn_scale(const float *x, int64_t g, int asym, float levels, float half_range, float *zp) {
+    float lo, hi;
+    min_max(x, g, &lo, &hi);
+    if (asym) {
+        lo = lo < 0.0f ? lo : 0.0f;
+        hi = hi > 0.0f ? hi : 0.0f;
+        _Float16 s16 = f16_scale((hi - lo) / levels);
+        *zp = clampf(-nearbyintf(lo / (float)s16), 0.0f, levels);
+        return s16;
+    }
+    float a = fabsf(lo);
+    *zp = 0.0f;
+    return f16_scale((a >= hi ? a : -hi) / half_range);
+}
+
 /* Integer modes. codes: int8 (symmetric) or uint8 (asymmetric) [groups * g]; scale: f16 bits
  * [groups]; zero_point: uint8 [groups] or NULL for symmetric. */
 CLONES void quantize_int(const float *w, int64_t groups, int64_t g, int bits, int asym, void *codes,
@@ -53,22 +70,14 @@ CLONES void quantize_int(const float *w, int64_t groups, int64_t g, int bits, in
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < groups; i++) {
         const float *x = w + i * g;
-        float lo, hi;
-        min_max(x, g, &lo, &hi);
-        _Float16 s16;
+        float zp;
+        const _Float16 s16 = rtn_scale(x, g, asym, levels, half_range, &zp);
+        const float s = (float)s16;
         if (asym) {
-            lo = lo < 0.0f ? lo : 0.0f;
-            hi = hi > 0.0f ? hi : 0.0f;
-            s16 = f16_scale((hi - lo) / levels);
-            float s = (float)s16;
-            float zp = clampf(-nearbyintf(lo / s), 0.0f, levels);
             zero_point[i] = (uint8_t)zp;
             uint8_t *q = (uint8_t *)codes + i * g;
             for (int64_t j = 0; j < g; j++) q[j] = (uint8_t)clampf(nearbyintf(x[j] / s) + zp, 0.0f, levels);
         } else {
-            float a = fabsf(lo);
-            s16 = f16_scale((a >= hi ? a : -hi) / half_range);
-            float s = (float)s16;
             int8_t *q = (int8_t *)codes + i * g;
             for (int64_t j = 0; j < g; j++) q[j] = (int8_t)clampf(nearbyintf(x[j] / s), -half_range, half_range - 1.0f);
         }
@@ -123,21 +132,14 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : worst)
     for (int64_t i = 0; i < rows; i++) {
         const float *x = w + i * k;
-        float lo, hi;
-        min_max(x, k, &lo, &hi);
-        float sum = 0.0f;
+        float sum = 0.0f, zp;
+        const float s = (float)rtn_scale(x, k, asym, levels, half_range, &zp);
         if (asym) {
-            lo = lo < 0.0f ? lo : 0.0f;
-            hi = hi > 0.0f ? hi : 0.0f;
-            float s = (float)f16_scale((hi - lo) / levels);
-            float zp = clampf(-nearbyintf(lo / s), 0.0f, levels);
             for (int64_t j = 0; j < k; j++) {
                 float d = (clampf(nearbyintf(x[j] / s) + zp, 0.0f, levels) - zp) * s - x[j];
                 sum += d * d;
             }
         } else {
-            float a = fabsf(lo);
-            float s = (float)f16_scale((a >= hi ? a : -hi) / half_range);
             for (int64_t j = 0; j < k; j++) {
                 float d = clampf(nearbyintf(x[j] / s), -half_range, half_range - 1.0f) * s - x[j];
                 sum += d * d;
@@ -229,19 +231,8 @@ CLONES_FMA void scale_estimate_int(const float *wg, int64_t groups, int64_t rows
             memset(d, 0, sizeof(float) * TILE * g);  /* rows past `live` stay zero: their error is 0 */
             for (int r = 0; r < live; r++) {
                 const float *w = wg + (first + r) * g;
-                float lo, hi;
-                min_max(w, g, &lo, &hi);
-                zp[r] = 0.0f;
-                if (asym) {
-                    lo = lo < 0.0f ? lo : 0.0f;
-                    hi = hi > 0.0f ? hi : 0.0f;
-                    best[r] = f16_scale((hi - lo) / levels);
-                    zp[r] = clampf(-nearbyintf(lo / (float)best[r]), 0.0f, levels);
-                    zero_point[first + r] = (uint8_t)zp[r];
-                } else {
-                    float m = fabsf(lo);
-                    best[r] = f16_scale((m >= hi ? m : -hi) / half_range);
-                }
+                best[r] = rtn_scale(w, g, asym, levels, half_range, &zp[r]);
+                if (asym) zero_point[first + r] = (uint8_t)zp[r];
                 s_rtn[r] = (float)best[r];
                 sign[r] = s_rtn[r] > 0.0f ? 1.0f : -1.0f;
                 decode_row(w, s_rtn[r], zp[r], asym, levels, half_range, v + r * g, d + r * g, g);
@@ -300,18 +291,12 @@ CLONES void awq_residual_int(const float *w, const float *s, int64_t rows, int64
             const float *wi = w + i * g, *si = s + c0;
             float *o = out + i * g;
             for (int64_t j = 0; j < g; j++) x[j] = wi[j] * si[j];
-            float lo, hi;
-            min_max(x, g, &lo, &hi);
+            float zp;
+            const float sc = (float)rtn_scale(x, g, asym, levels, half_range, &zp);
             if (asym) {
-                lo = lo < 0.0f ? lo : 0.0f;
-                hi = hi > 0.0f ? hi : 0.0f;
-                const float sc = (float)f16_scale((hi - lo) / levels);
-                const float zp = clampf(-nearbyintf(lo / sc), 0.0f, levels);
                 for (int64_t j = 0; j < g; j++)
                     o[j] = wi[j] - ((clampf(rintf(x[j] / sc) + zp, 0.0f, levels) - zp) * sc) / si[j];
             } else {
-                const float a = fabsf(lo);
-                const float sc = (float)f16_scale((a >= hi ? a : -hi) / half_range);
                 for (int64_t j = 0; j < g; j++)
                     o[j] = wi[j] - (clampf(rintf(x[j] / sc), -half_range, half_range - 1.0f) * sc) / si[j];
             }

@@ -93,8 +93,10 @@ def unpack(packed, layout: Layout, count: int, axis: int = -1, signed: bool = Fa
         runs[..., code] = (p >> word(layout.bits * slot)) & mask
     codes = runs.reshape(*p.shape[:-1], -1)[..., :count]
     if signed:
-        half = np.int8(1 << (layout.bits - 1)) if layout.bits < 8 else None
-        codes = codes.view(np.int8) if half is None else (codes.view(np.int8) ^ half) - half
+        codes = codes.view(np.int8)
+        if layout.bits < 8:  # sign-extend the top bit of the code
+            half = np.int8(1 << (layout.bits - 1))
+            codes = (codes ^ half) - half
     out = np.ascontiguousarray(np.moveaxis(codes, -1, axis))
     return torch.from_numpy(out) if as_torch else out
 

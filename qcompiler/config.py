@@ -29,6 +29,11 @@ class Mode(str, Enum):
         return 8 if self in (Mode.INT8_ASYM, Mode.INT8_SYM) else 4
 
     @property
+    def integer(self) -> bool:
+        """Codes on a uniform integer grid (scale and zero point), not a table of levels (NF4, MXFP4)."""
+        return self in (Mode.INT8_ASYM, Mode.INT8_SYM, Mode.INT4_SYM, Mode.INT4_ASYM)
+
+    @property
     def asymmetric(self) -> bool:
         return self in (Mode.INT8_ASYM, Mode.INT4_ASYM)
 

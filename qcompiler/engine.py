@@ -118,9 +118,7 @@ class Collector:
                 st.hessian = h if st.hessian is None else st.hessian.add_(h)
             for kind in kinds:
                 if kind.startswith("hessian_blocks:"):
-                    g = int(kind.split(":")[1])
-                    r = rows.reshape(rows.shape[0], -1, g)
-                    b = torch.bmm(r.permute(1, 2, 0), r.permute(1, 0, 2))
+                    b = hessian_blocks_of(rows, int(kind.split(":")[1]))
                     st.hessian_blocks = b if st.hessian_blocks is None else st.hessian_blocks.add_(b)
         if "rows" in kinds and self.row_rate > 0:
             take = min(math.ceil(rows.shape[0] * self.row_rate), rows.shape[0])
@@ -135,6 +133,12 @@ class Collector:
             values = torch.stack([var.amax(-1), var.mean(-1), per_sample.abs().amax(1).mean(-1),
                                   per_sample.pow(2).mean((1, 2))], 1)
             st.sequence.extend(tuple(row) for row in values.tolist())
+
+
+def hessian_blocks_of(rows: torch.Tensor, g: int) -> torch.Tensor:
+    """X_g^T X_g [K/g, g, g] for each group of g input channels of rows X [T, K] (not divided by T)."""
+    r = rows.reshape(rows.shape[0], -1, g)
+    return torch.bmm(r.permute(1, 2, 0), r.permute(1, 0, 2))
 
 
 class CalibrationEngine:

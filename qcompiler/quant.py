@@ -165,7 +165,7 @@ def awq_residual(matrix: torch.Tensor, s: torch.Tensor, mode: Mode, group_size: 
     """W - Q(W * s) / s for a float matrix W [N, K] and per-input-channel scales s [K]: what AWQ's search
     multiplies its calibration rows by. One pass in C for the integer modes where the kernels are built."""
     c = _kernels.get()
-    if c is not None and mode in (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM):
+    if c is not None and mode.integer:
         g = matrix.shape[1] if group_size == -1 else group_size
         grouped(matrix, g)  # the group size divides K, or the usual error
         return c.awq_residual(matrix, s, mode, g)

@@ -91,6 +91,11 @@ def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)])
 
 
+# scale estimation's defaults: rounds from the current codes, candidates from shrunken RTN scales (NNCF: 5)
+INITIAL_STEPS, SCALE_STEPS = 5, 10
+ESTIMATE_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4)  # the 4-bit modes scale estimation refits (as NNCF)
+
+
 def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
              initial_steps: int = 5, scale_steps: int = 5) -> tuple[CompressedWeight, float, float]:
     """(compressed weight, relative output error with RTN, with the refitted scales) of W [N, K], for
@@ -103,11 +108,10 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
     # group-major [G, N, g] throughout: the error's batched MatMul reads contiguous groups
     wg = grouped(w, g).reshape(n, k // g, g).transpose(0, 1).contiguous()
     kernels = _kernels.get()
-    if kernels is not None and mode in INT_MODES and g <= 256:  # larger Hessian blocks leave the cache: torch's
+    if kernels is not None and mode.integer and g <= 256:  # larger Hessian blocks leave the cache: torch's
         # blocked matrix products win there (per-channel K = 512: 33 ms in C, 15 ms in torch)
-        imp = importance.float().reshape(k // g, g).contiguous()
-        best_s, zp, rtn, best, ref = kernels.scale_estimate(wg, blocks.float().contiguous(), imp, mode, initial_steps,
-                                                            scale_steps)
+        best_s, zp, rtn, best, ref = kernels.scale_estimate(wg, blocks, importance.reshape(k // g, g), mode,
+                                                            initial_steps, scale_steps)
         base, best_err, reference = float(rtn.sum()), float(best.sum()), float(ref.sum()) or 1.0
     else:
         best_s, zp, base, best_err, reference = _search(w, wg, blocks, importance, mode, group_size, initial_steps,
@@ -120,9 +124,6 @@ def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mo
         zp = None if zp is None else zp.reshape(n, 1)
     cw = CompressedWeight(mode, group_size, codes, best_s, zp, (n, k))
     return cw, base / reference, best_err / reference
-
-
-INT_MODES = frozenset({Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM})
 
 
 def _search(w, wg, blocks, importance, mode, group_size, initial_steps, scale_steps):
