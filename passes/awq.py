@@ -99,8 +99,8 @@ class DataFreeAWQ(Pass):
 
 def _why_not(m, users, axes) -> str:
     fmt = m["w2"].meta.get("format")
-    if m["w2"].meta.get("role") != "primary" or fmt is None or fmt.mode.bits != 4:
-        return "the second MatMul's weight is not in 4-bit primary precision"
+    if m["w2"].meta.get("role") != "primary" or fmt is None or not fmt.mode.low_bit:
+        return "the second MatMul's weight is not in low-bit primary precision"
     if "ignored" in m["second"].meta or "ignored" in m["first"].meta:
         return "a MatMul of the pattern is in the ignored scope"
     path = m["path"] + [m["second"]]

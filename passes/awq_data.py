@@ -171,8 +171,8 @@ def _weight_magnitude(weights: list[torch.Tensor], group_size: int) -> torch.Ten
 
 def _eligible(const, op, users) -> str:
     fmt = const.meta.get("format")
-    if const.meta.get("role") != "primary" or fmt is None or fmt.mode.bits != 4:
-        return "not in 4-bit primary precision"
+    if const.meta.get("role") != "primary" or fmt is None or not fmt.mode.low_bit:
+        return "not in low-bit primary precision"
     if "ignored" in op.meta:
         return "in the ignored scope"
     if users[const] != [op]:

@@ -22,10 +22,11 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
-from qcompiler.quant import CompressedWeight, decode_values, matrix_view, quantize, quantize_matrix_with_scale
-from qcompiler.weight_fit import WeightFitPass, estimate
+from qcompiler.quant import CompressedWeight, code_dtype, decode_values, matrix_view, quantize, quantize_matrix_with_scale
+from qcompiler.weight_fit import ESTIMATE_MODES, WeightFitPass, estimate
 
-MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4)
+MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM, Mode.NF4, Mode.INT3_SYM, Mode.INT3_ASYM,
+         Mode.INT2_SYM, Mode.INT2_ASYM)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class GPTQ(WeightFitPass):
     def fit(self, w, st, fmt, errors: bool = True):
         mean_h = st.hessian / max(st.tokens, 1)
         refit = None
-        if self.options.scale_estimation and fmt.mode.bits == 4:
+        if self.options.scale_estimation and fmt.mode in ESTIMATE_MODES:
             refit = lambda group, cols: estimate(group, mean_h[cols, cols][None], st.abs_max[cols], fmt.mode, -1)[0]  # noqa: E731
         return gptq(w, mean_h, fmt.mode, fmt.group_size, self.options.damp, self.options.block, refit, errors)
 
@@ -151,7 +152,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: Mode, group_size: int, damp: fl
     h[dead, dead] = 1
     W[:, dead] = 0
     u = _inverse_cholesky(h, damp)
-    codes = torch.empty(n, k, dtype=torch.int8 if mode in (Mode.INT4_SYM, Mode.INT8_SYM) else torch.uint8)
+    codes = torch.empty(n, k, dtype=code_dtype(mode))
     scales, zps = [], []
     column = None
     for i1 in range(0, k, block):

@@ -73,7 +73,7 @@ class PrecisionAssignment(Pass):
         for c in float_consts:
             _assign(c, None, "ignored")
 
-        if o.mode.bits == 8:
+        if not o.mode.low_bit:
             for c in consts:
                 _assign(c, WeightFormat(o.mode, -1), "primary")
             return PassResult(True, {"primary": len(consts), "backup": 0, "float": len(float_consts)})
@@ -111,7 +111,7 @@ class PrecisionAssignment(Pass):
                 sizes[c] = o.group_size
                 continue
             power_of_two = k & -k
-            if o.fallback is GroupSizeFallback.ADJUST and o.mode is not Mode.MXFP4 and (
+            if o.fallback is GroupSizeFallback.ADJUST and o.mode.spec.block is None and (
                 power_of_two >= MIN_ADJUSTED_GROUP_SIZE
             ):
                 sizes[c] = adjusted[c.name] = power_of_two

@@ -59,7 +59,7 @@ class Kernels:
                                   scale.data_ptr(), zero_point.data_ptr() if zero_point is not None else None, threads)
             return codes, scale, zero_point
         codes = torch.empty(w.shape, dtype=torch.uint8)
-        mx = mode is Mode.MXFP4
+        mx = mode.spec.levels == "e2m1"  # E8M0 scales of amax / 6
         scale = torch.empty(stat_shape, dtype=torch.uint8 if mx else torch.float16)
         self.lib.quantize_table(w.data_ptr(), groups, g, int(mx), table.start, table.width, table.bins,
                                 table.below.data_ptr(), table.threshold.data_ptr(), code_of.data_ptr(),

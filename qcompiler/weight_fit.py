@@ -93,7 +93,8 @@ def hessian_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
 
 # scale estimation's defaults: rounds from the current codes, candidates from shrunken RTN scales (NNCF: 5)
 INITIAL_STEPS, SCALE_STEPS = 5, 10
-ESTIMATE_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4)  # the 4-bit modes scale estimation refits (as NNCF)
+# the low-bit modes scale estimation refits (NNCF: the 4-bit ones; the 2- and 3-bit grids likewise)
+ESTIMATE_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.NF4, Mode.INT3_SYM, Mode.INT3_ASYM, Mode.INT2_SYM, Mode.INT2_ASYM)
 
 
 def estimate(w: torch.Tensor, blocks: torch.Tensor, importance: torch.Tensor, mode: Mode, group_size: int,
@@ -139,7 +140,7 @@ def _search(w, wg, blocks, importance, mode, group_size, initial_steps, scale_st
     zf = None if zp is None else zp.float()
 
     def decode(s16, z):  # the decoded values (code minus zero point) for scale s16, in float
-        if mode is Mode.NF4:
+        if not mode.integer:
             return decode_values(mode, quantize_matrix_with_scale(wg, mode, s16, z))
         v = (wg / s16.float()).round_()  # quantize_matrix_with_scale's rounding, kept in float
         if zf is None:

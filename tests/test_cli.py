@@ -18,7 +18,8 @@ def gguf_folder(tmp_path):
 
 CASES = {
     "missing model": (["compress", "/no/such/model"], "model /no/such/model does not exist"),
-    "unknown mode": (["compress", "--weight-format", "int3"], "invalid choice: 'int3'"),
+    "unknown mode": (["compress", "--weight-format", "int5"], "invalid choice: 'int5'"),
+    "int3 in openvino": (["compress", "--weight-format", "int3", "-o", "/tmp/qc-never"], "the openvino format cannot store int3_asym"),
     "ratio above 1": (["compress", "--ratio", "1.5", "--weight-format", "int4"], "ratio 1.5 is outside [0, 1]"),
     "group size 0": (["compress", "--group-size", "0", "--weight-format", "int4"], "group size 0 is invalid"),
     "group size -2": (["compress", "--group-size", "-2", "--weight-format", "int4"], "group size -2 is invalid"),

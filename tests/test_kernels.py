@@ -23,7 +23,7 @@ def weights(seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode,group_size", [
     (Mode.INT8_ASYM, -1), (Mode.INT8_SYM, -1), (Mode.INT4_ASYM, 32), (Mode.INT4_SYM, 64),
-    (Mode.INT4_SYM, -1), (Mode.NF4, 32), (Mode.MXFP4, 32),
+    (Mode.INT4_SYM, -1), (Mode.NF4, 32), (Mode.MXFP4, 32), (Mode.INT3_SYM, 32), (Mode.INT2_ASYM, 64),
 ])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_c_kernels_equal_the_torch_path(monkeypatch, mode, group_size, transposed):
@@ -63,6 +63,7 @@ def test_c_nibble_packing_equals_the_torch_path(monkeypatch, n, dtype):
 
 @pytest.mark.parametrize("mode,group_size", [
     (Mode.INT4_SYM, 64), (Mode.INT4_ASYM, 32), (Mode.INT4_SYM, -1), (Mode.INT8_ASYM, 64), (Mode.INT4_SYM, 12),
+    (Mode.INT3_ASYM, 32), (Mode.INT2_SYM, 64),
 ])
 def test_c_scale_estimation_equals_the_torch_path(monkeypatch, mode, group_size):
     """The C refit (tiles of 8 rows; 93 rows leave a partial tile, group 12 takes the scalar error) picks
@@ -85,7 +86,8 @@ def test_c_scale_estimation_equals_the_torch_path(monkeypatch, mode, group_size)
     assert (c.zero_point is None and t.zero_point is None) or torch.equal(c.zero_point, t.zero_point)
 
 
-@pytest.mark.parametrize("mode,group_size", [(Mode.INT4_SYM, 64), (Mode.INT4_ASYM, 32), (Mode.INT8_ASYM, -1)])
+@pytest.mark.parametrize("mode,group_size", [(Mode.INT4_SYM, 64), (Mode.INT4_ASYM, 32), (Mode.INT8_ASYM, -1),
+                                             (Mode.INT3_SYM, 32)])
 def test_c_awq_residual_equals_the_torch_path(monkeypatch, mode, group_size):
     from qcompiler.quant import awq_residual
 

@@ -127,7 +127,7 @@ def test_awq_reports_why_a_match_was_skipped():
     _, results = run(CompressionConfig(mode="int4_sym", group_size=32, awq=True, ignored_scope=scope))
     summary = results["awq"].summary
     assert summary["matched"] == 1 and summary["applied"] == 0
-    assert "not in 4-bit primary precision" in summary["skipped"]["l0.down"]
+    assert "not in low-bit primary precision" in summary["skipped"]["l0.down"]
 
 
 def test_awq_says_when_nothing_matched():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from qcompiler.config import Mode
+from qcompiler import quant
 from qcompiler.quant import E2M1_VALUES, NF4_VALUES, quantize, theoretical_bits_per_weight
 
 
@@ -12,7 +13,9 @@ def w():
 
 
 @pytest.mark.parametrize("mode,group", [(Mode.INT8_ASYM, -1), (Mode.INT8_SYM, -1), (Mode.INT4_ASYM, 32),
-                                        (Mode.INT4_SYM, 64), (Mode.NF4, 64), (Mode.MXFP4, 32)])
+                                        (Mode.INT4_SYM, 64), (Mode.NF4, 64), (Mode.MXFP4, 32),
+                                        (Mode.INT3_SYM, 32), (Mode.INT3_ASYM, 64), (Mode.INT2_SYM, 32),
+                                        (Mode.INT2_ASYM, 32)])
 def test_round_trip_error_is_bounded_by_the_step(w, mode, group):
     cw = quantize(w, (1,), mode, group)
     deq = cw.dequantize()
@@ -24,8 +27,10 @@ def test_round_trip_error_is_bounded_by_the_step(w, mode, group):
     # half a step on average; NF4: half its widest gap (0.152 of absmax); E2M1: half the 4 -> 6 gap
     bound = {Mode.NF4: 0.16, Mode.MXFP4: 1.0}.get(mode, 1.0)
     assert (err <= bound * step.abs() * (1 + 1e-3)).all()
-    if mode.value.startswith("int"):
+    if mode.integer:
         assert (err / step.abs()).mean() < 0.3
+        lo, hi = mode.spec.code_range
+        assert cw.codes.min() >= lo and cw.codes.max() <= hi and cw.codes.dtype == quant.code_dtype(mode)
 
 
 def test_int4_sym_uses_the_full_range(w):
@@ -97,7 +102,8 @@ def test_level_tables_equal_bucketize_with_ties():
     assert torch.equal(_E2M1_TABLE.index(y), want)
 
 
-@pytest.mark.parametrize("mode,group", [(Mode.INT8_ASYM, -1), (Mode.INT4_ASYM, 64), (Mode.NF4, 64), (Mode.MXFP4, 32)])
+@pytest.mark.parametrize("mode,group", [(Mode.INT8_ASYM, -1), (Mode.INT4_ASYM, 64), (Mode.NF4, 64), (Mode.MXFP4, 32),
+                                        (Mode.INT3_SYM, 64), (Mode.INT2_ASYM, 32)])
 def test_blocks_of_rows_give_the_same_result(monkeypatch, mode, group):
     import qcompiler.quant as quant
 

@@ -547,7 +547,7 @@ BAD_OPTIONS = {
                                      "divides none of the 14 layers"),
     "asymmetric mode with --sym": (["compress", "M", "--weight-format", "int4_asym", "--sym"],
                                    "--sym contradicts --weight-format int4_asym"),
-    "nf4 with --sym": (["compress", "M", "--weight-format", "nf4", "--sym"], "--sym applies to int4 and int8 only"),
+    "nf4 with --sym": (["compress", "M", "--weight-format", "nf4", "--sym"], "--sym applies to the integer formats only"),
     "invalid ignored-scope regex": (["compress", "M", "--ignored-scope-pattern", "(["],
                                     "--ignored-scope-pattern '([' is not a valid regular expression"),
     "window 0": (["eval", "A", "--text", WIKITEXT, "--window", "0"], "--window 0 is below 2"),

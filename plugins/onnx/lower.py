@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import CompressionConfig, Mode
 from qcompiler.errors import QCompilerError
+from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.ir import Graph
 from qcompiler.rewrites import rewritten_params
 from qcompiler.plugins.onnx import layout
@@ -58,6 +59,7 @@ class ONNXOptions:
 
 def check_config(config: CompressionConfig, options: ONNXOptions) -> None:
     """Refuse, before any work, a mode onnxruntime cannot run."""
+    refuse_modes(config, "onnx", lambda spec: spec.bits in (4, 8), LOW_BIT_FIX)
     modes = {config.mode, config.backup_mode.mode} - {None}
     if Mode.MXFP4 in modes:
         raise QCompilerError(

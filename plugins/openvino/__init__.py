@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.errors import QCompilerError
+from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.hookspecs import hookimpl
 
 MODEL_XML = "openvino_model.xml"
@@ -40,6 +41,7 @@ class OpenVINOBackend:
     OPTIONS = ("dq_group_size", "stateful", "convert_tokenizer")
 
     def check(self, config, options: dict) -> None:
+        refuse_modes(config, "openvino", lambda spec: spec.bits in (4, 8), LOW_BIT_FIX)
         unknown = [name for name in options if name not in self.OPTIONS]
         if unknown:
             raise QCompilerError(f"the openvino backend takes no option {', '.join(unknown)}: drop it")

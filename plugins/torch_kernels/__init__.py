@@ -16,6 +16,7 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
+from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
@@ -32,6 +33,7 @@ class TorchKernelsBackend:
     lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
 
     def check(self, config, options: dict) -> None:
+        refuse_modes(config, "torch", lambda spec: spec.bits in (4, 8), LOW_BIT_FIX)
         if options:
             raise QCompilerError(f"the torch backend takes no options ({', '.join(options)}): drop them")
 
@@ -213,7 +215,7 @@ class TorchKernelsRunner:
 
 def _check_kernel(name: str, mode: Mode, group_size: int, n: int, k: int) -> None:
     fix = ("use --weight-format int4 (--sym) with --group-size 32, 64, 128 or 256, or int8, "
-           "or --backend openvino, which runs every mode")
+           "or --backend openvino, which runs every 4- and 8-bit mode")
     if mode not in KERNEL_MODES:
         raise QCompilerError(f"torch has no CPU kernel for {mode} ({name}): {fix}")
     if mode.bits == 4 and (group_size not in INT4_GROUP_SIZES or n % 16 or k % 2):
