@@ -9,8 +9,10 @@ along the input dimension; bitsandbytes' NF4 (onnxruntime's MatMulBnb4) puts the
 high nibble (`NIBBLES_HIGH_FIRST`); AutoAWQ's GEMM layout interleaves a word's 8 codes as
 0, 2, 4, 6, 1, 3, 5, 7 (`AWQ_GEMM`). The packed axis is padded with zero codes to whole words.
 Codes are taken modulo 2**bits (a signed code is stored in two's complement); `unpack(...,
-signed=True)` gives them back signed. GPTQ's 3-bit words, whose codes spill across word
-boundaries, are not a run of slots and are not expressed here.
+signed=True)` gives them back signed. A code width that does not divide 32 (3 bits) packs as a
+dense bit stream in int32 words: code i at bits [bits*i, bits*(i+1)) of the stream, word w holding
+stream bits [32w, 32w+32), so a code may spill into the next word -- GPTQ's 3-bit layout (10 codes,
+2 bits of the 11th | its last bit, 10 codes, 1 bit | ...) and compressed-tensors' `pack_to_int32`.
 
 `pack` and `unpack` take and return numpy arrays or torch tensors alike. `pack_nibbles` is the
 hot path of the lowerings (one C pass, `qcompiler._kernels`), the same bytes as `pack(values,
@@ -34,10 +36,16 @@ class Layout:
     order: tuple[int, ...] | None = None  # slot i holds code order[i] of the run; None: 0, 1, 2, ...
 
     def __post_init__(self) -> None:
-        if self.word_bits not in (8, 32) or self.word_bits % self.bits:
+        if self.word_bits not in (8, 32) or not 1 <= self.bits <= 8 or (self.word_bits % self.bits and (
+                self.word_bits != 32 or self.order is not None)):
             raise ValueError(f"{self.bits}-bit codes do not fill {self.word_bits}-bit words")
         if self.order is not None and sorted(self.order) != list(range(self.per)):
             raise ValueError(f"order {self.order} is not a permutation of the {self.per} slots of a word")
+
+    @property
+    def spills(self) -> bool:
+        """Codes cross word boundaries: a dense bit stream (3-bit codes in 32-bit words)."""
+        return self.word_bits % self.bits != 0
 
     @property
     def per(self) -> int:
@@ -65,6 +73,10 @@ def pack(codes, layout: Layout, axis: int = -1):
     x = np.moveaxis(codes.numpy() if as_torch else np.asarray(codes), axis, -1)
     if x.dtype.kind not in "iu":
         raise TypeError(f"codes to pack must be integers, not {x.dtype}")
+    if layout.spills:
+        out = _pack_stream(x, layout.bits)
+        out = np.ascontiguousarray(np.moveaxis(out, -1, axis))
+        return torch.from_numpy(out) if as_torch else out
     n, per = x.shape[-1], layout.per
     word = np.uint8 if layout.word_bits == 8 else np.uint32
     runs = np.zeros((*x.shape[:-1], -(-n // per) * per), dtype=word)
@@ -87,11 +99,14 @@ def unpack(packed, layout: Layout, count: int, axis: int = -1, signed: bool = Fa
     p = np.moveaxis(packed.numpy() if as_torch else np.asarray(packed), axis, -1)
     word = np.uint8 if layout.word_bits == 8 else np.uint32
     p = p.view(word) if p.dtype.itemsize == np.dtype(word).itemsize else p.astype(word)
-    runs = np.empty((*p.shape, layout.per), dtype=np.uint8)
-    mask = word((1 << layout.bits) - 1)
-    for slot, code in enumerate(layout.slots):
-        runs[..., code] = (p >> word(layout.bits * slot)) & mask
-    codes = runs.reshape(*p.shape[:-1], -1)[..., :count]
+    if layout.spills:
+        codes = _unpack_stream(p, layout.bits, count)
+    else:
+        runs = np.empty((*p.shape, layout.per), dtype=np.uint8)
+        mask = word((1 << layout.bits) - 1)
+        for slot, code in enumerate(layout.slots):
+            runs[..., code] = (p >> word(layout.bits * slot)) & mask
+        codes = runs.reshape(*p.shape[:-1], -1)[..., :count]
     if signed:
         codes = codes.view(np.int8)
         if layout.bits < 8:  # sign-extend the top bit of the code
@@ -99,6 +114,43 @@ def unpack(packed, layout: Layout, count: int, axis: int = -1, signed: bool = Fa
             codes = (codes ^ half) - half
     out = np.ascontiguousarray(np.moveaxis(codes, -1, axis))
     return torch.from_numpy(out) if as_torch else out
+
+
+def _stream_positions(bits: int):
+    """For the 32 codes of one chunk (32 * bits stream bits = `bits` whole words): each code's word
+    and bit offset."""
+    return [((j * bits) // 32, (j * bits) % 32) for j in range(32)]
+
+
+def _pack_stream(x: np.ndarray, bits: int) -> np.ndarray:
+    n = x.shape[-1]
+    chunks = -(-n // 32)
+    u = np.zeros((*x.shape[:-1], chunks * 32), dtype=np.uint64)
+    u[..., :n] = x.view(np.dtype(f"u{x.dtype.itemsize}")) & ((1 << bits) - 1)
+    u = u.reshape(*x.shape[:-1], chunks, 32)
+    words = np.zeros((*x.shape[:-1], chunks, bits), dtype=np.uint64)
+    for j, (w, off) in enumerate(_stream_positions(bits)):
+        words[..., w] |= u[..., j] << np.uint64(off)  # bits past 32 are the spill into the next word
+        if off + bits > 32:
+            words[..., w + 1] |= u[..., j] >> np.uint64(32 - off)
+    words = (words & np.uint64(0xFFFFFFFF)).astype(np.uint32).reshape(*x.shape[:-1], chunks * bits)
+    return words[..., :-(-n * bits // 32)].view(np.int32)
+
+
+def _unpack_stream(p: np.ndarray, bits: int, count: int) -> np.ndarray:
+    n_words = p.shape[-1]
+    chunks = -(-n_words // bits)
+    words = np.zeros((*p.shape[:-1], chunks * bits), dtype=np.uint64)
+    words[..., :n_words] = p
+    words = words.reshape(*p.shape[:-1], chunks, bits)
+    codes = np.empty((*p.shape[:-1], chunks, 32), dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for j, (w, off) in enumerate(_stream_positions(bits)):
+        value = words[..., w] >> np.uint64(off)
+        if off + bits > 32:
+            value = value | (words[..., w + 1] << np.uint64(32 - off))
+        codes[..., j] = (value & mask).astype(np.uint8)
+    return codes.reshape(*p.shape[:-1], chunks * 32)[..., :count]
 
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:

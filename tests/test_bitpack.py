@@ -48,6 +48,24 @@ def test_pack_nibbles_is_the_nibbles_layout(monkeypatch, n):
 
 def test_a_layout_that_cannot_fill_its_words_is_refused():
     with pytest.raises(ValueError, match="do not fill"):
-        Layout(3, 32)
+        Layout(3, 8)  # a stream spills only across int32 words
+    with pytest.raises(ValueError, match="do not fill"):
+        Layout(3, 32, (0,) * 10)  # slots of a spilling stream cannot be reordered
     with pytest.raises(ValueError, match="permutation"):
         Layout(4, 8, (0, 0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 31, 33, 96])
+def test_int32_words_are_a_dense_bit_stream(bits, n):
+    """Code i at stream bits [bits*i, bits*(i+1)), word w holding stream bits [32w, 32w+32): a 3-bit code
+    spills into the next word (GPTQ's 3-bit layout, compressed-tensors' pack_to_int32)."""
+    rng = np.random.default_rng(bits * 100 + n)
+    codes = rng.integers(0, 2**bits, size=(3, n)).astype(np.uint8)
+    packed = pack(codes, int32_words(bits))
+    assert packed.dtype == np.int32 and packed.shape == (3, -(-n * bits // 32))
+    for r in range(3):
+        stream = [((int(w) & 0xFFFFFFFF) >> b) & 1 for w in packed[r] for b in range(32)]
+        expected = [sum(stream[bits * i + b] << b for b in range(bits)) for i in range(n)]
+        assert expected == codes[r].tolist()
+    assert np.array_equal(unpack(packed, int32_words(bits), n), codes)
