@@ -9,6 +9,9 @@ TEXT := ../shared/data/wikitext-2/valid.txt
 OPTIMUM_VENV := .venv-optimum
 OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 
+CLIENTS_VENV := .venv-clients
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
+
 .PHONY: demo test bench clean
 
 # PYTHONWARNINGS=ignore: setuptools' build backend warns in blocks of asterisks about editable installs
@@ -35,10 +38,20 @@ $(OPTIMUM_STAMP):
 	$(OPTIMUM_VENV)/bin/python -m pip uninstall -q -y torchvision
 	touch $(OPTIMUM_STAMP)
 
-test: $(STAMP) $(OPTIMUM_STAMP)
+# The loaders transformers uses for the checkpoint formats, as a user of them installs them: GPTQ and AWQ
+# through gptqmodel (7.6.0: the last that takes torch 2.13; it pins numpy 2.2) and optimum, auto_round
+# through auto-round, compressed-tensors through its package. Their own venv keeps the pins away from .venv.
+$(CLIENTS_STAMP):
+	test -x $(CLIENTS_VENV)/bin/python || python3 -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install -q torch==2.13.0 transformers==5.24.0 accelerate safetensors \
+		compressed-tensors==0.20.0 auto-round==0.16.1 gptqmodel==7.6.0 optimum==2.3.0
+	touch $(CLIENTS_STAMP)
+
+test: $(STAMP) $(OPTIMUM_STAMP) $(CLIENTS_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP) $(OPTIMUM_STAMP)
+bench: $(STAMP) $(OPTIMUM_STAMP) $(CLIENTS_STAMP)
 	$(PY) -m pip install -q "nncf>=3.0"
 	$(PY) benchmarks/compare_nncf.py
 	$(PY) benchmarks/backends.py

@@ -171,8 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ignored-scope-pattern", action="append", default=[], metavar="REGEX")
     c.add_argument("--ignored-scope-type", action="append", default=[], metavar="OP")
     c.add_argument("--no-validate-ignored", action="store_true", help="unknown ignored names are not an error")
-    c.add_argument("--backend", help="openvino, onnx or torch (default: the input's own format; openvino for "
-                                      "transformers models)")
+    c.add_argument("--format", dest="output_format", metavar="FORMAT",
+                   help="what to write: openvino, onnx or torch (runtime lowerings), or a checkpoint other tools "
+                        "load: gptq, gptq_v2, awq, compressed-tensors (default: the input's own format; openvino for "
+                        "transformers models)")
+    c.add_argument("--backend", help="the same as --format")
     c.add_argument("--onnx-format", choices=["nbits", "qdq"],
                    help="onnx backend: MatMulNBits (default) or standard DequantizeLinear -> MatMul")
     c.add_argument("--onnx-accuracy-level", type=int, choices=range(5), metavar="0-4",
@@ -318,6 +321,10 @@ def _compress(args) -> int:
         from qcompiler.pipeline import compress
     from qcompiler.report import REPORT_FILE, format_report
 
+    if args.output_format is not None:
+        if args.backend is not None and args.backend != args.output_format:
+            raise QCompilerError(f"--format {args.output_format} contradicts --backend {args.backend}: pass one of them")
+        args.backend = args.output_format
     config, defaults = config_from_args(args)
     output = args.output if args.output is not None else _default_output(args.model, config, defaults)
     if args.quiet:

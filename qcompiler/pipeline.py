@@ -80,6 +80,8 @@ class CompressedModel:
             if progress is not None:
                 progress.update(1)
             lowered["companions"] = self.frontend.save_companions(self.source, staging)
+            if lowered.get("config_json"):  # keys a checkpoint format adds to the model's config.json
+                _merge_config(staging, lowered["config_json"], backend)
             self.report = build_report(self, lowered, staging, backend)
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2))
         except QCompilerError:
@@ -95,6 +97,16 @@ class CompressedModel:
         except OSError as exc:
             raise QCompilerError(f"cannot put the artifact in place at {folder.target}: {exc.strerror or exc}; "
                                  "choose another -o; nothing was written") from None
+
+
+def _merge_config(folder: Path, keys: dict, backend: str) -> None:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise QCompilerError(f"the {backend} format needs the model's config.json, and this input has none: "
+                             "compress a transformers model folder (or GGUF), or use --format openvino")
+    config = json.loads(path.read_text())
+    config.update(keys)
+    path.write_text(json.dumps(config, indent=2, default=str))
 
 
 def compress(

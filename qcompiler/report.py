@@ -78,6 +78,8 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "parameters": parameter_counts(graph),
         "adapters": adapters if adapters["tensors"] else None,
         "float_weights": float_weights(graph),
+        # compressed weights a checkpoint format stores in float, with their decoded values, and why
+        "stored_float": lowered.get("stored_float") or None,
         "model_bytes": sum((out_dir / f).stat().st_size for f in lowered["files"]),
         "output_bytes": sum((out_dir / f).stat().st_size for f in files),
         "bits_per_weight": {
@@ -120,6 +122,11 @@ def format_report(report: dict) -> str:
     if floats and any(r["reason"] != "no compression asked (fp32)" for r in floats):
         shown = ", ".join(f"{r['name']} ({r['reason']})" for r in floats[:4])
         lines.append(f"left in float: {len(floats)} weights: {shown}{', ...' if len(floats) > 4 else ''}")
+    stored = report.get("stored_float") or []
+    if stored:
+        shown = ", ".join(f"{r['weight']} ({r['format']}: {r['reason']})" for r in stored[:3])
+        lines.append(f"stored in float with their decoded values ({report['backend']} holds them no other way): "
+                     f"{len(stored)} weights: {shown}{', ...' if len(stored) > 3 else ''}")
     lines.append(f"model size: {report['model_bytes'] / 2**20:.1f} MiB ({report['model_bytes']} bytes); "
                  f"with config and tokenizer: {report['output_bytes'] / 2**20:.1f} MiB")
     if bpw["compressed_measured"] is not None:
