@@ -231,8 +231,16 @@ class CompressionConfig:
         """(num_samples, seqlen) in force."""
         from qcompiler.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQLEN
 
-        return (DEFAULT_NUM_SAMPLES if self.num_samples is None else self.num_samples,
-                DEFAULT_SEQLEN if self.seqlen is None else self.seqlen)
+        from qcompiler import pass_options
+
+        samples, seqlen = DEFAULT_NUM_SAMPLES, DEFAULT_SEQLEN
+        registry = pass_options.installed()
+        for name in [*dict(self.passes), *self.extra_passes]:  # a pass may bring its own (AutoRound's recipes)
+            defaults = getattr(registry.passes.get(name), "calibration_defaults", None)
+            if defaults is not None:
+                samples, seqlen = defaults(dict(dict(self.passes).get(name) or {}))
+        return (samples if self.num_samples is None else self.num_samples,
+                seqlen if self.seqlen is None else self.seqlen)
 
     @property
     def fallback(self) -> GroupSizeFallback:
@@ -307,7 +315,11 @@ class CompressionConfig:
         a dataset is given and the mode is one the pass takes."""
         from qcompiler import pass_options
 
-        cls = pass_options.installed().passes.get(name)
+        registry = pass_options.installed()
+        cls = registry.passes.get(name)
+        chosen = set(dict(self.passes)) | set(self.extra_passes)
+        if any(name in getattr(registry.passes.get(other), "conflicts", ()) for other in chosen):
+            return False  # a pass that replaces it is on (AutoRound instead of scale estimation)
         return (cls is not None and getattr(cls, "default_with_data", False) and self.dataset is not None
                 and self.mode in getattr(cls, "modes", ()))
 

@@ -98,6 +98,8 @@ def from_args(args, registry) -> dict[str, dict]:
         on = bool(getattr(args, f"pass__{cls.name}", False))
         given = {f.name: getattr(args, f"pass__{cls.name}__{f.name}") for f in user_options(cls)
                  if _given(getattr(args, f"pass__{cls.name}__{f.name}", None))}
+        if given and not on and getattr(cls, "switched_on_by_options", False):
+            on = True  # AutoRound's --recipe / --iters alone mean AutoRound, as in its own command line
         if given and not on:
             flag = option_flag(cls, next(f for f in user_options(cls) if f.name in given))
             raise QCompilerError(f"{flag} is an option of {cls.flag}: add {cls.flag} or drop {flag}")
@@ -183,6 +185,9 @@ def _coerce(cls, f, value):
             raise ValueError
     except (TypeError, ValueError):
         raise QCompilerError(f"{option_flag(cls, f)} takes {kind.__name__}, not {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices is not None and typed not in choices:
+        raise QCompilerError(f"{option_flag(cls, f)} {typed!r} is not one of {', '.join(map(str, choices))}")
     low = f.metadata.get("min")
     if low is not None and typed < low:
         raise QCompilerError(f"{option_flag(cls, f)} {typed} is below {low}: {f.metadata['help']}")

@@ -25,7 +25,8 @@ from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
-DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "scale_estimation", "gptq", "lora_correction", "rtn")
+DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
+                    "lora_correction", "rtn")
 
 
 @dataclass

@@ -90,6 +90,13 @@ class BlockExecutor(Protocol):
         `weights` (name -> tensor) replacing the model's, calling `taps[name](x)` with the input x
         of each tapped weight's op; return the next block's inputs."""
 
+    def hidden(self, inputs: list) -> list:
+        """Optional, for passes that tune on block outputs (AutoRound): the hidden-state tensor of each
+        entry of a block's inputs or outputs. With it, `run(..., grad=True)` records autograd."""
+
+    def select(self, inputs: list, indices: list[int]) -> list:
+        """Optional, with `hidden`: the entries of samples `indices` of `inputs` (a mini-batch)."""
+
     def generate(self, num_samples: int, seqlen: int, seed: int) -> list:
         """Optional: `num_samples` token sequences of `seqlen` the model writes itself (`--dataset auto`)."""
 

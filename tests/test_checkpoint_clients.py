@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_tokenizer
 from qcompiler.config import CompressionConfig
 from qcompiler.pipeline import compress
-from qcompiler.plugins.checkpoints import load_decoded
+from qcompiler.plugins.checkpoints.read import load_decoded
 from qcompiler.registry import build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_clients_compute_what_the_format_decodes_to(tmp_path, mode):
     kernels = {"gptq": "gptqmodel", "gptq_v2": "gptqmodel", "awq": "gptqmodel", "auto_round": "auto_round_extension"
                if mode == "int4_sym" else "gptqmodel", "compressed-tensors": "torch.nn"}
     for fmt in formats:
-        model = load_decoded(tmp_path / fmt, registry.backend(fmt))
+        model = load_decoded(tmp_path / fmt)
         with torch.no_grad():
             want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         logits = np.array(got[fmt]["logits"])

@@ -12,7 +12,8 @@ from conftest import tiny_llama, tiny_tokenizer
 from qcompiler.config import CompressionConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import compress
-from qcompiler.plugins.checkpoints import AUTO_ROUND, layouts, load_decoded
+from qcompiler.plugins.checkpoints import layouts
+from qcompiler.plugins.checkpoints.read import load_decoded
 from qcompiler.registry import build_registry
 
 CASES = [("gptq", "int4_sym"), ("gptq", "int4_asym"), ("gptq_v2", "int4_asym"), ("gptq", "int3_sym"),
@@ -90,7 +91,7 @@ def test_decoded_checkpoint_computes_what_the_ir_computes(folder, tmp_path, fmt)
     """The checkpoint decoded by `layouts` alone gives the logits of the float model with the IR's
     decoded weights (the torch model the frontend loaded, every compressed weight replaced)."""
     out, codes, reference, result = _compress(folder, "int4_asym", fmt, tmp_path)
-    model = load_decoded(out, build_registry().backend(fmt))
+    model = load_decoded(out)
     expected = tiny_llama(tie=True)
     state = dict(expected.named_parameters())
     with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 from qcompiler import __version__
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
-from qcompiler.plugins.checkpoints import layouts
+from qcompiler.plugins.checkpoints import layouts, read
 from qcompiler.quant import CompressedWeight
 
 WEIGHTS = "model.safetensors"
@@ -131,19 +131,16 @@ class CheckpointBackend:
         return layouts.AWQ if mode.asymmetric else layouts.GPTQ
 
     def can_load(self, path: Path) -> bool:
-        config = _read_config(Path(path))
-        q = (config or {}).get("quantization_config") or {}
-        return _METHOD[self.fmt] == q.get("quant_method") and q.get("qcompiler_format") == self.name
+        """A checkpoint of this format, whoever wrote it (`qcompiler eval` reads it decoded)."""
+        try:
+            scheme = read.scheme_of(Path(path))
+        except QCompilerError:
+            return False
+        return scheme is not None and scheme.format == self.name
 
     def runner(self, path: Path):
-        return DecodedRunner(load_decoded(path, self))
+        return DecodedRunner(read.load_decoded(path))
 
-
-_STORED = {layouts.GPTQ: ("qweight", "qzeros", "scales", "g_idx"), layouts.GPTQ_V2: ("qweight", "qzeros", "scales", "g_idx"),
-           layouts.AWQ: ("qweight", "qzeros", "scales"),
-           layouts.COMPRESSED_TENSORS: ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
-_METHOD = {layouts.GPTQ: "gptq", layouts.GPTQ_V2: "gptq", layouts.AWQ: "awq", AUTO_ROUND: "auto-round",
-           layouts.COMPRESSED_TENSORS: "compressed-tensors"}
 
 
 class _Plan:
@@ -245,49 +242,6 @@ def _quantization_config(backend: CheckpointBackend, plan: _Plan, model) -> dict
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
             "ignore": float_linears, "kv_cache_scheme": None, "global_compression_ratio": None, **common}
-
-
-def _read_config(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def load_decoded(folder: str | Path, backend: CheckpointBackend):
-    """The transformers model of a checkpoint this backend wrote, its Linears decoded to float by
-    `layouts.decode`: the format's own oracle, independent of the loaders of other tools."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    q = _read_config(folder)["quantization_config"]
-    del config.quantization_config
-    bits = q.get("bits") or q["config_groups"]["group_0"]["weights"]["num_bits"]
-    asymmetric = not (q.get("sym") if "sym" in q else q.get("config_groups", {}).get("group_0", {}).get(
-        "weights", {}).get("symmetric", True))
-    tensors = load_file(str(folder / WEIGHTS))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    layout = backend.fmt if backend.fmt != AUTO_ROUND else layouts.AWQ if asymmetric else layouts.GPTQ
-    suffixes = _STORED[layout]
-    state = {}
-    for key in [k for k in tensors if k.endswith("." + suffixes[0])]:
-        path = key[: -len(suffixes[0]) - 1]
-        module = model.get_submodule(path)
-        parts = {s: tensors[f"{path}.{s}"] for s in suffixes if f"{path}.{s}" in tensors}
-        u, z, s = layouts.decode(layout, parts, bits, module.out_features, module.in_features, asymmetric)
-        state[f"{path}.weight"] = torch.from_numpy(layouts.dequantize(u, z, s))
-    state.update({k: v.float() for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in suffixes})
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise QCompilerError(f"the {backend.name} checkpoint in {folder} does not match its config "
-                             f"({len(set(missing) - tied)} tensors missing, {len(unexpected)} unexpected): compress "
-                             "the model again")
-    model.tie_weights()
-    model.eval()
-    return model
 
 
 class DecodedRunner:

@@ -105,9 +105,12 @@ def decode(fmt: str, tensors: dict[str, torch.Tensor], bits: int, n: int, k: int
     raise ValueError(f"unknown checkpoint format {fmt}")
 
 
-def dequantize(u: np.ndarray, z: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """W [N, K] float32 from decoded parts."""
+def dequantize(u: np.ndarray, z: np.ndarray, s: np.ndarray, g_idx: np.ndarray | None = None) -> np.ndarray:
+    """W [N, K] float32 from decoded parts; `g_idx` [K] gives each input channel's group where it is
+    not k // g (GPTQ's act-order, compressed-tensors' actorder=group)."""
     n, k = u.shape
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // (k // s.shape[1])):
+        return (u.astype(np.float32) - z[:, g_idx].astype(np.float32)) * s[:, g_idx]
     g = k // s.shape[1]
     w = (u.reshape(n, -1, g).astype(np.float32) - z[..., None].astype(np.float32)) * s[..., None]
     return w.reshape(n, k)

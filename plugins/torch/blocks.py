@@ -129,7 +129,10 @@ class TorchBlockExecutor:
                                  f"({self.path}.0): this model cannot be calibrated block by block")
         return _batched(captured, self.contexts)
 
-    def run(self, block: Block, inputs, weights: dict[str, torch.Tensor], taps: dict) -> list[tuple[tuple, dict]]:
+    def run(self, block: Block, inputs, weights: dict[str, torch.Tensor], taps: dict,
+            grad: bool = False) -> list[tuple[tuple, dict]]:
+        """See `BlockExecutor.run`; with `grad`, autograd records the run (weights that require grad get
+        gradients from a loss on `hidden(outputs)`)."""
         index = self.blocks.index(block)
         layer = self.layers[index]
         prefix = block.name + "."
@@ -140,7 +143,7 @@ class TorchBlockExecutor:
             handles.append(owner.register_forward_pre_hook(_input_tap(tap), with_kwargs=True))
         outputs = []
         try:
-            with torch.no_grad(), self._precision():
+            with torch.set_grad_enabled(grad), self._precision():
                 for args, kwargs in inputs:
                     hidden = args[0] if args else kwargs["hidden_states"]
                     rest, own = self.contexts[_length(args, kwargs)][index]  # this layer's own masks and tables
@@ -155,6 +158,20 @@ class TorchBlockExecutor:
             for h in handles:
                 h.remove()
         return outputs
+
+    def hidden(self, inputs) -> list[torch.Tensor]:
+        """The hidden states [batch, seq, hidden] of each entry of `inputs` (a block's inputs or outputs)."""
+        return [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]
+
+    def select(self, inputs, indices: list[int]):
+        """The entries for samples `indices` (in that order) of `inputs`, batched again."""
+        singles = []
+        for args, kwargs in inputs:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for row in range(hidden.shape[0]):
+                one = hidden[row:row + 1]
+                singles.append(((one, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": one}))
+        return [(args, kwargs) for args, kwargs in _batched([singles[i] for i in indices], self.contexts)]
 
     def generate(self, num_samples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
         """Text the model writes from random one-token prefixes (sampling among the 50 likeliest
