@@ -102,6 +102,7 @@ class AutoRound(Pass):
         samples = len(engine.data.samples)
         generator = torch.Generator().manual_seed(o.seed)
         fp_inputs = q_inputs = engine.first_inputs()
+        engine.release_first_inputs()  # held here only: one copy of the activations less
         summary_blocks, layers = {}, {}
         bar = tqdm(total=len(engine.blocks) * max(steps, 1), desc="AutoRound", unit="step", leave=False)
         for index, block in enumerate(engine.blocks):
@@ -110,6 +111,7 @@ class AutoRound(Pass):
             targets = self._targets(graph, block, consts, uses)
             fp_outputs = executor.run(block, fp_inputs, current, {})
             engine.block_forwards += 1
+            fp_inputs = None  # the float stream moves on: its outputs are the next block's inputs
             tuners = {name: _Tuner(graph.weight(consts[name]).float(), axes, fmt, o.minmax)
                       for name, (axes, fmt) in targets.items()}
             record = {"layers": len(tuners)}
@@ -159,7 +161,7 @@ class AutoRound(Pass):
         bits = min(t.fmt.mode.bits for t in tuners.values())
         lr = o.learning_rate(bits)
         reference = executor.hidden(fp_outputs)
-        flat_reference = torch.cat([h.float() for h in reference])  # [samples, seq, hidden]
+        where = [(entry, row) for entry, h in enumerate(reference) for row in range(h.shape[0])]  # sample -> entry, row
         params = [p for t in tuners.values() for p in t.parameters()]
         order, position = torch.randperm(samples, generator=generator), 0
         best_loss, best_state, first_loss, best_step = math.inf, None, None, 0
@@ -170,11 +172,12 @@ class AutoRound(Pass):
             position += o.batch_size
             batch = executor.select(q_inputs, picked)
             weights = dict(current)
-            weights.update({name: t.qdq().to(flat_reference.dtype) for name, t in tuners.items()})
+            weights.update({name: t.qdq() for name, t in tuners.items()})
             outputs = executor.run(block, batch, weights, {}, grad=True)
             engine.block_forwards += 1
             got = torch.cat([h.float() for h in executor.hidden(outputs)])
-            loss = torch.nn.functional.mse_loss(got, flat_reference[picked])
+            target = torch.cat([reference[where[i][0]][where[i][1]][None] for i in picked]).float()
+            loss = torch.nn.functional.mse_loss(got, target)
             value = loss.item()
             if first_loss is None:
                 first_loss = value

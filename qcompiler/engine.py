@@ -156,6 +156,10 @@ class CalibrationEngine:
             self._first_inputs = self.executor.first_inputs(self.data.samples)
         return self._first_inputs
 
+    def release_first_inputs(self) -> None:
+        """Drop the cached first-block inputs (a pass that holds them itself); computed again if asked."""
+        self._first_inputs = None
+
     def sweep(self, wanted: dict[str, frozenset], on_block: Callable[[Block, dict[str, InputStats]], None],
               weights: Callable[[Block], dict[str, torch.Tensor]] | None = None,
               propagate: Callable[[Block], dict[str, torch.Tensor]] | None = None, progress=None) -> None:

@@ -86,3 +86,37 @@ def test_smollm2_checkpoints_generate_the_openvino_artifacts_text(smollm2_folder
     got = run_clients([tmp_path / f for f in FORMATS], prompt, 20)
     assert {fmt: got[fmt]["tokens"] for fmt in FORMATS} == {fmt: expected for fmt in FORMATS}
     assert "Paris" in tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+def test_checkpoints_auto_round_writes_are_read_back_to_the_same_logits(tmp_path, scheme):
+    """auto-round 0.16.1 itself writes auto_round, auto_gptq, auto_awq and llm_compressor folders; qcompiler's
+    reader decodes each to the logits transformers computes with the writer's own loaders."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qcompiler.plugins.checkpoints.read import scheme_of
+
+    folder = tmp_path / "model"
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    python = ROOT / ".venv-clients" / "bin" / "python"
+    if not python.is_file():
+        pytest.fail("the checkpoint clients' environment is missing: `make test` creates .venv-clients")
+    ids = [5, 17, 80, 3, 200, 9, 41, 66]
+    run = subprocess.run([str(python), str(ROOT / "tests" / "clients" / "autoround_export.py"), str(folder),
+                          str(tmp_path), scheme, json.dumps(ids)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    expected_formats = {"auto_round": "auto_round", "auto_gptq": "gptq", "auto_awq": "awq",
+                        "llm_compressor": "compressed-tensors"}
+    assert [r["format"] for r in results] == list(expected_formats)
+    for r in results:
+        path = tmp_path / r["format"]
+        assert scheme_of(path).format == expected_formats[r["format"]]
+        assert build_registry().backend_for_artifact(path).name == expected_formats[r["format"]]
+        with torch.no_grad():
+            want = np.array(r["logits"])
+            got = load_decoded(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(got - want).max() < 1e-2 * np.abs(want).max(), (r["format"], np.abs(got - want).max())

@@ -142,6 +142,11 @@ class TorchBlockExecutor:
             owner = self.modules[name.rsplit(".", 1)[0]]
             handles.append(owner.register_forward_pre_hook(_input_tap(tap), with_kwargs=True))
         outputs = []
+        # with grad, only the weights given (tuned by the pass) take gradients: the block's own parameters
+        # (norms) do not, which also spares the backward pass the input gradients of the first MatMuls
+        frozen = [p for p in layer.parameters() if p.requires_grad] if grad else []
+        for p in frozen:
+            p.requires_grad_(False)
         try:
             with torch.set_grad_enabled(grad), self._precision():
                 for args, kwargs in inputs:
@@ -157,6 +162,8 @@ class TorchBlockExecutor:
         finally:
             for h in handles:
                 h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
         return outputs
 
     def hidden(self, inputs) -> list[torch.Tensor]:
