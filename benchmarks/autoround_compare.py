@@ -13,8 +13,10 @@ Method:
   iterations, lr 5e-3), default (4-bit, 200 iterations, lr 1/200), int2_default (2-bit, 200 iterations).
   auto-round: `AutoRound(model, bits, group_size=64, sym=True, iters, nsamples, seqlen, batch_size=8,
   dataset=tokens, device_map="cpu")` in .venv-clients; `seconds` is its `quantize()` call alone
-  (loading and saving timed apart). qcompiler: the whole `qcompiler compress ... --recipe R` command
-  (loading, calibration, tuning, lowering to OpenVINO), its wall time.
+  (loading and saving timed apart). qcompiler: the whole `qcompiler compress ... --recipe R --backup-mode
+  none` command (loading, calibration, tuning, lowering to OpenVINO), its wall time. `--backup-mode none`
+  leaves the embeddings and the tied lm_head in float, as auto-round does (qcompiler's default would
+  give them int8, as NNCF).
 - peak RSS of each worker, from a small launcher's wait4 (see nncf_data_aware.py).
 - perplexity through the same evaluator (`qcompiler.evaluate.perplexity`, windows of 512, stride 512,
   the first `--windows`) on held-out tokens ids[num_samples*seqlen:]: qcompiler's OpenVINO artifact;
@@ -71,7 +73,8 @@ def run_qcompiler(folder: Path, out: Path, config: str, args) -> dict:
     bits, recipe, iters, _ = CONFIGS[config]
     cmd = [sys.executable, "-m", "qcompiler.cli", "compress", str(folder), "--weight-format", f"int{bits}", "--sym",
            "--group-size", "64", "--dataset", str(WIKITEXT), "--num-samples", str(args.num_samples), "--seqlen",
-           str(args.seqlen), "--recipe", recipe, "--iters", str(iters), "--batch-size", "8", "--quiet", "-o", str(out)]
+           str(args.seqlen), "--recipe", recipe, "--iters", str(iters), "--batch-size", "8", "--backup-mode", "none",
+           "--quiet", "-o", str(out)]
     if bits < 4:  # OpenVINO holds no 2-bit codes: the auto_round checkpoint, evaluated decoded like auto-round's
         cmd += ["--format", "auto_round"]
     proc, wall, rss = launch(cmd)

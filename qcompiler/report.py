@@ -170,6 +170,13 @@ def _data_aware_lines(report: dict) -> list[str]:
         refit = sum(1 for v in (awq.get("layers") or {}).values() if "error_refit" in v)
         lines.append(f"AWQ (data-aware): applied / matched per pattern: {found}{_errors(awq.get('layers'), 'error_before')}"
                      + (f"; {refit} scales chosen by the error after scale estimation's refit" if refit else ""))
+    tuned = passes.get("autoround")
+    if tuned is not None:
+        blocks = [b for b in (tuned.get("blocks") or {}).values() if b.get("loss_first")]
+        ratio = (sum(b["loss_best"] / b["loss_first"] for b in blocks) / len(blocks)) if blocks else None
+        lines.append(f"AutoRound ({tuned['recipe']}): {tuned['tuned']} layers in {len(tuned.get('blocks') or {})} blocks, "
+                     f"{tuned['iters']} iterations of batch {tuned['batch_size']} over {tuned['samples']} samples"
+                     + (f"; block output error, best / first step: {ratio:.3f} on average" if ratio is not None else ""))
     for name, label, count in (("scale_estimation", "scale estimation", "estimated"), ("gptq", "GPTQ", "quantized"),
                                ("lora_correction", "LoRA correction", "corrected")):
         summary = passes.get(name)

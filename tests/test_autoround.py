@@ -66,6 +66,10 @@ def test_autoround_lowers_every_blocks_output_error_and_compresses_every_block_l
         assert consts[name].meta["compressed"].mode is Mode.INT4_ASYM and 0 < layer["changed_codes"] < 0.6
     assert "scale_estimation" not in result.results  # AutoRound replaces the default refit
     assert "compressed" in consts["lm_head.weight"].meta  # outside the blocks: the precision pass's format, RTN
+    from qcompiler.report import _data_aware_lines
+
+    line = next(x for x in _data_aware_lines({"passes": {"autoround": summary}}) if x.startswith("AutoRound"))
+    assert "14 layers in 2 blocks, 30 iterations of batch 8 over 16 samples" in line and "on average" in line
 
 
 def test_autoround_is_deterministic(folder):
