@@ -115,6 +115,7 @@ def test_gptq_v1_refuses_a_zero_point_of_zero(folder, tmp_path):
     ("awq", "int4_asym", -1, "awq stores groups"),
     ("auto_round", "int2_asym", 32, "auto_round format cannot store int2_asym"),
     ("compressed-tensors", "mxfp4", 32, "cannot store mxfp4"),
+    ("gptq", None, None, "fp32 compresses none"),
 ])
 def test_a_mode_the_format_cannot_hold_is_refused_before_any_work(folder, tmp_path, fmt, mode, group, message):
     with pytest.raises(QCompilerError, match=message):

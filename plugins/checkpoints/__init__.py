@@ -54,7 +54,12 @@ class CheckpointBackend:
     def check(self, config, options: dict) -> None:
         if options:
             raise QCompilerError(f"the {self.name} format takes no backend options ({', '.join(options)}): drop them")
-        if config is None or config.mode is None:
+        if config is None:
+            return
+        if config.mode is None:
+            if config.int8_above is None:  # fp32: nothing for the format's quantized layers to hold
+                raise QCompilerError(f"the {self.name} format stores quantized weights, and fp32 compresses none: "
+                                     "pass --weight-format int4 (or int8), or use --format openvino for a float model")
             return
         if not self._held(config.mode.spec):  # the backup format is stored in float where it is not held
             raise QCompilerError(f"the {self.name} format cannot store {config.mode} weights: {self.name} holds "
