@@ -87,12 +87,12 @@ def run_qcompiler(folder: Path, out: Path, config: str, args) -> dict:
 
 def perplexity_of(path: Path, ids: np.ndarray, windows: int) -> float:
     from qcompiler.evaluate import perplexity
-    from qcompiler.plugins.checkpoints import DecodedRunner
     from qcompiler.plugins.checkpoints.read import load_decoded, scheme_of
+    from qcompiler.runners import TransformersRunner
     from qcompiler.plugins.openvino import OpenVINORunner
 
     xml = path / "openvino_model.xml"
-    runner = OpenVINORunner(xml) if xml.is_file() else DecodedRunner(load_decoded(path)) if scheme_of(path) else None
+    runner = OpenVINORunner(xml) if xml.is_file() else TransformersRunner(load_decoded(path)) if scheme_of(path) else None
     return perplexity(runner, ids, max_windows=windows, progress=False)["perplexity"]
 
 
@@ -109,7 +109,6 @@ def main() -> None:
         sys.exit("auto-round's environment is missing: `make test` (or make .venv-clients/.installed) creates it")
 
     from qcompiler.evaluate import perplexity
-    from qcompiler.plugins.checkpoints import DecodedRunner
     from qcompiler.plugins.torch import TorchFrontend
 
     frontend = TorchFrontend()
@@ -119,7 +118,7 @@ def main() -> None:
               "samples": {"num_samples": args.num_samples, "seqlen": args.seqlen, "batch_size": 8, "group_size": 64,
                           "heldout_offset": args.num_samples * args.seqlen},
               "perplexity": {"window": 512, "stride": 512, "windows": args.windows},
-              "fp32_perplexity": perplexity(DecodedRunner(source.model), heldout, max_windows=args.windows,
+              "fp32_perplexity": perplexity(frontend.runner(source), heldout, max_windows=args.windows,
                                             progress=False)["perplexity"],
               "results": {}, "comparison": {}}
     print("fp32", result["fp32_perplexity"], flush=True)

@@ -36,7 +36,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.passmanager import Pass, PassContext, PassResult
-from qcompiler.quant import CompressedWeight, code_dtype, matrix_view
+from qcompiler.quant import CompressedWeight, code_dtype, matrix_view, quantize
 
 # iterations, samples, learning rate (None: 1 / iterations, 2 / iterations for <= 3 bits with >= 1000 of them)
 RECIPES = {"best": (1000, 512, None), "default": (200, 128, None), "light": (50, 128, 5e-3)}
@@ -100,6 +100,7 @@ class AutoRound(Pass):
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
         uses = {c.attrs["weight"]: us for c, us in graph.uses_by_weight().items()}
         samples = len(engine.data.samples)
+        self.skipped = {}
         generator = torch.Generator().manual_seed(o.seed)
         fp_inputs = q_inputs = engine.first_inputs()
         engine.release_first_inputs()  # held here only: one copy of the activations less
@@ -140,8 +141,6 @@ class AutoRound(Pass):
 
     def _targets(self, graph, block, consts, uses) -> dict:
         """The block's weights AutoRound tunes: 2-D MatMul weights of an integer format, not yet compressed."""
-        if not hasattr(self, "skipped"):
-            self.skipped = {}
         out = {}
         for name in block.weights:
             const = consts.get(name)
@@ -219,7 +218,6 @@ class _Tuner:
         self.alpha = torch.ones(n, k // self.g, 1, requires_grad=minmax)
         self.beta = torch.ones(n, k // self.g, 1, requires_grad=minmax)
         self.minmax = minmax
-        self.rtn = None
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta] if self.minmax else [self.v]
@@ -277,8 +275,6 @@ class _Tuner:
 
     def changed_fraction(self, cw: CompressedWeight) -> float:
         """Codes that differ from plain round to nearest (V = 0, alpha = beta = 1)."""
-        from qcompiler.quant import quantize
-
         rtn = quantize(self.w, (1,), self.fmt.mode, self.fmt.group_size)
         return float((rtn.codes.reshape(-1) != cw.codes.reshape(-1)).float().mean())
 

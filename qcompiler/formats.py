@@ -65,12 +65,6 @@ FORMATS: dict[str, FormatSpec] = {spec.name: spec for spec in (
 )}
 
 
-def holds(mode, bits=(), grids=("int",)) -> bool:
-    """Whether a store of `bits` codes on `grids` can keep `mode` exactly (a backend's capability)."""
-    spec = FORMATS[str(mode)]
-    return spec.bits in bits and spec.grid in grids
-
-
 def refuse_modes(config, backend: str, held, fix: str) -> None:
     """A one-line error, before any work, when `config` (a CompressionConfig, or None) assigns a mode
     the `backend` cannot store: `held(spec)` says which descriptions it can."""

@@ -79,6 +79,13 @@ class CompressedWeight:
         return (torch.equal(self.codes, other.codes) and torch.equal(self.scale, other.scale)
                 and (self.zero_point is None or torch.equal(self.zero_point, other.zero_point)))
 
+    def unsigned_codes(self) -> torch.Tensor:
+        """uint8 codes of an integer grid shifted to [0, 2^b): a symmetric code plus 2^(b-1) (zero point
+        2^(b-1)), an asymmetric one as it is; the form MatMulNBits and the checkpoint formats store."""
+        if self.mode.asymmetric:
+            return self.codes.to(torch.uint8)
+        return (self.codes.to(torch.int16) + (1 << (self.mode.bits - 1))).to(torch.uint8)
+
     def storage_bits(self) -> int:
         """Bits this weight needs in theory: codes, scales and zero points, nothing else."""
         bits = self.codes.numel() * self.mode.bits + self.scale.numel() * self.mode.scale_bits

@@ -24,7 +24,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qcompiler import __version__
@@ -32,6 +31,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.checkpoints import layouts, read
 from qcompiler.quant import CompressedWeight
+from qcompiler.runners import TransformersRunner
 
 WEIGHTS = "model.safetensors"
 AUTO_ROUND = "auto_round"
@@ -71,8 +71,7 @@ class CheckpointBackend:
     def check_formats(self, graph, options: dict | None = None) -> None:
         """Right after precision assignment: the Linears of the checkpoint's scheme fit its layout."""
         plan = _plan(graph, self)
-        for name, cw_shape, group in plan.quantized_shapes():
-            n, k = cw_shape
+        for name, (n, k) in plan.shapes:
             if self.layout(plan.scheme[0]) == layouts.AWQ and n % 8:
                 raise QCompilerError(f"awq packs 8 output channels per word; {name} has {n}: use --format gptq "
                                      "or compressed-tensors")
@@ -144,7 +143,7 @@ class CheckpointBackend:
         return scheme is not None and scheme.format == self.name
 
     def runner(self, path: Path):
-        return DecodedRunner(read.load_decoded(path))
+        return TransformersRunner(read.load_decoded(path))
 
 
 
@@ -158,12 +157,7 @@ class _Plan:
         self.linears: dict[str, tuple[str, CompressedWeight]] = {}
         self.decoded: dict[str, torch.Tensor] = {}
         self.stored_float: list[dict] = []
-        self.skipped_linears: list[str] = []
-        self.pending: list = []
-
-    def quantized_shapes(self):
-        for name, shape, group in self.pending:
-            yield name, shape, group
+        self.shapes: list[tuple[str, tuple[int, int]]] = []  # the scheme's weights, known before any is compressed
 
 
 def _plan(graph, backend: CheckpointBackend) -> _Plan:
@@ -196,7 +190,7 @@ def _plan(graph, backend: CheckpointBackend) -> _Plan:
     for const, fmt, use, name in candidates:
         if (fmt.mode, fmt.group_size) == plan.scheme:
             n, k = graph.tensor(const).shape
-            plan.pending.append((name, (n, k), fmt.group_size))
+            plan.shapes.append((name, (n, k)))
             cw = const.meta.get("compressed")
             if cw is not None:
                 plan.linears[name[: -len(".weight")]] = (name, cw)
@@ -208,8 +202,6 @@ def _plan(graph, backend: CheckpointBackend) -> _Plan:
         cw = const.meta.get("compressed")
         if cw is not None:
             plan.decoded[name] = cw.dequantize().to(graph.tensor(const).dtype)
-            if name.endswith(".weight"):
-                plan.skipped_linears.append(name[: -len(".weight")])
     return plan
 
 
@@ -247,16 +239,6 @@ def _quantization_config(backend: CheckpointBackend, plan: _Plan, model) -> dict
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},
             "ignore": float_linears, "kv_cache_scheme": None, "global_compression_ratio": None, **common}
-
-
-class DecodedRunner:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
-        with torch.no_grad():
-            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().numpy()
 
 
 @hookimpl

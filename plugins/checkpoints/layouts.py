@@ -34,13 +34,11 @@ def parts(cw: CompressedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(u [N, K] uint8, z [N, G] uint8, s [N, G] f16) of an integer-grid weight in the [N, K] view."""
     n, k = cw.matrix_shape
     bits = cw.mode.bits
-    codes = cw.codes.reshape(n, k).numpy()
+    u = cw.unsigned_codes().reshape(n, k).numpy()
     groups = cw.scale.numel() // n
     if cw.mode.asymmetric:
-        u = codes.astype(np.uint8)
         z = cw.zero_point.reshape(n, groups).numpy().astype(np.uint8)
     else:
-        u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
         z = np.full((n, groups), 1 << (bits - 1), dtype=np.uint8)
     return u, z, cw.scale.reshape(n, groups).numpy().astype(np.float16)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler.bitpack import NIBBLES, NIBBLES_HIGH_FIRST, pack
-from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.quant import CompressedWeight
 
@@ -43,10 +42,9 @@ class Blocks:
 
 
 def to_blocks(cw: CompressedWeight, name: str) -> Blocks:
-    if cw.mode in (Mode.NF4, Mode.MXFP4):
+    if not cw.mode.integer:
         raise ValueError(f"{cw.mode} has no MatMulNBits layout")
     n, k = cw.matrix_shape
-    codes = cw.codes.numpy()
     scale = cw.scale.float().numpy().reshape(n, -1)
     zero_point = None if cw.zero_point is None else cw.zero_point.numpy().reshape(n, -1)
     if cw.group_size == -1:
@@ -61,8 +59,7 @@ def to_blocks(cw: CompressedWeight, name: str) -> Blocks:
                 f"group size {block} of {name} is not a power of two >= {MIN_BLOCK}, which onnxruntime's "
                 "MatMulNBits needs: use --group-size 32, 64 or 128, or --backend openvino"
             )
-    unsigned = codes.astype(np.int16) + (1 << (cw.mode.bits - 1)) if not cw.mode.asymmetric else codes
-    unsigned = np.ascontiguousarray(unsigned, dtype=np.uint8).reshape(n, k // block, block)
+    unsigned = cw.unsigned_codes().numpy().reshape(n, k // block, block)
     if cw.mode.bits == 4:
         unsigned = pack(unsigned, NIBBLES)
     return Blocks(cw.mode.bits, block, n, k, np.ascontiguousarray(unsigned, np.uint8),

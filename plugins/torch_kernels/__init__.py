@@ -22,6 +22,7 @@ from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear
 from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
 from qcompiler.quant import CompressedWeight, matrix_view
 from qcompiler.rewrites import Epilogue, epilogues
+from qcompiler.runners import TransformersRunner
 
 LAYOUT = "qcompiler_torch.json"
 WEIGHTS = "model.safetensors"
@@ -190,27 +191,7 @@ def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...], signed: bool) -
     return unpack(packed.reshape(-1), NIBBLES, int(np.prod(shape)), signed=signed).reshape(shape)
 
 
-class TorchKernelsRunner:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
-        with torch.no_grad():
-            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().numpy()
-
-    def generate(self, input_ids: list[int], max_new_tokens: int, next_token, eos_token_id=None) -> list[int]:
-        ids, cache, new = list(input_ids), None, torch.tensor([input_ids])
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                out = self.model(input_ids=new, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                ids.append(next_token(out.logits[0, -1].float().numpy()))
-                if ids[-1] == eos_token_id:
-                    break
-                new = torch.tensor([[ids[-1]]])
-        return ids[len(input_ids):]
+TorchKernelsRunner = TransformersRunner  # the transformers model on int kernels runs like any other
 
 
 def _check_kernel(name: str, mode: Mode, group_size: int, n: int, k: int) -> None:
