@@ -26,6 +26,7 @@ Results go to the weight Constant's meta: "format" (WeightFormat or None = float
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from qcompiler.config import CompressionConfig, GroupSizeFallback, Mode, SensitivityMetric, WeightFormat
@@ -72,6 +73,13 @@ class PrecisionAssignment(Pass):
         consts = [c for c in by_const if c not in float_consts]
         for c in float_consts:
             _assign(c, None, "ignored")
+        if ctx.format_policy is not None:  # the backend's own rule (GGUF: llama.cpp's type choice)
+            formats = ctx.format_policy(graph, {c: by_const[c] for c in consts})
+            for c in consts:
+                _assign(c, formats[c], "format_policy")
+            chosen = Counter(str(f.mode) if f else "float" for f in formats.values())
+            return PassResult(True, {"primary": 0, "backup": 0, "float": len(float_consts) + chosen.pop("float", 0),
+                                     "format_policy": dict(chosen)})
 
         if not o.mode.low_bit:
             for c in consts:

@@ -27,7 +27,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
 SHORT_FORMATS = ("int8", "int4", "int3", "int2")  # take --sym (default asymmetric, as optimum-cli)
-WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode], "fp32"]
+WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode if not m.spec.ggml], "fp32"]  # GGUF types: --format gguf:T
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-validate-ignored", action="store_true", help="unknown ignored names are not an error")
     c.add_argument("--format", dest="output_format", metavar="FORMAT",
                    help="what to write: openvino, onnx or torch (runtime lowerings), or a checkpoint other tools "
-                        "load: gptq, gptq_v2, awq, compressed-tensors (default: the input's own format; openvino for "
+                        "load: gptq, gptq_v2, awq, auto_round, compressed-tensors, gguf:TYPE (TYPE: f32, f16, bf16, "
+                        "q8_0, q4_0, q4_1, q5_0, q5_1, q6_k, q4_k_m) (default: the input's own format; openvino for "
                         "transformers models)")
     c.add_argument("--backend", help="the same as --format")
     c.add_argument("--onnx-format", choices=["nbits", "qdq"],
@@ -325,12 +326,26 @@ def _compress(args) -> int:
         if args.backend is not None and args.backend != args.output_format:
             raise QCompilerError(f"--format {args.output_format} contradicts --backend {args.backend}: pass one of them")
         args.backend = args.output_format
-    config, defaults = config_from_args(args)
+    gguf_type = None
+    if args.backend is not None and args.backend.split(":")[0] == "gguf":  # gguf:TYPE names every weight's type
+        args.backend, _, gguf_type = args.backend.partition(":")
+        given = [f"--{name.replace('_', '-')}" for name in ("weight_format", *COMPRESSION_OPTIONS)
+                 if getattr(args, name, None) not in (None, False)]
+        if given or pass_options.any_given(args):
+            raise QCompilerError(f"--format gguf:{gguf_type or 'TYPE'} chooses every tensor's type as llama.cpp does, "
+                                 f"without data: drop {', '.join(given) or 'the pass options'}")
+        scope = IgnoredScope(names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
+                             types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored)
+        config, defaults = CompressionConfig(ignored_scope=scope), None  # the format's own choice (configure)
+    else:
+        config, defaults = config_from_args(args)
     output = args.output if args.output is not None else _default_output(args.model, config, defaults)
     if args.quiet:
         _quiet_libraries()
     load = load_options_from_args(args)
     options = backend_options_from_args(args)
+    if gguf_type:
+        options["type"] = gguf_type
     if defaults is not None and defaults.dq_group_size is not None:
         model = Path(args.model) if args.model else None
         onnx_input = model is not None and (model.suffix == ".onnx" or (model / "model.onnx").is_file())

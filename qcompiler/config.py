@@ -28,6 +28,13 @@ class Mode(str, Enum):
     INT2_ASYM = "int2_asym"
     NF4 = "nf4"
     MXFP4 = "mxfp4"
+    Q4_0 = "q4_0"  # GGUF block types (qcompiler.ggml): written by the gguf format only
+    Q4_1 = "q4_1"
+    Q5_0 = "q5_0"
+    Q5_1 = "q5_1"
+    Q8_0 = "q8_0"
+    Q4_K = "q4_k"
+    Q6_K = "q6_k"
 
     @property
     def spec(self) -> FormatSpec:
@@ -276,7 +283,7 @@ class CompressionConfig:
                 f"group size {group_size} is not a power of two: use 32, 64 or 128 (every backend's kernels take "
                 "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
             )
-        if not self.mode.low_bit:
+        if not self.mode.low_bit and not self.mode.spec.ggml:  # GGUF's q8_0 comes in blocks of 32
             if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or self.dataset is not None:
                 raise QCompilerError(
                     f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers, "

@@ -23,7 +23,8 @@ class FormatSpec:
     [-2^(b-1), 2^(b-1) - 1], the extreme value at -2^(b-1)); grid "table": codes index `levels`
     (NF4's 16 values, E2M1's), W ~ levels[q] * s. `scale_bits`: 16 for f16 scales, 8 for an E8M0
     exponent. `block`: the one group size the format allows (MX: 32), else None. `default_group`:
-    the group size when none is given (-1: one scale per output channel)."""
+    the group size when none is given (-1: one scale per output channel). grid "ggml": a GGUF block
+    type (`qcompiler.ggml`), stored as its blocks' bytes, which only the GGUF format writes."""
 
     name: str
     bits: int
@@ -37,6 +38,10 @@ class FormatSpec:
     @property
     def integer(self) -> bool:
         return self.grid == "int"
+
+    @property
+    def ggml(self) -> bool:
+        return self.grid == "ggml"
 
     @property
     def low_bit(self) -> bool:
@@ -62,6 +67,9 @@ FORMATS: dict[str, FormatSpec] = {spec.name: spec for spec in (
     FormatSpec("int2_asym", 2, asymmetric=True),
     FormatSpec("nf4", 4, grid="table", levels="nf4"),
     FormatSpec("mxfp4", 4, grid="table", levels="e2m1", scale_bits=8, block=32, default_group=32),
+    *(FormatSpec(name, bits, grid="ggml", block=block, default_group=block) for name, bits, block in (
+        ("q4_0", 4, 32), ("q4_1", 4, 32), ("q5_0", 5, 32), ("q5_1", 5, 32), ("q8_0", 8, 32), ("q4_k", 4, 256),
+        ("q6_k", 6, 256))),
 )}
 
 
@@ -72,6 +80,9 @@ def refuse_modes(config, backend: str, held, fix: str) -> None:
         return
     backup = config.backup_mode.mode if config.backup_mode is not None else None
     for mode in (config.mode, backup):
+        if mode is not None and FORMATS[str(mode)].ggml:
+            raise QCompilerError(f"the {backend} format cannot store GGUF {mode} blocks: write them with "
+                                 f"--format gguf:{mode}, or pick a --weight-format such as int4_sym")
         if mode is not None and not held(FORMATS[str(mode)]):
             raise QCompilerError(f"the {backend} format cannot store {mode} weights: {fix}")
 

@@ -40,12 +40,15 @@ class PassResult:
 class PassContext:
     """What passes share besides the graph: the config, the results of earlier passes, and the
     calibration engine (None without calibration data). `check_formats(graph)` is the chosen backend's
-    check that it can run every assigned format, called right after the pass that assigns them."""
+    check that it can run every assigned format, called right after the pass that assigns them.
+    `format_policy(graph, uses_by_const)`, when the backend has one (GGUF's llama.cpp type choice),
+    decides each weight's format in place of the config's mode, ratio and group size."""
 
     config: CompressionConfig
     results: dict[str, PassResult] = field(default_factory=dict)
     engine: Any = None
     check_formats: Any = None
+    format_policy: Any = None
 
 
 class Pass:

@@ -80,7 +80,8 @@ class CompressedModel:
             self.seconds["lower"] = time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
-            lowered["companions"] = self.frontend.save_companions(self.source, staging)
+            lowered["companions"] = (self.frontend.save_companions(self.source, staging)
+                                     if getattr(lowering, "writes_companions", True) else [])
             if lowered.get("config_json"):  # keys a checkpoint format adds to the model's config.json
                 _merge_config(staging, lowered["config_json"], backend)
             self.report = build_report(self, lowered, staging, backend)
@@ -151,6 +152,9 @@ def compress(
     inputs = [model] if isinstance(model, (str, Path)) else []
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
     lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None
+    if lowering is not None and hasattr(lowering, "configure"):  # a format that decides the weight formats (GGUF)
+        config = lowering.configure(config, dict(backend_options or {}))
+        passes = build_passes(config, registry)
     if lowering is not None:
         _check_backend(lowering, config, dict(backend_options or {}))
     # data-aware passes run the model's blocks with the real weights: no placeholders then
@@ -182,8 +186,10 @@ def compress(
         seconds["trace"] = _lap(start, steps, "passes")
         start = time.perf_counter()
         check = getattr(lowering, "check_formats", None)
+        policy = getattr(lowering, "format_policy", None)
         ctx = PassContext(config, check_formats=None if check is None else
-                          lambda g: check(g, dict(backend_options or {})))
+                          lambda g: check(g, dict(backend_options or {})),
+                          format_policy=None if policy is None else policy(dict(backend_options or {})))
         if config.dataset is not None:
             steps.set_description("calibration data")
             ctx.engine = calibration_engine(frontend, source, graph, config)

@@ -94,6 +94,33 @@ class CompressedWeight:
         return bits
 
 
+@dataclass
+class BlockWeight(CompressedWeight):
+    """A weight in a GGUF block type (`qcompiler.ggml`): `codes` holds the blocks' bytes, uint8
+    [N, K / block, bytes per block], scales and minimums inside them as GGUF stores them (`scale` is
+    empty, `zero_point` None)."""
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * self.mode.spec.block
+
+    def dequantize(self) -> torch.Tensor:
+        from qcompiler import ggml
+
+        n, k = self.matrix_shape
+        w = torch.from_numpy(ggml.dequantize(self.codes.reshape(n, -1).numpy(), self.mode.value, (n, k)))
+        return restore(w, self.shape, self.transposed)
+
+    def same_codes(self, other: CompressedWeight) -> bool:
+        return isinstance(other, BlockWeight) and self.mode == other.mode and torch.equal(self.codes, other.codes)
+
+    def unsigned_codes(self) -> torch.Tensor:
+        raise TypeError(f"{self.mode} blocks are not a grid of integer codes")
+
+    def storage_bits(self) -> int:
+        return self.codes.numel() * 8
+
+
 def scale_values(cw: CompressedWeight) -> torch.Tensor:
     return _scale_float(cw.mode, cw.scale)
 
@@ -134,8 +161,15 @@ def restore(matrix: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> t
 
 
 def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, group_size: int) -> CompressedWeight:
-    """Round-to-nearest quantization of one weight; `group_size` -1 means per output channel."""
+    """Round-to-nearest quantization of one weight; `group_size` -1 means per output channel.
+    GGUF block types use llama.cpp's reference quantizers (their own scale searches)."""
     matrix, transposed = matrix_view(tensor, reduction_axes)
+    if mode.spec.ggml:
+        from qcompiler import ggml
+
+        blocks = torch.from_numpy(ggml.quantize(matrix.float().numpy(), mode.value))
+        codes = blocks.reshape(matrix.shape[0], matrix.shape[1] // mode.spec.block, -1)
+        return BlockWeight(mode, mode.spec.block, codes, torch.empty(0), None, tuple(tensor.shape), transposed)
     w = grouped(matrix.float(), group_size)
     c = _kernels.get()
     if c is not None:  # the same formulas in C, one pass over memory, multithreaded
@@ -163,6 +197,8 @@ def fake_quantize(matrix: torch.Tensor, mode: Mode, group_size: int) -> torch.Te
     """Q(W) decoded, for a float matrix [N, K]: what `quantize(...).dequantize()` gives, without the
     layout bookkeeping (searches call it many times)."""
     cw = quantize(matrix, (1,), mode, group_size)
+    if isinstance(cw, BlockWeight):
+        return cw.dequantize().reshape(matrix.shape)
     values = decode_values(mode, cw.codes)
     if cw.zero_point is not None:
         values = values.sub_(cw.zero_point)
@@ -324,6 +360,10 @@ def quantization_error(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mo
 
 def theoretical_bits_per_weight(mode: Mode, group_size: int, k: int) -> float:
     """Bits per weight of a [N, K] matrix in `mode`: codes plus one scale (and zero point) per group."""
+    if mode.spec.ggml:
+        from qcompiler import ggml
+
+        return ggml.TYPES[mode.value].bits_per_weight
     g = k if group_size == -1 else group_size
     bits = mode.bits + mode.scale_bits / g
     return bits + mode.bits / g if mode.asymmetric else bits

@@ -1,0 +1,195 @@
+"""The GGUF format: `--format gguf:TYPE` writes `model.gguf`, the file llama.cpp, Ollama and
+transformers (`from_pretrained(folder, gguf_file="model.gguf")`) open.
+
+TYPE is llama.cpp's file type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q6_k, q4_k_m): it chooses
+every tensor's GGML type as llama.cpp's quantizer does (`policy`), in the precision pass, so the
+report lists the types and the round-to-nearest pass fills each weight with llama.cpp's reference
+quantizer (`qcompiler.ggml`); this backend then writes those blocks as they are, with the LLaMA
+metadata and tokenizer (`llama`). Data-aware passes do not target GGUF types yet: they are refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qcompiler import ggml
+from qcompiler.config import Mode, WeightFormat
+from qcompiler.errors import QCompilerError
+from qcompiler.hookspecs import hookimpl
+from qcompiler.plugins.gguf import llama, policy, read
+from qcompiler.quant import BlockWeight, matrix_view
+from qcompiler.runners import TransformersRunner
+
+FILE = "model.gguf"
+TYPES_HELP = ", ".join(policy.FILE_TYPES)
+
+
+class GGUFBackend:
+    name = "gguf"
+    lowers_epilogues = False
+    writes_companions = False  # the tokenizer and hyper-parameters live inside the file
+
+    def _file_type(self, options: dict) -> str:
+        extra = sorted(set(options) - {"type"})
+        if extra:
+            raise QCompilerError(f"the gguf format takes no options besides its type ({', '.join(extra)}): drop them")
+        file_type = options.get("type")
+        if file_type is None:
+            raise QCompilerError(f"name the GGUF type: --format gguf:TYPE, TYPE one of {TYPES_HELP}")
+        if file_type not in policy.FILE_TYPES:
+            raise QCompilerError(f"unknown GGUF type {file_type!r}: pick one of {TYPES_HELP}")
+        return file_type
+
+    def configure(self, config, options: dict):
+        """The config this file type implies: its default type as the mode (None for float files)."""
+        file_type = self._file_type(options)
+        data_aware = [name for name, on in config.passes.items() if on] + (["awq"] if config.awq else [])
+        if config.dataset is not None or data_aware:
+            raise QCompilerError("GGUF types are filled by llama.cpp's data-free quantizers here; the data-aware "
+                                 f"passes ({', '.join(data_aware) or '--dataset'}) do not target them yet: drop them, "
+                                 "or use --format openvino, gptq or auto_round")
+        if config.group_size is not None or config.ratio != 1.0:
+            raise QCompilerError(f"gguf:{file_type} sets every tensor's type and block as llama.cpp does: drop "
+                                 "--group-size and --ratio")
+        base = policy.FILE_TYPES[file_type][0]
+        mode = None if ggml.TYPES[base].float else Mode(base)
+        return config.replace(mode=mode, int8_above=None)
+
+    def check(self, config, options: dict) -> None:
+        self._file_type(options)
+
+    def format_policy(self, options: dict):
+        """The precision pass's rule for this file type: {weight Constant: WeightFormat or None}."""
+        file_type = self._file_type(options)
+
+        def assign(graph, uses_by_const) -> dict:
+            roles = {}
+            for const, uses in uses_by_const.items():
+                ops = {u.op.op for u in uses}
+                name, role, layer = llama.tensor_name(const.attrs["weight"])
+                if ops >= {"Gather", "MatMul"} or name == "output.weight":
+                    role = "output"  # a tied embedding is quantized as the output projection
+                roles[const] = (role, layer, matrix_view(graph.tensor(const), uses[0].reduction_axes)[0].shape[1])
+            layers = 1 + max((layer for _, layer, _ in roles.values() if layer is not None), default=0)
+            out = {}
+            for const, (role, layer, row) in roles.items():
+                t = policy.tensor_type(file_type, role, layer, layers, row)
+                out[const] = None if ggml.TYPES[t].float else WeightFormat(Mode(t), ggml.TYPES[t].block)
+            return out
+
+        return assign
+
+    def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
+        import gguf
+
+        file_type = self._file_type(options or {})
+        model = getattr(source, "model", None)
+        config = getattr(model, "config", None)
+        if not isinstance(model, torch.nn.Module) or config is None:
+            raise QCompilerError(f"the gguf format writes transformers models; this input is a "
+                                 f"{type(model).__name__}: use --format openvino or onnx")
+        llama.check_model(config)
+        writer = gguf.GGUFWriter(str(out_dir / FILE), llama.ARCH)
+        writer.add_type("model")
+        writer.add_name(_model_name(source))
+        llama.add_hparams(writer, config)
+        writer.add_file_type(policy.FILE_TYPES[file_type][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        reader = _input_gguf(source)
+        if reader is None or not llama.copy_tokenizer(writer, reader):
+            if getattr(source, "tokenizer", None) is None:
+                raise QCompilerError("the gguf format embeds the tokenizer, and this model has none: compress a "
+                                     "folder with its tokenizer")
+            llama.add_tokenizer(writer, source.tokenizer)
+        weight_bytes, types = {}, Counter()
+        consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
+        float_type = policy.FILE_TYPES[file_type][0] if ggml.TYPES[policy.FILE_TYPES[file_type][0]].float else "f32"
+        for key, ir_name, value in _tensors(model, graph, consts):
+            name, role, _ = llama.tensor_name(key)
+            const = consts.get(ir_name)
+            cw = const.meta.get("compressed") if const is not None else None
+            if cw is not None and not isinstance(cw, BlockWeight):
+                raise QCompilerError(f"{ir_name} was compressed as {cw.mode}, which is not a GGUF type: compress "
+                                     "with --format gguf:TYPE from the start")
+            if cw is not None:
+                if cw.transposed or len(cw.shape) != 2:
+                    raise QCompilerError(f"{ir_name} is not a [out, in] matrix: the gguf writer cannot store it")
+                data, type_name = cw.codes.reshape(cw.codes.shape[0], -1).numpy(), cw.mode.value
+            else:
+                type_name = "f32" if value.dim() == 1 else float_type
+                data = _float_array(value, type_name)
+            heads = {"attn_q": config.num_attention_heads,
+                     "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}.get(role)
+            if heads is not None and name.endswith(".weight"):
+                data = llama.permute_rows(data, heads)
+            kind = gguf.GGMLQuantizationType(ggml.TYPES[type_name].type_id)
+            if data.dtype == np.uint8:
+                writer.add_tensor(name, data, raw_dtype=kind)
+            else:
+                writer.add_tensor(name, data)
+            weight_bytes[ir_name] = data.nbytes
+            types[type_name] += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return {"files": [FILE], "weight_bytes": weight_bytes,
+                "gguf": {"file_type": file_type, "tensor_types": dict(types),
+                         "tokenizer": "copied from the input GGUF" if reader is not None else "converted (BPE)"}}
+
+    def can_load(self, path: Path) -> bool:
+        return (Path(path) / FILE).is_file()
+
+    def runner(self, path: Path):
+        """The file decoded by transformers' GGUF loader (to float), for `qcompiler eval`."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=FILE, dtype=torch.float32)
+        return TransformersRunner(model.eval())
+
+
+def _model_name(source) -> str:
+    path = getattr(source, "path", None)
+    return Path(path).name if path is not None else type(source.model).__name__
+
+
+def _input_gguf(source):
+    """The header of the GGUF the model came from, if it came from one."""
+    name, folder = getattr(source, "gguf", None), getattr(source, "path", None)
+    if not name or folder is None:
+        return None
+    return read.Header(Path(folder) / name)
+
+
+def _tensors(model, graph, consts):
+    """(transformers name, IR name, float value) of each tensor, once: lm_head tied to the embedding
+    is not written (transformers and llama.cpp tie them when `output.weight` is absent)."""
+    state = model.state_dict()
+    first_by_ptr: dict[int, str] = {}
+    for key, t in state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        ptr = t.data_ptr()
+        if ptr in first_by_ptr:
+            continue  # an alias (tied lm_head): its IR constant is the first name's
+        first_by_ptr[ptr] = key
+        aliases = [k for k, v in state.items() if v.data_ptr() == ptr]
+        ir_name = next((a for a in aliases if a in consts), key)
+        yield key, ir_name, graph.weights.get(ir_name, t).detach()
+
+
+def _float_array(value: torch.Tensor, type_name: str) -> np.ndarray:
+    if type_name == "f32":
+        return value.float().contiguous().numpy()
+    if type_name == "f16":
+        return value.to(torch.float16).contiguous().numpy()
+    return value.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)  # bf16 as raw bytes
+
+
+@hookimpl
+def qcompiler_register_backends():
+    return [GGUFBackend()]
