@@ -27,7 +27,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
 SHORT_FORMATS = ("int8", "int4", "int3", "int2")  # take --sym (default asymmetric, as optimum-cli)
-WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode if not m.spec.ggml], "fp32"]  # GGUF types: --format gguf:T
+WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode if not m.spec.ggml], "fp32", "keep"]  # GGUF types: --format gguf:T
 
 
 class _Parser(argparse.ArgumentParser):
@@ -290,6 +290,12 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
             raise QCompilerError("fp32 keeps every weight in float: drop --group-size and --sym")
         return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
                                  **_data_aware(args))
+    if mode == "keep":  # lower an already-quantized input with its own codes
+        given = [f"--{name.replace('_', '-')}" for name in COMPRESSION_OPTIONS if getattr(args, name, None) not in (None, False)]
+        if given or pass_options.any_given(args):
+            raise QCompilerError(f"--weight-format keep lowers the input's own codes and compresses nothing again: "
+                                 f"drop {', '.join(given) or 'the pass options'}")
+        return CompressionConfig(mode=None, keep=True, ignored_scope=scope)
     if mode in SHORT_FORMATS:
         mode = f"{mode}_{'sym' if args.sym else 'asym'}"
     elif args.sym and mode.endswith("_asym"):
@@ -387,7 +393,7 @@ def backend_options_from_args(args) -> dict:
 
 def _default_output(model, config: CompressionConfig, defaults) -> str:
     name = Path(model).resolve().stem if model else "SmolLM2-135M-Instruct"
-    fmt = "auto" if config.int8_above is not None else config.mode.value if config.mode else "fp32"
+    fmt = "auto" if config.int8_above is not None else config.mode.value if config.mode else "keep" if config.keep else "fp32"
     return str(Path("out") / f"{name}-{fmt}")
 
 

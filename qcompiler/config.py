@@ -172,7 +172,9 @@ class CompressionConfig:
     `mode=None` compresses nothing: the backend writes the float model (optimum's `fp32`), the
     baseline a compressed artifact is measured against; with `int8_above` set, a model of at least
     that many weight parameters is compressed to int8_asym instead (optimum-intel's rule when no
-    weight format is given; the pipeline decides after tracing).
+    weight format is given; the pipeline decides after tracing). `keep=True` (with `mode=None`) lowers
+    an already-quantized input (GGUF, GPTQ, AWQ, auto_round, compressed-tensors) with its own codes
+    (the `keep` pass), compressing nothing again.
 
     `backup_scope` matches weights that skip the primary precision and take the backup one (the
     first stage of a two-stage config such as gpt-oss's: attention and router in int8).
@@ -207,6 +209,7 @@ class CompressionConfig:
     sensitivity_metric: SensitivityMetric | None = None
     statistics_path: str | None = None
     passes: dict = field(default_factory=dict)
+    keep: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, list):
@@ -267,6 +270,10 @@ class CompressionConfig:
         if self.int8_above is not None and self.mode is not None:
             raise QCompilerError("int8_above decides the format of a config without one: leave mode unset")
         self._validate_data_aware()
+        if self.keep and (self.mode is not None or self.awq or self.ratio != 1.0 or self.group_size is not None
+                          or self.dataset is not None or self.int8_above is not None or self.switched_on()):
+            raise QCompilerError("keep lowers the input's own codes and compresses nothing again: pass it alone "
+                                 "(mode=None; drop --ratio, --group-size, --awq and the data-aware options)")
         if self.mode is None:
             if self.awq or self.ratio != 1.0 or self.all_layers or self.dataset is not None:
                 raise QCompilerError("fp32 keeps every weight in float: drop --awq, --ratio, --all-layers and the "

@@ -277,3 +277,33 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
 
 
 _QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q4_k": _q4_k, "q6_k": _q6_k}
+
+
+def fields(data: np.ndarray, type_name: str) -> dict[str, np.ndarray]:
+    """The parts of blocks [R, size] of an integer-grid type, per row of blocks (R, groups per block, ...):
+    "codes" uint8 [R, G, g], "d" f16 [R, G] and, for the types with a minimum, "m" f16 [R, G], with
+    x = d * (codes - offset) + m (offset 8 for q4_0, 0 for q4_1 and q4_k, 128 for q8_0's two's complement).
+    q4_k's d and m are per 32-value sub-block: f16 super-block scale times the 6-bit sub-scale, in f32."""
+    b = np.ascontiguousarray(data, dtype=np.uint8)
+    r = b.shape[0]
+
+    def nibbles(qs):  # [R, 16] -> 32 codes: byte j = code j (low), code j + 16 (high)
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=1)[:, None, :]
+
+    if type_name == "q4_0":
+        return {"codes": nibbles(b[:, 2:18]), "d": b[:, 0:2].copy().view(np.float16)}
+    if type_name == "q4_1":
+        return {"codes": nibbles(b[:, 4:20]), "d": b[:, 0:2].copy().view(np.float16),
+                "m": b[:, 2:4].copy().view(np.float16)}
+    if type_name == "q8_0":
+        return {"codes": b[:, None, 2:34].view(np.int8), "d": b[:, 0:2].copy().view(np.float16)}
+    if type_name == "q4_k":
+        d = b[:, 0:2].copy().view(np.float16).astype(F32)
+        dmin = b[:, 2:4].copy().view(np.float16).astype(F32)
+        s = b[:, 4:16].astype(np.uint16)
+        sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+        mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+        qs = b[:, 16:144].reshape(r, 4, 32)
+        codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(r, 8, 32)
+        return {"codes": codes, "d": d * sc.astype(F32), "m": -(dmin * mn.astype(F32))}
+    raise ValueError(f"{type_name} blocks are not one integer grid per group of 32")

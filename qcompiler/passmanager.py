@@ -49,6 +49,7 @@ class PassContext:
     engine: Any = None
     check_formats: Any = None
     format_policy: Any = None
+    stored_weights: Any = None  # --weight-format keep: the input's own codes (frontend.stored_weights)
 
 
 class Pass:

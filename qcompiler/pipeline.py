@@ -25,7 +25,7 @@ from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
-DEFAULT_PIPELINE = ("ignored_scope", "precision", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
+DEFAULT_PIPELINE = ("ignored_scope", "keep", "precision", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
                     "lora_correction", "rtn")
 
 
@@ -190,6 +190,12 @@ def compress(
         ctx = PassContext(config, check_formats=None if check is None else
                           lambda g: check(g, dict(backend_options or {})),
                           format_policy=None if policy is None else policy(dict(backend_options or {})))
+        if config.keep:
+            stored = getattr(frontend, "stored_weights", None)
+            if stored is None:
+                raise QCompilerError(f"the {frontend.name} frontend reads no stored codes: --weight-format keep needs a "
+                                     "GGUF or a GPTQ / AWQ / auto_round / compressed-tensors checkpoint")
+            ctx.stored_weights = stored(source)
         if config.dataset is not None:
             steps.set_description("calibration data")
             ctx.engine = calibration_engine(frontend, source, graph, config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qcompiler import _kernels
@@ -119,6 +120,36 @@ class BlockWeight(CompressedWeight):
 
     def storage_bits(self) -> int:
         return self.codes.numel() * 8
+
+
+def integer_form(cw: BlockWeight) -> tuple[CompressedWeight, bool] | None:
+    """The GGUF blocks of `cw` as an integer grid of groups of 32 (what OpenVINO, ONNX and the
+    checkpoint formats store), and whether it decodes to exactly the same values; None when no such
+    grid exists (q5_*, q6_k: 5- and 6-bit codes).
+    - q4_0 -> int4_sym (codes q - 8, scale d) and q8_0 -> int8_sym (codes q, scale d): exact.
+    - q4_1 (x = d q + m) and q4_k (x = d_j q - m_j) -> int4_asym with the codes as they are, f16 scale d
+      and a zero point -m / d in f16 (a float zero point, not the integer one of int4_asym): close, not
+      exact (f16 rounding of -m / d, and for q4_k of the product d_j).
+    """
+    from qcompiler import ggml
+
+    name = cw.mode.value
+    if name not in ("q4_0", "q8_0", "q4_1", "q4_k"):
+        return None
+    n, k = cw.matrix_shape
+    f = ggml.fields(cw.codes.reshape(-1, ggml.TYPES[name].size).numpy(), name)
+    per_row = k // 32
+    codes = torch.from_numpy(np.ascontiguousarray(f["codes"])).reshape(n, per_row, 32)
+    d = torch.from_numpy(np.asarray(f["d"], dtype=np.float32)).reshape(n, per_row, 1)
+    if name in ("q4_0", "q8_0"):
+        mode = Mode.INT4_SYM if name == "q4_0" else Mode.INT8_SYM
+        signed = codes.to(torch.int8) - 8 if name == "q4_0" else codes.to(torch.int8)
+        return CompressedWeight(mode, 32, signed.to(torch.int8), d.half(), None, cw.shape, cw.transposed), True
+    m = torch.from_numpy(np.asarray(f["m"], dtype=np.float32)).reshape(n, per_row, 1)
+    scale = d.half()
+    safe = torch.where(scale.float() == 0, torch.ones_like(d), scale.float())
+    zero = (-m / safe).half()
+    return CompressedWeight(Mode.INT4_ASYM, 32, codes.to(torch.uint8), scale, zero, cw.shape, cw.transposed), False
 
 
 def scale_values(cw: CompressedWeight) -> torch.Tensor:

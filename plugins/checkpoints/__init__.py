@@ -57,7 +57,7 @@ class CheckpointBackend:
         if config is None:
             return
         if config.mode is None:
-            if config.int8_above is None:  # fp32: nothing for the format's quantized layers to hold
+            if config.int8_above is None and not config.keep:  # fp32: nothing for the format's quantized layers to hold
                 raise QCompilerError(f"the {self.name} format stores quantized weights, and fp32 compresses none: "
                                      "pass --weight-format int4 (or int8), or use --format openvino for a float model")
             return

@@ -11,10 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.plugins.checkpoints import layouts
+from qcompiler.quant import CompressedWeight
 
 SUFFIXES = {layouts.GPTQ: ("qweight", "qzeros", "scales", "g_idx"), layouts.GPTQ_V2: ("qweight", "qzeros", "scales", "g_idx"),
             layouts.AWQ: ("qweight", "qzeros", "scales"),
@@ -82,9 +85,11 @@ def scheme_of(folder: Path) -> Scheme | None:
     return None
 
 
-def decoded_tensors(folder: Path, scheme: Scheme, tensors: dict, shapes: dict) -> dict[str, torch.Tensor]:
+def decoded_tensors(folder: Path, scheme: Scheme, tensors: dict, shapes: dict,
+                    codes: dict | None = None) -> dict[str, torch.Tensor]:
     """{module path + '.weight': float32 W [N, K]} of every quantized Linear in `tensors`, whose
-    [N, K] is `shapes[path]`."""
+    [N, K] is `shapes[path]`. With `codes` (a dict), also each weight's codes as a CompressedWeight
+    (`stored_weight`), or a string saying why they cannot be kept."""
     suffixes = SUFFIXES[scheme.layout]
     out = {}
     for key in [k for k in tensors if k.endswith("." + suffixes[0])]:
@@ -97,7 +102,8 @@ def decoded_tensors(folder: Path, scheme: Scheme, tensors: dict, shapes: dict) -
         try:
             u, z, s = layouts.decode(scheme.layout, parts, scheme.bits, n, k, not scheme.sym)
             g_idx = parts.get("g_idx", parts.get("weight_g_idx"))
-            w = layouts.dequantize(u, z, s, None if g_idx is None else g_idx.numpy().astype("int64"))
+            g_idx = None if g_idx is None else g_idx.numpy().astype("int64")
+            w = layouts.dequantize(u, z, s, g_idx)
         except (KeyError, ValueError, IndexError) as exc:
             raise QCompilerError(f"{folder}: the tensors of {path} do not match its quantization_config "
                                  f"({scheme.format}, {scheme.bits}-bit, group {scheme.group_size}): {exc}") from None
@@ -105,12 +111,37 @@ def decoded_tensors(folder: Path, scheme: Scheme, tensors: dict, shapes: dict) -
             raise QCompilerError(f"{folder}: {path} decodes to {list(w.shape)}, its Linear is [{n}, {k}]: the "
                                  "checkpoint does not match its config")
         out[f"{path}.weight"] = torch.from_numpy(w)
+        if codes is not None:
+            codes[f"{path}.weight"] = stored_weight(scheme, u, z, s, g_idx)
     return out
 
 
-def load_decoded(folder: str | Path):
+def stored_weight(scheme: Scheme, u, z, s, g_idx) -> CompressedWeight | str:
+    """The decoded parts of one Linear as the IR's CompressedWeight (codes kept bit for bit), or why not."""
+    n, k = u.shape
+    groups = s.shape[1]
+    g = k // groups
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // g):
+        return ("act-order (g_idx): its groups are not consecutive input channels, which no lowering stores; "
+                "re-quantize it instead (--weight-format int4: the decoded weights are exact)")
+    if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+        return "its scales are not f16 values (the IR and every lowering store f16 scales)"
+    grouped = (n, groups, g) if groups > 1 else (n, k)
+    per_group = (n, groups, 1) if groups > 1 else (n, 1)
+    scale = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float16).reshape(per_group))
+    half = 1 << (scheme.bits - 1)
+    if scheme.sym and (z == half).all():
+        codes = torch.from_numpy((u.astype(np.int16) - half).astype(np.int8).reshape(grouped))
+        return CompressedWeight(Mode(f"int{scheme.bits}_sym"), g if groups > 1 else -1, codes, scale, None, (n, k))
+    codes = torch.from_numpy(np.ascontiguousarray(u, dtype=np.uint8).reshape(grouped))
+    zero = torch.from_numpy(np.ascontiguousarray(z, dtype=np.uint8).reshape(per_group))
+    return CompressedWeight(Mode(f"int{scheme.bits}_asym"), g if groups > 1 else -1, codes, scale, zero, (n, k))
+
+
+def load_decoded(folder: str | Path, codes: dict | None = None):
     """The transformers model of a quantized checkpoint, its Linears decoded to float32 by `layouts`
-    (independent of the loaders of the tools that wrote it)."""
+    (independent of the loaders of the tools that wrote it). With `codes` (a dict), each quantized
+    Linear weight's codes too (`decoded_tensors`)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,7 +165,7 @@ def load_decoded(folder: str | Path):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     shapes = {path: (m.out_features, m.in_features) for path, m in model.named_modules()
               if isinstance(m, torch.nn.Linear)}
-    state = decoded_tensors(folder, scheme, tensors, shapes)
+    state = decoded_tensors(folder, scheme, tensors, shapes, codes)
     suffixes = set(SUFFIXES[scheme.layout])
     state.update({k: v.float() for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in suffixes})
     missing, unexpected = model.load_state_dict(state, strict=False)

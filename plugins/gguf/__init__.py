@@ -47,6 +47,9 @@ class GGUFBackend:
     def configure(self, config, options: dict):
         """The config this file type implies: its default type as the mode (None for float files)."""
         file_type = self._file_type(options)
+        if config.keep:
+            raise QCompilerError("writing an input's kept codes as GGUF is not supported yet: re-quantize with "
+                                 f"--format gguf:{file_type} (without --weight-format keep)")
         data_aware = [name for name, on in config.passes.items() if on] + (["awq"] if config.awq else [])
         if config.dataset is not None or data_aware:
             raise QCompilerError("GGUF types are filled by llama.cpp's data-free quantizers here; the data-aware "

@@ -54,6 +54,25 @@ def tensor_name(hf_name: str) -> tuple[str, str, int | None]:
     return f"blk.{m.group(1)}.{role}.{m.group(3)}", role, int(m.group(1))
 
 
+def hf_name(gguf_name: str) -> str | None:
+    """The transformers LLaMA tensor name of a GGUF one (None if it has none)."""
+    for hf, gguf in OUTSIDE.items():
+        if gguf == gguf_name:
+            return hf
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk":
+        module = next((m for m, role in IN_LAYER.items() if role == parts[2]), None)
+        if module is not None:
+            return f"model.layers.{parts[1]}.{module}.{parts[3]}"
+    return None
+
+
+def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
+    """GGML's q/k row order -> transformers' (the inverse of `permute_rows`)."""
+    n = rows.shape[0]
+    return rows.reshape(heads, n // heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def permute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     """transformers' q/k row order -> GGML's (rows [out, ...], any dtype: float rows or block bytes)."""
     n = rows.shape[0]

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.config import CompressionConfig, Mode
 from qcompiler.errors import QCompilerError
-from qcompiler.formats import LOW_BIT_FIX, refuse_modes
+from qcompiler.formats import LOW_BIT_FIX, refuse_float_zero_point, refuse_modes
 from qcompiler.ir import Graph
 from qcompiler.rewrites import rewritten_params
 from qcompiler.plugins.onnx import layout
@@ -80,6 +80,7 @@ def check_formats(graph: Graph, options: ONNXOptions) -> None:
         if fmt is None:
             continue
         name = const.attrs["weight"]
+        refuse_float_zero_point(const, "onnx")
         for use in uses:
             if use.op.op == "Gather" and fmt.mode is Mode.NF4:
                 raise QCompilerError(f"NF4 embeddings have no onnxruntime kernel ({name}): leave them in backup "

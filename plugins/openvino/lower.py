@@ -220,7 +220,11 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: lis
     codes = _constant(cw.codes, CODE_TYPES[cw.mode], name, keep)
     w = ops.convert(codes, ov.Type.f16)
     nbytes = codes.get_byte_size()
-    if cw.zero_point is not None:
+    if cw.zero_point is not None and cw.zero_point.is_floating_point():  # a float zero point (GGUF q4_1 / q4_k)
+        zp = ops.constant(np.ascontiguousarray(cw.zero_point.half().numpy()), name=f"{name}/zero_point")
+        w = ops.subtract(w, zp, name=f"{name}/zero_point/subtract")
+        nbytes += zp.get_byte_size()
+    elif cw.zero_point is not None:
         zp_type = ov.Type.u8 if cw.mode.bits == 8 else ov.Type.u4
         zp = _constant(cw.zero_point, zp_type, f"{name}/zero_point", keep)
         w = ops.subtract(w, ops.convert(zp, ov.Type.f16), name=f"{name}/zero_point/subtract")
@@ -229,7 +233,7 @@ def _decompression(cw: CompressedWeight, name: str, out_type: ov.Type, keep: lis
         scale = _constant(cw.scale, ov.Type.f8e8m0, f"{name}/scale", keep)
         w = ops.multiply(w, ops.convert(scale, ov.Type.f16), name=f"{name}/fq_weights_1")
     else:
-        scale = ops.constant(cw.scale.numpy(), name=f"{name}/scale")
+        scale = ops.constant(np.ascontiguousarray(cw.scale.numpy()), name=f"{name}/scale")  # OV reads a strided f16 array as int16
         w = ops.multiply(w, scale, name=f"{name}/fq_weights_1")
     nbytes += scale.get_byte_size()
     n, k = cw.matrix_shape

@@ -30,6 +30,7 @@ class TorchSource:
     info: dict = field(default_factory=dict)
     lazy: tuple | None = None  # (placeholders {parameter name: file key}, reader): see lazy.py
     spec: Any = None  # the family's qcompiler.model_spec.ModelSpec, when a plugin registered one
+    codes: dict | None = None  # a quantized checkpoint's codes (checkpoints.read), for --weight-format keep
 
     @property
     def block_path(self) -> str | None:
@@ -79,8 +80,8 @@ class TorchFrontend:
                 )
             return TorchSource(model, None, _as_kwargs(model, example_input))
         folder = Path(model)
-        module, tokenizer, gguf, lazy = hf.load_causal_lm(folder, options)
-        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy)
+        module, tokenizer, gguf, lazy, codes = hf.load_causal_lm(folder, options)
+        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy, codes=codes)
 
     def trace(self, source: TorchSource) -> Graph:
         with dense_experts(source.model):  # MoE experts as MatMuls on their batched weights
@@ -92,6 +93,18 @@ class TorchFrontend:
 
     def runner(self, source: TorchSource):
         return TorchRunner(source.model)
+
+    def stored_weights(self, source: TorchSource) -> dict:
+        """{weight name: CompressedWeight, or why its codes cannot be kept} of an already-quantized input
+        (a GGUF of GGML block types, a GPTQ / AWQ / auto_round / compressed-tensors checkpoint); {} for a
+        float model."""
+        if source.codes is not None:
+            return source.codes
+        if source.gguf and source.path is not None:
+            from qcompiler.plugins.torch.stored import gguf_weights
+
+            return gguf_weights(Path(source.path) / source.gguf, source.model)
+        return {}
 
     def executor(self, source: TorchSource, graph: Graph):
         """The calibration engine's block executor (see `qcompiler.protocols.BlockExecutor`)."""

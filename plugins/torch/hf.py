@@ -58,9 +58,12 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     options = options or LoadOptions()
     gguf = None if (folder / "config.json").is_file() else gguf_file(folder)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    if (folder / ".qcompiler-artifact").is_file() or (folder / "qcompiler_torch.json").is_file():
+    scheme = None if gguf else _checkpoint_scheme(folder)
+    if scheme is None and ((folder / ".qcompiler-artifact").is_file() or (folder / "qcompiler_torch.json").is_file()):
         raise QCompilerError(f"{folder} is an artifact qcompiler wrote, not a float model: compress or evaluate the "
                              "original model (the artifact's qcompiler_report.json names it)")
+    if scheme is not None:  # GPTQ / AWQ / auto_round / compressed-tensors: decoded here, no tool's loader runs
+        return _load_checkpoint(folder, options)
     if gguf is None:
         config = check_remote_code(folder, options.trust_remote_code)
         kwargs["use_safetensors"], names = check_weight_files(folder, options.allow_pickle)
@@ -96,7 +99,33 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     model.config.use_cache = False
     if gguf and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # dequantized to float: exporters must not treat it as quantized
-    return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None)
+    return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None), None
+
+
+def _checkpoint_scheme(folder: Path):
+    from qcompiler.plugins.checkpoints.read import scheme_of
+
+    return scheme_of(folder)
+
+
+def _load_checkpoint(folder: Path, options: LoadOptions):
+    """(model, tokenizer, None, None, stored codes) of a quantized checkpoint, decoded by
+    `checkpoints.read` (its codes kept for --weight-format keep)."""
+    from transformers import AutoTokenizer
+
+    from qcompiler.plugins.checkpoints.read import load_decoded
+
+    check_remote_code(folder, options.trust_remote_code)
+    check_weight_files(folder, options.allow_pickle)
+    codes: dict = {}
+    model = load_decoded(folder, codes)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+    except Exception:
+        logging.getLogger("qcompiler").warning("no usable tokenizer in %s: the artifact will have none", folder)
+        tokenizer = None
+    model.config.use_cache = False
+    return model, tokenizer, None, None, codes
 
 
 def auto_class(spec):

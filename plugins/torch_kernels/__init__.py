@@ -16,7 +16,7 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
-from qcompiler.formats import LOW_BIT_FIX, refuse_modes
+from qcompiler.formats import LOW_BIT_FIX, refuse_float_zero_point, refuse_modes
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
@@ -42,6 +42,7 @@ class TorchKernelsBackend:
         """Every assigned format has a kernel here (called right after precision assignment)."""
         for const, uses in graph.uses_by_weight().items():
             fmt = const.meta.get("format")
+            refuse_float_zero_point(const, "torch")
             if fmt is not None and any(u.op.op == "MatMul" for u in uses):
                 if graph.tensor(const).dim() > 2:
                     raise QCompilerError(
