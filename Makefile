@@ -12,7 +12,10 @@ OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
 CLIENTS_VENV := .venv-clients
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
 
-.PHONY: demo test bench clean
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+
+.PHONY: demo test bench bench-gguf clean
 
 # PYTHONWARNINGS=ignore: setuptools' build backend warns in blocks of asterisks about editable installs
 # and ext-modules, which are not a newcomer's business on a first `make demo`.
@@ -55,6 +58,18 @@ bench: $(STAMP) $(OPTIMUM_STAMP) $(CLIENTS_STAMP)
 	$(PY) -m pip install -q "nncf>=3.0"
 	$(PY) benchmarks/compare_nncf.py
 	$(PY) benchmarks/backends.py
+
+# llama.cpp itself, through llama-cpp-python built from source (about 25 minutes on 2 cores): benchmark only.
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q --upgrade pip numpy
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF" $(LLAMA_VENV)/bin/python -m pip install -q llama-cpp-python==0.3.36
+	touch $(LLAMA_STAMP)
+
+bench-gguf: $(STAMP) $(LLAMA_STAMP)
+	$(PY) benchmarks/gguf_compare.py
+	$(PY) benchmarks/llama_cpp_bench.py
 
 clean:
 	rm -rf out benchmarks/results

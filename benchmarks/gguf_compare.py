@@ -38,7 +38,8 @@ CLI = [sys.executable, "-m", "qcompiler.cli"]
 
 def _run(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([*CLI, *args, "--quiet"], check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    quiet = ["--quiet"] if args[0] == "compress" else []
+    subprocess.run([*CLI, *args, *quiet], check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     return time.perf_counter() - start
 
 

@@ -140,6 +140,11 @@ def format_report(report: dict) -> str:
     awq = report["passes"].get("awq")
     if awq is not None:
         lines.append(f"AWQ: {awq['matched']} patterns matched, {awq['applied']} applied")
+    lines += _keep_lines(report["passes"].get("keep"))
+    policy = report["passes"].get("precision", {}).get("format_policy")
+    if policy:
+        lines.append(f"types chosen by the {report['backend']} format's rule: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(policy.items())))
     lines += _data_aware_lines(report)
     adjusted = report["passes"].get("precision", {}).get("adjusted_group_size") or {}
     if adjusted:
@@ -149,6 +154,23 @@ def format_report(report: dict) -> str:
     if fallen:
         lines.append(f"group size does not divide {len(fallen)} layers: they use the backup precision")
     return "\n".join(lines)
+
+
+def _keep_lines(keep: dict | None) -> list[str]:
+    """What --weight-format keep took from the input, what it lowered approximately and what it left float."""
+    if keep is None:
+        return []
+    lines = ["kept the input's codes: " + ", ".join(f"{k} {v}" for k, v in sorted(keep["kept"].items()))]
+    approx = keep.get("approximate") or []
+    if approx:
+        worst = max(approx, key=lambda a: a["rel_rms_diff"])
+        lines.append(f"  {len(approx)} of them not bit-exact ({worst['from']} -> {worst['to']}): worst relative RMS "
+                     f"difference from the input's values {worst['rel_rms_diff']:.2e} ({worst['weight']})")
+    floats = keep.get("stored_float") or []
+    if floats:
+        reasons = sorted({f["reason"] for f in floats})
+        lines.append(f"  {len(floats)} weights decoded to float instead: {'; '.join(reasons)[:240]}")
+    return lines
 
 
 def _data_aware_lines(report: dict) -> list[str]:

@@ -249,3 +249,19 @@ def test_smollm2_q4_0_equals_gguf_py_tensor_for_tensor(smollm2_folder, tmp_path)
     assert kinds == {"Q4_0": 210, "Q8_0": 1, "F32": 61}
     report = result.report
     assert report["backend"] == "gguf" and report["model_bytes"] == path.stat().st_size
+
+
+def test_the_gguf_load_speedup_is_undone_after_the_load_even_on_error():
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    from qcompiler.plugins.torch import hf
+
+    before = (gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map)
+    with pytest.raises(RuntimeError):
+        with hf._gguf_parsed_once():
+            assert gguf.GGUFReader is not before[0] and loader.load_gguf_checkpoint is not before[1]
+            arch = gguf.MODEL_ARCH.LLAMA
+            assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)  # built once
+            raise RuntimeError("a failing load")
+    assert (gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == before

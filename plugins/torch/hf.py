@@ -6,11 +6,13 @@ its folder is found without importing the package (which needs `llm`).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
 import re
 import struct
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -53,8 +55,6 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     weights load only with `allow_pickle` (and then with torch's weights-only loader), and every
     safetensors file's header is checked against the file's size, so a truncated or foreign file is
     one line, not a traceback from deep inside the loader."""
-    from transformers import AutoTokenizer
-
     options = options or LoadOptions()
     gguf = None if (folder / "config.json").is_file() else gguf_file(folder)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -73,33 +73,80 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     lazy = None
     if gguf is None and options.lazy_weights and kwargs["use_safetensors"]:
         lazy = _load_lazy(folder, options.trust_remote_code, auto)
-    try:
-        if lazy is not None:
-            model, info = lazy[0], {}
-        else:
-            model, info = auto.from_pretrained(
-                folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
-                **kwargs)
-    except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
-        raise QCompilerError(f"cannot load the model in {folder}: {_first_line(exc)} -- pass a transformers model "
-                             "folder (config.json and weights) or a folder with a readable .gguf file") from None
+    parsed_once = _gguf_parsed_once() if gguf else nullcontext()
+    with parsed_once:
+        try:
+            if lazy is not None:
+                model, info = lazy[0], {}
+            else:
+                model, info = auto.from_pretrained(
+                    folder, dtype=torch.float32, trust_remote_code=options.trust_remote_code, output_loading_info=True,
+                    **kwargs)
+        except Exception as exc:  # a user's files can fail in any of the loaders' own exception types
+            raise QCompilerError(f"cannot load the model in {folder}: {_first_line(exc)} -- pass a transformers model "
+                                 "folder (config.json and weights) or a folder with a readable .gguf file") from None
+        tokenizer = _tokenizer(folder, options, kwargs)
+    model.eval()
     missing = sorted(info.get("missing_keys") or []) if gguf is None else []
     if missing:
         raise QCompilerError(f"the weights in {folder} lack {len(missing)} of the model's tensors "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random: "
                              "the folder's config.json and weights do not belong together")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
-                                                  **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    except Exception:
-        logging.getLogger("qcompiler").warning(
-            "no usable tokenizer in %s: the artifact will have none (eval and generation need one)", folder)
-        tokenizer = None
-    model.eval()
     model.config.use_cache = False
     if gguf and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # dequantized to float: exporters must not treat it as quantized
     return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None), None
+
+
+def _tokenizer(folder: Path, options: LoadOptions, kwargs: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
+                                             **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except Exception:
+        logging.getLogger("qcompiler").warning(
+            "no usable tokenizer in %s: the artifact will have none (eval and generation need one)", folder)
+        return None
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """While transformers loads one GGUF: its header parsed once, not three times (config, tokenizer and
+    weights each build a gguf.GGUFReader and walk its 100k vocabulary values: about 4 s each for SmolLM2),
+    and gguf's tensor-name map built once, not once per module (about 5 s). transformers imports these
+    names at call time, so the swap is seen, and it is undone when the load ends."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    make_reader, load, name_map = gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map
+    readers: dict = {}
+    metadata: dict = {}
+    maps: dict = {}
+
+    def name_map_once(arch, n_blocks):  # transformers builds it again for each of the model's ~400 modules
+        if (arch, n_blocks) not in maps:
+            maps[(arch, n_blocks)] = name_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    def reader(path, *args, **kw):
+        key = (str(path), args, tuple(sorted(kw.items())))
+        if key not in readers:
+            readers[key] = make_reader(path, *args, **kw)
+        return readers[key]
+
+    def load_once(path, return_tensors=False, **kw):
+        if return_tensors or kw:
+            return load(path, return_tensors=return_tensors, **kw)
+        if str(path) not in metadata:
+            metadata[str(path)] = load(path, return_tensors=False)
+        return copy.deepcopy(metadata[str(path)])
+
+    gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map = reader, load_once, name_map_once
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map = make_reader, load, name_map
 
 
 def _checkpoint_scheme(folder: Path):
