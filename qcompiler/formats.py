@@ -91,12 +91,11 @@ LOW_BIT_FIX = ("2- and 3-bit codes are written by the checkpoint formats (--form
                "compressed-tensors); for this format use a 4- or 8-bit mode such as int4_sym")
 
 
-def refuse_float_zero_point(const, backend: str) -> None:
-    """A one-line error when a weight kept from a GGUF (q4_1 / q4_k) carries a float zero point, which
-    only the OpenVINO lowering stores."""
+def refuse_float_zero_point(const, backend: str, fix: str = "use --format openvino") -> None:
+    """A one-line error when a weight kept from a GGUF (q4_1 / q4_k) carries a float zero point where
+    the `backend` has no kernel for one."""
     cw = const.meta.get("compressed")
     zero = getattr(cw, "zero_point", None)
     if zero is not None and zero.is_floating_point():
         raise QCompilerError(f"{const.attrs['weight']} keeps GGUF blocks with a float zero point (q4_1 / q4_k), "
-                             f"which the {backend} format does not store yet: use --format openvino, or re-quantize "
-                             "with --weight-format int4")
+                             f"which {backend} does not store: {fix}, or re-quantize with --weight-format int4")

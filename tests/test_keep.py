@@ -139,16 +139,22 @@ def test_gguf_blocks_lowered_to_openvino(gguf_files, tmp_path, file_type, exact)
     np.testing.assert_allclose(_logits(out), _gguf_reference(gguf_files[file_type]), atol=2e-4 if exact else 3e-3)
 
 
-def test_gguf_blocks_without_an_integer_grid_stay_float_and_other_backends_refuse_float_zero_points(gguf_files,
-                                                                                                    tmp_path):
+def test_gguf_q4_1_to_onnx_takes_float_zero_points(gguf_files, tmp_path):
+    out = tmp_path / "onnx"
+    compress(gguf_files["q4_1"], KEEP, output=out, backend="onnx", backend_options={"accuracy_level": 1})
+    np.testing.assert_allclose(_logits(out), _gguf_reference(gguf_files["q4_1"]), atol=3e-3)
+
+
+def test_gguf_blocks_without_an_integer_grid_stay_float_and_kernels_that_cannot_run_a_kept_format_refuse(
+        gguf_files, tmp_path):
     result = compress(gguf_files["q5_0"], KEEP, output=tmp_path / "ov", backend="openvino")
     floats = result.results["keep"].summary["stored_float"]
     assert len(floats) == 14 and all("q5_0 blocks have no 4- or 8-bit integer grid" in f["reason"] for f in floats)
     report = json.loads((tmp_path / "ov" / "qcompiler_report.json").read_text())
     assert report["passes"]["keep"]["kept"] == {"q8_0 -> int8_sym": 1}
-    with pytest.raises(QCompilerError, match="float zero point .* use --format openvino"):
-        compress(gguf_files["q4_1"], KEEP, output=tmp_path / "onnx", backend="onnx")
-    assert not (tmp_path / "onnx").exists()
+    with pytest.raises(QCompilerError, match="int8 CPU kernel takes one scale per output channel; model.embed_tokens"):
+        compress(gguf_files["q4_1"], KEEP, output=tmp_path / "torch", backend="torch")  # the tied q8_0 lm_head
+    assert not (tmp_path / "torch").exists()
 
 
 def test_keep_on_a_float_model_and_with_other_options_is_refused(float_folder, tmp_path):

@@ -32,11 +32,12 @@ class Blocks:
     k: int
     data: np.ndarray  # uint8 [N, blocks, block * bits / 8]
     scale: np.ndarray  # float32 [N, blocks]
-    zero_point: np.ndarray | None  # uint8 [N, blocks], unpacked
+    zero_point: np.ndarray | None  # uint8 [N, blocks], unpacked; float32 for a float zero point (GGUF q4_1)
 
     def packed_zero_point(self) -> np.ndarray | None:
-        """MatMulNBits' zero points: packed along the blocks, low bits first, each row whole bytes."""
-        if self.zero_point is None or self.bits == 8:
+        """MatMulNBits' zero points: packed along the blocks, low bits first, each row whole bytes; a
+        float zero point goes as it is, in the scales' type and shape (MatMulNBits takes both forms)."""
+        if self.zero_point is None or self.bits == 8 or self.zero_point.dtype == np.float32:
             return self.zero_point
         return pack(self.zero_point, NIBBLES, axis=1)
 
@@ -47,6 +48,8 @@ def to_blocks(cw: CompressedWeight, name: str) -> Blocks:
     n, k = cw.matrix_shape
     scale = cw.scale.float().numpy().reshape(n, -1)
     zero_point = None if cw.zero_point is None else cw.zero_point.numpy().reshape(n, -1)
+    if zero_point is not None and cw.zero_point.is_floating_point():
+        zero_point = np.ascontiguousarray(zero_point, np.float32)
     if cw.group_size == -1:
         block = block_for(k, name)
         repeat = k // block

@@ -80,7 +80,9 @@ def check_formats(graph: Graph, options: ONNXOptions) -> None:
         if fmt is None:
             continue
         name = const.attrs["weight"]
-        refuse_float_zero_point(const, "onnx")
+        if any(use.op.op == "Gather" for use in uses):  # GatherBlockQuantized takes integer zero points only
+            refuse_float_zero_point(const, "onnxruntime's GatherBlockQuantized (an embedding)",
+                                    f"keep it float (--ignored-scope-name {const.attrs['weight']})")
         for use in uses:
             if use.op.op == "Gather" and fmt.mode is Mode.NF4:
                 raise QCompilerError(f"NF4 embeddings have no onnxruntime kernel ({name}): leave them in backup "

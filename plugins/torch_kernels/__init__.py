@@ -16,7 +16,7 @@ import torch
 
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
-from qcompiler.formats import LOW_BIT_FIX, refuse_float_zero_point, refuse_modes
+from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
@@ -42,7 +42,6 @@ class TorchKernelsBackend:
         """Every assigned format has a kernel here (called right after precision assignment)."""
         for const, uses in graph.uses_by_weight().items():
             fmt = const.meta.get("format")
-            refuse_float_zero_point(const, "torch")
             if fmt is not None and any(u.op.op == "MatMul" for u in uses):
                 if graph.tensor(const).dim() > 2:
                     raise QCompilerError(
@@ -204,6 +203,10 @@ def _check_kernel(name: str, mode: Mode, group_size: int, n: int, k: int) -> Non
         raise QCompilerError(
             f"torch's int4 CPU kernel takes groups of {INT4_GROUP_SIZES} and layers with a multiple of 16 outputs; "
             f"{name} ({n}x{k}) has group size {group_size}: {fix}")
+    if mode.bits == 8 and group_size != -1:
+        raise QCompilerError(f"torch's int8 CPU kernel takes one scale per output channel; {name} has groups of "
+                             f"{group_size} (a GGUF q8_0 tensor kept as it is): use --format openvino or onnx, or "
+                             "re-quantize with --weight-format int8")
 
 
 @hookimpl
