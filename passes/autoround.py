@@ -19,13 +19,16 @@ every backend and checkpoint format writes exactly what the loss measured. Weigh
 blocks (lm_head, embeddings) are rounded to nearest by the precision pass's formats.
 
 Recipes (AutoRound's numbers): best = 1000 iterations on 512 samples, default = 200 on 128, light =
-50 on 128 with lr 5e-3; `--iters`, `--lr`, `--batch-size`, `--num-samples` and `--seqlen` override them; with
+50 on 128 with lr 5e-3; opt-rtn = no tuning: each group's grid is searched as llama.cpp's quantizers do
+(`quant.search_quantize`), the error weighted per input channel by the mean squared input of the layer
+(read on the quantized stream, 128 samples); `--iters`, `--lr`, `--batch-size`, `--num-samples` and `--seqlen` override them; with
 none given the samples are 2048 tokens long, as AutoRound's. It composes with data-aware AWQ
 (which rescales the weights first); it replaces scale estimation and GPTQ (one rounding wins).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -36,10 +39,10 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.passmanager import Pass, PassContext, PassResult
-from qcompiler.quant import CompressedWeight, code_dtype, matrix_view, quantize
+from qcompiler.quant import CompressedWeight, code_dtype, matrix_view, quantize, search_quantize
 
 # iterations, samples, learning rate (None: 1 / iterations, 2 / iterations for <= 3 bits with >= 1000 of them)
-RECIPES = {"best": (1000, 512, None), "default": (200, 128, None), "light": (50, 128, 5e-3)}
+RECIPES = {"best": (1000, 512, None), "default": (200, 128, None), "light": (50, 128, 5e-3), "opt-rtn": (0, 128, None)}
 SEQLEN = 2048  # AutoRound's default sample length
 MODES = tuple(m for m in Mode if m.integer)
 
@@ -47,7 +50,9 @@ MODES = tuple(m for m in Mode if m.integer)
 @dataclass(frozen=True)
 class AutoRoundOptions:
     recipe: str = field(default="default", metadata={"help": "AutoRound's recipe: best (1000 iterations, 512 samples), "
-                                                            "default (200, 128) or light (50, 128)",
+                                                            "default (200, 128), light (50, 128) or opt-rtn (no "
+                                                            "tuning: each group's scale searched, weighted by the "
+                                                            "input's energy)",
                                                      "flag": "--recipe", "choices": tuple(RECIPES)})
     iters: int = field(default=-1, metadata={"help": "tuning steps per block (-1: the recipe's)", "flag": "--iters",
                                              "min": -1})
@@ -97,6 +102,9 @@ class AutoRound(Pass):
                                  "start from the transformers model, or drop --recipe/--autoround")
         o = self.options
         steps = o.steps
+        if o.recipe == "opt-rtn" and (o.iters not in (-1, 0) or o.lr > 0):
+            raise QCompilerError("--recipe opt-rtn tunes nothing (it searches each group's scale): drop --iters and "
+                                 "--lr, or pick --recipe light, default or best")
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
         uses = {c.attrs["weight"]: us for c, us in graph.uses_by_weight().items()}
         samples = len(engine.data.samples)
@@ -113,9 +121,14 @@ class AutoRound(Pass):
             fp_outputs = executor.run(block, fp_inputs, current, {})
             engine.block_forwards += 1
             fp_inputs = None  # the float stream moves on: its outputs are the next block's inputs
-            tuners = {name: _Tuner(graph.weight(consts[name]).float(), axes, fmt, o.minmax)
-                      for name, (axes, fmt) in targets.items()}
-            record = {"layers": len(tuners)}
+            if o.recipe == "opt-rtn":
+                self._search(graph, executor, block, current, targets, consts, q_inputs, layers)
+                engine.block_forwards += 1
+                tuners = {}
+            else:
+                tuners = {name: _Tuner(graph.weight(consts[name]).float(), axes, fmt, o.minmax)
+                          for name, (axes, fmt) in targets.items()}
+            record = {"layers": len(tuners) or len(targets)}
             if tuners and steps > 0:
                 record.update(self._tune(executor, engine, block, current, tuners, fp_outputs, q_inputs, samples,
                                          generator, steps, bar, index))
@@ -138,6 +151,29 @@ class AutoRound(Pass):
         return PassResult(bool(layers), {"tuned": len(layers), "iters": steps, "batch_size": o.batch_size,
                                          "samples": samples, "recipe": o.recipe, "blocks": summary_blocks,
                                          "layers": layers, "skipped": self.skipped})
+
+    def _search(self, graph, executor, block, current, targets, consts, q_inputs, layers) -> None:
+        """opt-RTN: one run of the block reads each target's mean squared input per channel, then each
+        weight takes the searched grid of least energy-weighted error."""
+        energy = {name: [0.0, 0] for name in targets}
+
+        def tap(name):
+            def add(x):
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                energy[name][0] = energy[name][0] + flat.square().sum(0)
+                energy[name][1] += flat.shape[0]
+            return add
+
+        executor.run(block, q_inputs, current, {name: tap(name) for name in targets})
+        for name, (axes, fmt) in targets.items():
+            matrix, transposed = matrix_view(graph.weight(consts[name]).float(), axes)
+            total, count = energy[name]
+            importance = total / max(count, 1) if count else None
+            cw = search_quantize(matrix, fmt.mode, fmt.group_size, importance)
+            cw = dataclasses.replace(cw, shape=tuple(graph.tensor(consts[name]).shape), transposed=transposed)
+            consts[name].meta["compressed"] = cw
+            rtn = quantize(matrix, (1,), fmt.mode, fmt.group_size)
+            layers[name] = {"changed_codes": float((rtn.codes.reshape(-1) != cw.codes.reshape(-1)).float().mean())}
 
     def _targets(self, graph, block, consts, uses) -> dict:
         """The block's weights AutoRound tunes: 2-D MatMul weights of an integer format, not yet compressed."""

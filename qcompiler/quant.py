@@ -398,3 +398,79 @@ def theoretical_bits_per_weight(mode: Mode, group_size: int, k: int) -> float:
     g = k if group_size == -1 else group_size
     bits = mode.bits + mode.scale_bits / g
     return bits + mode.bits / g if mode.asymmetric else bits
+
+
+def search_quantize(matrix: torch.Tensor, mode: Mode, group_size: int, importance: torch.Tensor | None = None,
+                    steps: int = 9, span: float = 0.9) -> CompressedWeight:
+    """Round to nearest with each group's grid searched, as llama.cpp's quantizers and AutoRound's
+    opt-RTN do: among candidate grids, the one of least (importance-weighted) squared error of the
+    decoded group, each scale rounded to the f16 it is stored in before the error is measured.
+    Symmetric: scale = -m / (2^(b-1) + d), m the group's value of largest magnitude, d on a grid of
+    2 * steps + 1 points in [-span, span] (d = 0 is round to nearest, so the search never does worse).
+    Asymmetric: the min moved by d units of (max - min) / (2^b - 1) (max fixed), then the max moved
+    likewise with the best min (a coordinate search: 2 * (2 * steps + 1) grids, not their product);
+    zero point round(-min / scale). `importance` [K] weights each input channel (e.g. its mean
+    squared activation); None weighs all equally. Matrix [N, K] float, in blocks of rows; returns the
+    compressed weight in the mode's grid, as `quantize` does."""
+    n, k = matrix.shape
+    g = k if group_size == -1 else group_size
+    imp = None if importance is None else importance.float().reshape(1, k // g, g)
+    rows = max(1, BLOCK_ELEMENTS // k)
+    parts = [_search_rows(grouped(matrix[i:i + rows].float(), g).reshape(-1, k // g, g), mode, imp, steps, span)
+             for i in range(0, n, rows)]
+    codes = torch.cat([p[0] for p in parts])
+    s16 = torch.cat([p[1] for p in parts])
+    zero_point = torch.cat([p[2] for p in parts]) if mode.asymmetric else None
+    if group_size == -1:
+        codes, s16 = codes.reshape(n, k), s16.reshape(n, 1)
+        zero_point = None if zero_point is None else zero_point.reshape(n, 1)
+    return CompressedWeight(mode, group_size, codes, s16, zero_point, (n, k))
+
+
+def _search_rows(w: torch.Tensor, mode: Mode, imp, steps: int, span: float):
+    low, high = mode.spec.code_range
+    offsets = torch.linspace(-span, span, 2 * steps + 1).tolist()
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0.0), w.amax(-1, keepdim=True).clamp(min=0.0)
+
+    def error(scale, zero):
+        q = torch.round(w / scale)
+        if zero is not None:
+            q = q.add_(zero).clamp_(low, high).sub_(zero)
+        else:
+            q = q.clamp_(low, high)
+        e = q.mul_(scale).sub_(w).square_()
+        return (e if imp is None else e.mul_(imp)).sum(-1, keepdim=True)
+
+    def grid(cmin, cmax):
+        scale = _f16_scale((cmax - cmin).clamp_min(1e-12) / high).float()
+        return scale, torch.clamp(torch.round(-cmin / scale), 0, high)
+
+    if mode.asymmetric:
+        unit = (hi - lo) / high
+        best_min, best_max = lo, hi
+        scale, zero = grid(lo, hi)
+        best = error(scale, zero)
+        for moving_min in (True, False):
+            base_min, base_max = best_min, best_max
+            for d in offsets:
+                cmin, cmax = (base_min + d * unit, base_max) if moving_min else (base_min, base_max + d * unit)
+                err = error(*grid(cmin, cmax))
+                better = err < best
+                best = torch.where(better, err, best)
+                best_min = torch.where(better, cmin, best_min)
+                best_max = torch.where(better, cmax, best_max)
+        scale, zero = grid(best_min, best_max)
+        s16 = scale.half()
+        codes = torch.clamp(torch.round(w / s16.float()) + zero, low, high).to(torch.uint8)
+        return codes, s16, zero.to(torch.uint8)
+    peak = torch.where(-lo >= hi, lo, hi)  # the value of largest magnitude, with its sign
+    best_scale = _f16_scale(-peak / -low).float()
+    best = error(best_scale, None)
+    for d in offsets:
+        scale = _f16_scale(-peak / (-low + d)).float()
+        err = error(scale, None)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+    s16 = best_scale.half()
+    return torch.clamp(torch.round(w / s16.float()), low, high).to(code_dtype(mode)), s16, None

@@ -79,6 +79,28 @@ def test_autoround_is_deterministic(folder):
             assert ca.meta["compressed"].same_codes(cb.meta["compressed"])
 
 
+def test_opt_rtn_searches_each_groups_scale_and_never_does_worse_than_rtn(folder):
+    from qcompiler.quant import search_quantize
+
+    config = CompressionConfig(mode="int4_sym", group_size=32, dataset=str(WIKITEXT), num_samples=8, seqlen=64,
+                               passes={"autoround": {"recipe": "opt-rtn"}})
+    result = compress(folder, config)
+    summary = result.results["autoround"].summary
+    assert summary["tuned"] == 14 and summary["iters"] == 0
+    assert all(0 < layer["changed_codes"] < 0.5 for layer in summary["layers"].values())
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    importance = torch.rand(256) + 0.1
+    for mode, group in FORMATS:
+        searched = search_quantize(w, mode, group, importance).dequantize()
+        rtn = quantize(w, (1,), mode, group).dequantize()
+        err = lambda d: float(((d - w).square() * importance).sum())  # noqa: E731
+        assert err(searched) <= err(rtn) * (1 + 1e-6), mode
+    with pytest.raises(QCompilerError, match="opt-rtn tunes nothing"):
+        compress(folder, CompressionConfig(mode="int4_sym", group_size=32, dataset=str(WIKITEXT), num_samples=8,
+                                           seqlen=64, passes={"autoround": {"recipe": "opt-rtn", "iters": 10}}))
+
+
 def test_recipe_alone_switches_autoround_on_with_its_samples():
     config = CompressionConfig(mode="int4_sym", group_size=32, dataset="auto", passes={"autoround": {"recipe": "light"}})
     assert "autoround" in config.switched_on() and config.samples == (128, 2048)
@@ -91,7 +113,7 @@ def test_recipe_alone_switches_autoround_on_with_its_samples():
 
 
 @pytest.mark.parametrize("passes,extra,message", [
-    ({"autoround": {"recipe": "fast"}}, {"dataset": "auto"}, "--recipe 'fast' is not one of best, default, light"),
+    ({"autoround": {"recipe": "fast"}}, {"dataset": "auto"}, "--recipe 'fast' is not one of best, default, light, opt-rtn"),
     ({"autoround": {}}, {}, "need calibration data"),
     ({"autoround": {}}, {"dataset": "auto", "gptq": True}, "cannot be combined"),
     ({"autoround": {}}, {"dataset": "auto", "mode": "nf4"}, "AutoRound tunes integer grids"),
