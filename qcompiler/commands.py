@@ -122,8 +122,9 @@ def generate_command(args) -> int:
 def _artifact_tokenizer(artifact: Path):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False)
+    gguf = sorted(p.name for p in artifact.glob("*.gguf")) if not (artifact / "tokenizer_config.json").is_file() else []
+    try:  # a GGUF artifact carries its tokenizer inside the file
+        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False, **({"gguf_file": gguf[0]} if gguf else {}))
     except Exception as exc:  # the tokenizer loaders raise many types on damaged files
         raise QCompilerError(f"no tokenizer in {artifact} ({type(exc).__name__}): compress from a model folder "
                              "that has one, or copy its tokenizer files into the artifact") from None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from conftest import tiny_tokenizer
+from conftest import WIKITEXT, tiny_tokenizer
 from qcompiler.config import CompressionConfig
 from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import compress
@@ -194,6 +194,8 @@ def test_cli_gguf_type(tied, tmp_path, capsys):
                                                                                    "qcompiler_report.json"]
     printed = capsys.readouterr().out
     assert "q5_0" in printed and "defaults:" not in printed
+    assert main(["eval", str(out), "--text", str(WIKITEXT), "--max-windows", "1", "--window", "64"]) == 0  # decoded
+    assert "change" in capsys.readouterr().out  # by transformers, tokenizer from the file, against the original
     assert main(["compress", str(tied), "--format", "gguf:q4_0", "--weight-format", "int4", "-o",
                  str(tmp_path / "x")]) == 2
     assert "drop --weight-format" in capsys.readouterr().err
