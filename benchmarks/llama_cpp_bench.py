@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 LLAMA_PYTHON = ROOT / ".venv-llama" / "bin" / "python"
-PROMPT = "What is the capital of France?"
+PROMPT = "The capital of France is"  # the demo prompt (make demo)
 
 
 def worker(files: list[str], ids_path: str, windows: int, window: int) -> dict:

@@ -58,7 +58,8 @@ class KeepStoredCodes(Pass):
                 if not exact:
                     original, lowered = cw.dequantize(), target.dequantize()
                     diff = (lowered - original).abs()
-                    approximate.append({"weight": name, "from": str(cw.mode), "to": f"{target.mode} g32, f16 zero point",
+                    approximate.append({"weight": name, "from": str(cw.mode),
+                                        "to": f"{target.mode} g32, f16 zero point",
                                         "max_abs_diff": float(diff.max()),
                                         "rel_rms_diff": float(diff.square().mean().sqrt()
                                                               / original.square().mean().sqrt().clamp_min(1e-12))})

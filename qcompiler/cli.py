@@ -27,7 +27,8 @@ from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
 SHORT_FORMATS = ("int8", "int4", "int3", "int2")  # take --sym (default asymmetric, as optimum-cli)
-WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode if not m.spec.ggml], "fp32", "keep"]  # GGUF types: --format gguf:T
+# GGUF block types are named by --format gguf:TYPE, not --weight-format
+WEIGHT_FORMATS = [*SHORT_FORMATS, *[m.value for m in Mode if not m.spec.ggml], "fp32", "keep"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -291,7 +292,8 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
         return CompressionConfig(mode=None, ratio=ratio, all_layers=args.all_layers, awq=args.awq,
                                  **_data_aware(args))
     if mode == "keep":  # lower an already-quantized input with its own codes
-        given = [f"--{name.replace('_', '-')}" for name in COMPRESSION_OPTIONS if getattr(args, name, None) not in (None, False)]
+        given = [f"--{name.replace('_', '-')}" for name in COMPRESSION_OPTIONS
+                 if getattr(args, name, None) not in (None, False)]
         if given or pass_options.any_given(args):
             raise QCompilerError(f"--weight-format keep lowers the input's own codes and compresses nothing again: "
                                  f"drop {', '.join(given) or 'the pass options'}")

@@ -76,7 +76,8 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.n
     """Blocks of `type_name` back to float32 [N, K] (gguf-py's decoders)."""
     from gguf import GGMLQuantizationType, quants
 
-    values = quants.dequantize(np.ascontiguousarray(data, dtype=np.uint8), GGMLQuantizationType(TYPES[type_name].type_id))
+    kind = GGMLQuantizationType(TYPES[type_name].type_id)
+    values = quants.dequantize(np.ascontiguousarray(data, dtype=np.uint8), kind)
     return np.asarray(values, dtype=F32).reshape(shape)
 
 
@@ -230,7 +231,8 @@ def _search_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     def trial(iscale):
         l = np.clip(_nearest(iscale * x), -nmax, nmax - 1)
         lf = l.astype(F32)
-        return l, (w * x * lf).sum(axis=1, keepdims=True, dtype=F32), (w * lf * lf).sum(axis=1, keepdims=True, dtype=F32)
+        sumlx = (w * x * lf).sum(axis=1, keepdims=True, dtype=F32)
+        return l, sumlx, (w * lf * lf).sum(axis=1, keepdims=True, dtype=F32)
 
     codes, sumlx, suml2 = trial((F32(-nmax) / m).astype(F32))
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -40,8 +40,9 @@ def gguf_weights(path: Path, model) -> dict:
             continue
         hf = llama.hf_name(name)
         if hf is None or hf not in state:
-            raise QCompilerError(f"{path.name}: tensor {name} has no LLaMA weight of this model to go to: --weight-format "
-                                 "keep reads LLaMA-architecture GGUF files; re-quantize instead (--weight-format int4)")
+            raise QCompilerError(f"{path.name}: tensor {name} has no LLaMA weight of this model to go to: "
+                                 "--weight-format keep reads LLaMA-architecture GGUF files; re-quantize instead "
+                                 "(--weight-format int4)")
         names = aliases[state[hf].data_ptr()]
         kind = ggml.BY_ID.get(info.type_id)
         if kind is None or kind.float:
