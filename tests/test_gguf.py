@@ -267,3 +267,14 @@ def test_the_gguf_load_speedup_is_undone_after_the_load_even_on_error():
             assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)  # built once
             raise RuntimeError("a failing load")
     assert (gguf.GGUFReader, loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == before
+
+
+def test_a_truncated_gguf_input_is_one_line_and_writes_nothing(tied, tmp_path):
+    from qcompiler.cli import main
+
+    path, _ = _write(tied, tmp_path, "q8_0")
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["compress", str(folder), "--weight-format", "keep", "-o", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -366,8 +366,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(work, delay):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    code = proc.wait(timeout=120)
     err = proc.stderr.read().strip()
+    assert code == 130, err[-2000:]  # (seen once: 0, the signal lost; its stderr will say where)
     assert "Traceback" not in err and err.endswith("qcompiler: interrupted by SIGINT: nothing was written")
     assert not (work / "out").exists() and leftovers(work) == []
 
