@@ -15,8 +15,8 @@ A row of K weights is cut into blocks of `block` values stored in `size` bytes e
 Every division is done on the f32 value (not its f16 rounding) and only then stored in f16, as
 ggml's C reference and gguf-py's numpy quantizers do, so Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 bytes equal
 gguf-py's. The K-quants are vectorised ports of `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref`
-(gguf-py has no quantizer for them); sums may differ from C's sequential float order in the last
-bit. Decoding uses gguf-py's dequantizers.
+(gguf-py has no quantizer for them), with C's left-to-right f32 sums, so their bytes equal the C
+reference's. Decoding uses gguf-py's dequantizers.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.n
     kind = GGMLQuantizationType(TYPES[type_name].type_id)
     values = quants.dequantize(np.ascontiguousarray(data, dtype=np.uint8), kind)
     return np.asarray(values, dtype=F32).reshape(shape)
+
+
+def _seq_sum(v: np.ndarray) -> np.ndarray:
+    """Row sums [R, 1] added left to right in f32, as C's loops do (numpy's pairwise sum differs in the
+    last bits, enough to change which candidate grid wins)."""
+    return np.cumsum(v, axis=1, dtype=F32)[:, -1:]
 
 
 def _nearest(v: np.ndarray) -> np.ndarray:
@@ -160,21 +166,21 @@ def _search_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     span = (hi - lo).astype(F32)
     flat = (span == 0)[:, 0]
     span = np.where(span == 0, F32(1), span)
-    sum_w = w.sum(axis=1, keepdims=True, dtype=F32)
-    sum_x = (w * x).sum(axis=1, keepdims=True, dtype=F32)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
     iscale = (F32(nmax) / span).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
     codes = np.clip(_nearest(iscale * (x - lo)), 0, nmax)
-    best = (w * np.square(scale * codes + lo - x)).sum(axis=1, keepdims=True, dtype=F32)
+    best = _seq_sum(w * np.square(scale * codes + lo - x))
     minimum = lo.copy()
     for step in range(nstep + 1):  # as in C, each grid starts from the best min found so far
         span = np.where(flat[:, None], F32(1), hi - minimum).astype(F32)
         iscale = ((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span).astype(F32)
         trial = np.clip(_nearest(iscale * (x - minimum)), 0, nmax)
         lf = trial.astype(F32)
-        sum_l = (w * lf).sum(axis=1, keepdims=True, dtype=F32)
-        sum_l2 = (w * lf * lf).sum(axis=1, keepdims=True, dtype=F32)
-        sum_xl = (w * lf * x).sum(axis=1, keepdims=True, dtype=F32)
+        sum_l = _seq_sum(w * lf)
+        sum_l2 = _seq_sum(w * lf * lf)
+        sum_xl = _seq_sum(w * lf * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         with np.errstate(divide="ignore", invalid="ignore"):
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -182,7 +188,7 @@ def _search_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
             positive = this_min > 0
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
             this_min = np.where(positive, F32(0), this_min).astype(F32)
-            error = (w * np.square(this_scale * lf + this_min - x)).sum(axis=1, keepdims=True, dtype=F32)
+            error = _seq_sum(w * np.square(this_scale * lf + this_min - x))
         better = (det > 0) & (error < best)
         codes = np.where(better, trial, codes)
         best = np.where(better, error, best)
@@ -196,7 +202,7 @@ def _search_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
 def _q4_k(x: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    av_x = np.sqrt(np.square(sub).sum(axis=1, keepdims=True, dtype=F32) / F32(32)).astype(F32)
+    av_x = np.sqrt(_seq_sum(np.square(sub)) / F32(32)).astype(F32)
     codes, scales, mins = _search_scale_min(sub, av_x + np.abs(sub), 15, -1.0, 0.1, 20)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = np.maximum(scales.max(axis=1, keepdims=True), F32(0))
@@ -231,8 +237,8 @@ def _search_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     def trial(iscale):
         l = np.clip(_nearest(iscale * x), -nmax, nmax - 1)
         lf = l.astype(F32)
-        sumlx = (w * x * lf).sum(axis=1, keepdims=True, dtype=F32)
-        return l, sumlx, (w * lf * lf).sum(axis=1, keepdims=True, dtype=F32)
+        sumlx = _seq_sum(w * x * lf)
+        return l, sumlx, _seq_sum(w * lf * lf)
 
     codes, sumlx, suml2 = trial((F32(-nmax) / m).astype(F32))
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -149,7 +149,16 @@ def integer_form(cw: BlockWeight) -> tuple[CompressedWeight, bool] | None:
     scale = d.half()
     safe = torch.where(scale.float() == 0, torch.ones_like(d), scale.float())
     zero = (-m / safe).half()
-    return CompressedWeight(Mode.INT4_ASYM, 32, codes.to(torch.uint8), scale, zero, cw.shape, cw.transposed), False
+    # a group whose scale is 0 (a constant group) or whose -m / d leaves f16's range (a nearly constant one
+    # far from 0): codes 0, zero point -1, scale = the group's mean value, so (0 + 1) * scale is that value
+    flat = (scale.float() == 0) | ~torch.isfinite(zero.float())
+    codes = codes.to(torch.uint8)
+    if flat.any():
+        mean = cw.dequantize().reshape(n, per_row, 32).mean(-1, keepdim=True)
+        codes = torch.where(flat, torch.zeros_like(codes), codes)
+        zero = torch.where(flat, torch.full_like(zero, -1.0), zero)
+        scale = torch.where(flat, mean.half(), scale)
+    return CompressedWeight(Mode.INT4_ASYM, 32, codes, scale, zero, cw.shape, cw.transposed), False
 
 
 def scale_values(cw: CompressedWeight) -> torch.Tensor:

@@ -278,3 +278,40 @@ def test_a_truncated_gguf_input_is_one_line_and_writes_nothing(tied, tmp_path):
     (folder / "model.gguf").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert main(["compress", str(folder), "--weight-format", "keep", "-o", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_a_padded_vocabulary_and_biased_llamas(tmp_path_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = _folder(tmp_path_factory, "padded", True, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 264  # the embedding has 6 rows more than the tokenizer has tokens
+    (folder / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.embed_tokens.weight"] = torch.cat([tensors["model.embed_tokens.weight"], torch.zeros(6, 64)])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    path, _ = _write(folder, tmp_path, "q8_0")
+    header = read.Header(path)
+    assert len(header.get("tokenizer.ggml.tokens")) == 264 and header.get("tokenizer.ggml.tokens")[-1] == "[PAD263]"
+    AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    biased = LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
+    with pytest.raises(QCompilerError, match="attention or MLP biases"):
+        compress(biased, CompressionConfig(), output=tmp_path / "b", backend="gguf", backend_options={"type": "q8_0"})
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_header_reader_refuses_a_file_cut_anywhere(tied, tmp_path):
+    path, _ = _write(tied, tmp_path, "q8_0")
+    data = path.read_bytes()
+    end = len(data)
+    cut = tmp_path / "cut.gguf"
+    for size in range(8, end, max(1, end // 60)):  # in the header, the tensor table or the tensors' bytes
+        cut.write_bytes(data[:size])
+        with pytest.raises(QCompilerError):
+            read.Header(cut)

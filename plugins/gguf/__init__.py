@@ -107,7 +107,7 @@ class GGUFBackend:
             if getattr(source, "tokenizer", None) is None:
                 raise QCompilerError("the gguf format embeds the tokenizer, and this model has none: compress a "
                                      "folder with its tokenizer")
-            llama.add_tokenizer(writer, source.tokenizer)
+            llama.add_tokenizer(writer, source.tokenizer, config.vocab_size)
         weight_bytes, types = {}, Counter()
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
         float_type = policy.FILE_TYPES[file_type][0] if ggml.TYPES[policy.FILE_TYPES[file_type][0]].float else "f32"
@@ -127,7 +127,7 @@ class GGUFBackend:
                 data = _float_array(value, type_name)
             heads = {"attn_q": config.num_attention_heads,
                      "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}.get(role)
-            if heads is not None and name.endswith(".weight"):
+            if heads is not None:  # a bias moves with its rows too
                 data = llama.permute_rows(data, heads)
             kind = gguf.GGMLQuantizationType(ggml.TYPES[type_name].type_id)
             if data.dtype == np.uint8:

@@ -36,6 +36,10 @@ def check_model(config) -> None:
     if kind != ARCH:
         raise QCompilerError(f"the gguf format writes LLaMA-architecture models; this one is {kind!r}: use "
                              "--format openvino, onnx or torch for it")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise QCompilerError("this LLaMA has attention or MLP biases, which transformers' GGUF loader drops on "
+                             "reading the file back: the gguf writer does not write such models yet; use --format "
+                             "openvino")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise QCompilerError(f"this model scales its rotary embedding ({rope.get('rope_type')}), which the gguf "
@@ -117,8 +121,9 @@ def copy_tokenizer(writer, header) -> int:
     return copied
 
 
-def add_tokenizer(writer, tokenizer) -> None:
-    """A transformers BPE tokenizer as llama.cpp's "gpt2" tokenizer model."""
+def add_tokenizer(writer, tokenizer, vocab_size: int = 0) -> None:
+    """A transformers BPE tokenizer as llama.cpp's "gpt2" tokenizer model, padded with unused
+    `[PADi]` tokens up to the model's `vocab_size` (the embedding's rows), as llama.cpp's converter does."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
@@ -130,7 +135,7 @@ def add_tokenizer(writer, tokenizer) -> None:
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, token in added.items():
         vocab[content] = token["id"]
-    size = max(vocab.values()) + 1
+    size = max(max(vocab.values()) + 1, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [5] * size  # UNUSED until a token fills the slot
     for content, i in vocab.items():

@@ -52,7 +52,8 @@ class Header:
         self._pos = 0
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, IndexError, OverflowError, MemoryError):
+        except (struct.error, UnicodeDecodeError, IndexError, OverflowError, MemoryError, ValueError,
+                ZeroDivisionError, KeyError):
             raise QCompilerError(f"{self.path} is truncated or corrupt (its GGUF header does not parse): "
                                  "re-download or re-export it") from None
 
@@ -106,8 +107,19 @@ class Header:
             dims = [self._take("<Q") for _ in range(self._take("<I"))]
             infos.append((name, tuple(reversed(dims)), self._take("<I"), self._take("<Q")))
         align = int(self.get("general.alignment", 32))
+        if align <= 0:
+            raise struct.error(f"alignment {align}")
         start = -(-self._pos // align) * align
         self.tensors = {name: TensorInfo(name, shape, kind, start + off) for name, shape, kind, off in infos}
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        for info in self.tensors.values():  # every tensor's bytes are in the file (a cut file's are not)
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(info.type_id)]
+            count = 1
+            for dim in info.shape:
+                count *= dim
+            if info.offset + count // block * size > len(self._buf):
+                raise struct.error(f"tensor {info.name} runs past the end of the file")
 
     def get(self, key: str, default=None):
         field = self.fields.get(key)
