@@ -110,7 +110,8 @@ class GGUFBackend:
             llama.add_tokenizer(writer, source.tokenizer, config.vocab_size)
         weight_bytes, types = {}, Counter()
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
-        float_type = policy.FILE_TYPES[file_type][0] if ggml.TYPES[policy.FILE_TYPES[file_type][0]].float else "f32"
+        base = policy.FILE_TYPES[file_type][0]
+        float_type = base if ggml.TYPES[base].float else "f32"  # 2-D weights left float: the file's float type
         for key, ir_name, value in _tensors(model, graph, consts):
             name, role, _ = llama.tensor_name(key)
             const = consts.get(ir_name)
@@ -172,16 +173,14 @@ def _tensors(model, graph, consts):
     """(transformers name, IR name, float value) of each tensor, once: lm_head tied to the embedding
     is not written (transformers and llama.cpp tie them when `output.weight` is absent)."""
     state = model.state_dict()
-    first_by_ptr: dict[int, str] = {}
+    aliases: dict[int, list[str]] = {}
     for key, t in state.items():
+        aliases.setdefault(t.data_ptr(), []).append(key)
+    for names in aliases.values():  # the first name of each tensor; a tied lm_head is an alias
+        key, t = names[0], state[names[0]]
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        ptr = t.data_ptr()
-        if ptr in first_by_ptr:
-            continue  # an alias (tied lm_head): its IR constant is the first name's
-        first_by_ptr[ptr] = key
-        aliases = [k for k, v in state.items() if v.data_ptr() == ptr]
-        ir_name = next((a for a in aliases if a in consts), key)
+        ir_name = next((a for a in names if a in consts), key)
         yield key, ir_name, graph.weights.get(ir_name, t).detach()
 
 

@@ -21,9 +21,6 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.quant import BlockWeight
 
-FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16
-
-
 def gguf_weights(path: Path, model) -> dict:
     from qcompiler.plugins.gguf import llama, read
 
@@ -36,16 +33,16 @@ def gguf_weights(path: Path, model) -> dict:
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict = {}
     for name, info in header.tensors.items():
-        if info.type_id in FLOAT_TYPES or len(info.shape) != 2:
-            continue
+        kind = ggml.BY_ID.get(info.type_id)
+        if len(info.shape) != 2 or (kind is not None and kind.float):
+            continue  # norms, float weights: no codes
         hf = llama.hf_name(name)
         if hf is None or hf not in state:
             raise QCompilerError(f"{path.name}: tensor {name} has no LLaMA weight of this model to go to: "
                                  "--weight-format keep reads LLaMA-architecture GGUF files; re-quantize instead "
                                  "(--weight-format int4)")
         names = aliases[state[hf].data_ptr()]
-        kind = ggml.BY_ID.get(info.type_id)
-        if kind is None or kind.float:
+        if kind is None:
             for n in names:
                 out[n] = f"GGML type {info.type_id} is not one qcompiler holds (decoded to float by transformers)"
             continue
