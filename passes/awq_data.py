@@ -186,14 +186,17 @@ def graph_rank(const) -> int:
     return len(const.meta.get("shape", ()))
 
 
-def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
+def _sites(graph: Graph, eligible=None) -> tuple[list[_Site], dict[str, str]]:
+    """The places a per-input-channel scale folds into (see the module docstring); `eligible(const, op,
+    users)` says why a target weight cannot take one ("" when it can; default: AWQ's rule)."""
+    _eligible_target = eligible or _eligible
     users = graph.consumers()
     taken = set()
     matches, refused = gated_matches(graph)
     sites, skipped = [], dict(refused)
     for m in matches:
         path = m["path"] + [m["second"]]
-        reason = _eligible(m["w2"], m["second"], users) or next(
+        reason = _eligible_target(m["w2"], m["second"], users) or next(
             (f"%{a.name} has other consumers" for a, b in zip(path, path[1:]) if users[a] != [b]), "") or (
             "the first MatMul's weight is shared or not [out, in]" if users[m["w1"]] != [m["first"]]
             or not m["first"].attrs.get("transpose_b") else "")
@@ -213,7 +216,7 @@ def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
         elif len(readers) != len(targets) or any(op in taken for op, _ in targets):
             reason = "the norm's output feeds ops other than the target MatMuls"
         else:
-            reason = next((r for op, c in targets if (r := _eligible(c, op, users))), "")
+            reason = next((r for op, c in targets if (r := _eligible_target(c, op, users))), "")
         if reason:
             skipped[targets[0][0].name] = f"norm: {reason}"
             continue
@@ -223,7 +226,7 @@ def _sites(graph: Graph) -> tuple[list[_Site], dict[str, str]]:
     return sites, skipped
 
 
-def _apply(graph: Graph, site: _Site, s: torch.Tensor) -> None:
+def _apply(graph: Graph, site: _Site, s: torch.Tensor, mark: str = "awq") -> None:
     for _, c in site.targets:
         w = graph.weight(c)
         graph.set_weight(c, (w.float() * s[None, :]).to(w.dtype))
@@ -241,7 +244,7 @@ def _apply(graph: Graph, site: _Site, s: torch.Tensor) -> None:
         new = fold.float() / s
     graph.set_weight(site.fold, new.to(fold.dtype))
     for op, _ in site.targets:
-        op.meta["awq"] = True
+        op.meta[mark] = True
 
 
 @hookimpl

@@ -159,6 +159,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 128)")
     with _signals_held():  # the passes' declarations import torch
         pass_options.add_flags(c, pass_options.installed())  # --scale-estimation, --gptq, --lora-correction, ...
+    c.add_argument("--quant-mode", choices=["int8", "int8-dynamic"],
+                   help="quantize the Linear layers' activations too (weights int8_sym per channel): int8 = static "
+                        "u8 ranges from --dataset; int8-dynamic = ranges taken per call (onnx only)")
+    c.add_argument("--smooth-quant-alpha", metavar="ALPHA",
+                   help="SmoothQuant's migration strength with --quant-mode: a number in [0, 1], auto (searched per "
+                        "layer, the default with --dataset) or off")
     c.add_argument("--quantization-statistics-path", metavar="DIR",
                    help="keep the calibration statistics in DIR and reuse them for the same model and data")
     c.add_argument("--sensitivity-metric", choices=[m.value for m in SensitivityMetric],
@@ -264,6 +270,11 @@ def config_from_args(args):
         names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
         types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored,
     )
+    if args.quant_mode is not None:
+        return _quant_config(args, scope), None
+    if args.smooth_quant_alpha is not None:
+        raise QCompilerError("--smooth-quant-alpha smooths activations before they are quantized: add --quant-mode "
+                             "int8 (with --dataset), or drop it")
     # a default turned off (--no-scale-estimation) is not a config of the user's own: the row still applies
     turned_off = [name for name in SWITCHES if getattr(args, f"pass__{name}", None) is False]
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
@@ -310,6 +321,24 @@ def _config_from_options(args, scope: IgnoredScope) -> CompressionConfig:
         backup_mode=args.backup_mode or "int8_asym", all_layers=args.all_layers, ignored_scope=scope,
         group_size_fallback=args.group_size_fallback, awq=args.awq, **_data_aware(args),
     )
+
+
+def _quant_config(args, scope: IgnoredScope) -> CompressionConfig:
+    """--quant-mode: activations and weights in int8 (weights int8_sym per channel, NNCF's MIXED preset)."""
+    if args.weight_format not in (None, "int8", "int8_sym"):
+        raise QCompilerError(f"--quant-mode {args.quant_mode} quantizes the weights to int8_sym per channel: drop "
+                             f"--weight-format {args.weight_format} (int4 weights with int8 activations: "
+                             "--weight-format int4 --backend onnx --onnx-accuracy-level 4)")
+    given = [f"--{name.replace('_', '-')}" for name in ("ratio", "group_size", "all_layers", "awq", "backup_mode",
+                                                        "group_size_fallback", "sensitivity_metric")
+             if getattr(args, name, None) not in (None, False)]
+    if given or pass_options.any_given(args):
+        raise QCompilerError(f"--quant-mode {args.quant_mode} quantizes every Linear to int8 per channel: drop "
+                             f"{', '.join(given) or 'the weight passes'}")
+    return CompressionConfig(mode=Mode.INT8_SYM, ignored_scope=scope, quant_mode=args.quant_mode,
+                             smooth_quant_alpha=args.smooth_quant_alpha, dataset=args.dataset,
+                             num_samples=args.num_samples, seqlen=args.seqlen,
+                             statistics_path=args.quantization_statistics_path)
 
 
 def _data_aware(args) -> dict:
@@ -396,6 +425,8 @@ def backend_options_from_args(args) -> dict:
 def _default_output(model, config: CompressionConfig, defaults) -> str:
     name = Path(model).resolve().stem if model else "SmolLM2-135M-Instruct"
     fmt = "auto" if config.int8_above is not None else config.mode.value if config.mode else "keep" if config.keep else "fp32"
+    if config.quant_mode is not None:
+        fmt = "w8a8" if config.quant_mode == "int8" else "w8a8-dynamic"
     return str(Path("out") / f"{name}-{fmt}")
 
 

@@ -176,6 +176,14 @@ class CompressionConfig:
     an already-quantized input (GGUF, GPTQ, AWQ, auto_round, compressed-tensors) with its own codes
     (the `keep` pass), compressing nothing again.
 
+    Activations (`quant_mode`, optimum-cli's `--quant-mode`): "int8" quantizes the inputs of the
+    transformer blocks' Linear layers to u8, per tensor, with ranges from the calibration data (static;
+    `dataset` required), "int8-dynamic" lets the runtime take each input's range per call (no data
+    needed). Their weights are int8_sym per output channel (NNCF's MIXED preset): the default mode
+    int8_asym becomes int8_sym. `smooth_quant_alpha` (a number in [0, 1], "auto" to search it per
+    layer on the data, or "off") moves activation outliers into the weights first (SmoothQuant); the
+    default is "auto" with data and "off" without.
+
     `backup_scope` matches weights that skip the primary precision and take the backup one (the
     first stage of a two-stage config such as gpt-oss's: attention and router in int8).
 
@@ -210,6 +218,8 @@ class CompressionConfig:
     statistics_path: str | None = None
     passes: dict = field(default_factory=dict)
     keep: bool = False
+    quant_mode: str | None = None
+    smooth_quant_alpha: float | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, list):
@@ -221,6 +231,8 @@ class CompressionConfig:
                 continue
             if not isinstance(value, enum):
                 object.__setattr__(self, name, parse_enum(enum, value, name))
+        if self.quant_mode is not None and self.mode is Mode.INT8_ASYM:  # the default: activations want sym weights
+            object.__setattr__(self, "mode", Mode.INT8_SYM)
         self._validate()
 
     @property
@@ -269,6 +281,7 @@ class CompressionConfig:
             raise QCompilerError(f"ratio {self.ratio} is outside [0, 1]: pass a fraction such as --ratio 0.8")
         if self.int8_above is not None and self.mode is not None:
             raise QCompilerError("int8_above decides the format of a config without one: leave mode unset")
+        self._validate_activations()
         self._validate_data_aware()
         if self.keep and (self.mode is not None or self.awq or self.ratio != 1.0 or self.group_size is not None
                           or self.dataset is not None or self.int8_above is not None or self.switched_on()):
@@ -291,7 +304,8 @@ class CompressionConfig:
                 "powers of two), or add --group-size-fallback adjust to accept it where it divides a layer"
             )
         if not self.mode.low_bit and not self.mode.spec.ggml:  # GGUF's q8_0 comes in blocks of 32
-            if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or self.dataset is not None:
+            calibrated = self.dataset is not None and self.quant_mode is None  # activation ranges take data
+            if self.ratio != 1.0 or group_size != -1 or self.all_layers or self.awq or calibrated:
                 raise QCompilerError(
                     f"{self.mode} is per-channel for every layer: drop --ratio, --group-size, --all-layers, "
                     "--awq and the data-aware options (as NNCF), or pick a 4-bit mode such as int4_sym"
@@ -304,6 +318,48 @@ class CompressionConfig:
         if self.awq and self.mode is Mode.MXFP4:
             raise QCompilerError("AWQ is not available for mxfp4 (NNCF refuses it too): drop it or use int4_sym / "
                                  "int4_asym / nf4")
+
+    @property
+    def smoothing(self) -> float | str | None:
+        """SmoothQuant's alpha in force: a number, "auto", or None (off)."""
+        if self.quant_mode is None or self.smooth_quant_alpha == "off":
+            return None
+        if self.smooth_quant_alpha is None:
+            return "auto" if self.dataset is not None else None
+        return self.smooth_quant_alpha
+
+    def _validate_activations(self) -> None:
+        alpha = self.smooth_quant_alpha
+        if self.quant_mode is None:
+            if alpha is not None:
+                raise QCompilerError("--smooth-quant-alpha smooths activations before they are quantized: add "
+                                     "--quant-mode int8 (with --dataset), or drop it")
+            return
+        if self.quant_mode not in QUANT_MODES:
+            raise QCompilerError(f"unknown quant mode {self.quant_mode!r}: choose one of {', '.join(QUANT_MODES)}")
+        if self.mode is not Mode.INT8_SYM:
+            raise QCompilerError(f"--quant-mode {self.quant_mode} quantizes the weights to int8_sym per channel, not "
+                                 f"{self.mode}: drop --weight-format (int4 weights with int8 activations: "
+                                 "--weight-format int4 --onnx-accuracy-level 4 on onnxruntime)")
+        if self.quant_mode == "int8" and self.dataset is None:
+            raise QCompilerError("--quant-mode int8 sets each activation's range from calibration data: add --dataset "
+                                 "FILE (a plain-text file), or --dataset auto (text the model writes itself)")
+        if isinstance(alpha, str) and alpha not in ("auto", "off"):
+            try:
+                alpha = float(alpha)
+            except ValueError:
+                raise QCompilerError(f"--smooth-quant-alpha {alpha!r} is not a number: pass a value in [0, 1], auto "
+                                     "or off") from None
+            object.__setattr__(self, "smooth_quant_alpha", alpha)
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            if not 0.0 <= alpha <= 1.0:
+                raise QCompilerError(f"--smooth-quant-alpha {alpha} is outside [0, 1]: pass a value such as 0.5, auto "
+                                     "(searched per layer) or off")
+        elif alpha is not None and alpha not in ("auto", "off"):
+            raise QCompilerError(f"smooth_quant_alpha {alpha!r}: pass a number in [0, 1], 'auto' or 'off'")
+        if self.smoothing is not None and self.dataset is None:
+            raise QCompilerError(f"--smooth-quant-alpha {alpha} scales activations by their calibration ranges: add "
+                                 "--dataset FILE (or --dataset auto), or drop it")
 
     def switched_on(self) -> dict[str, dict]:
         """{pass name: options} of the passes this config switches on. A built-in with its own field
@@ -364,7 +420,8 @@ class CompressionConfig:
             check_counts(*self.samples)
 
 
-SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes with their own config field
+SWITCHES = ("scale_estimation", "gptq", "lora_correction")
+QUANT_MODES = ("int8", "int8-dynamic")  # optimum-cli's --quant-mode int8, and its dynamic variant  # built-in passes with their own config field
 
 
 def default_group_size(mode: Mode | None) -> int:

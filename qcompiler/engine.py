@@ -7,7 +7,8 @@ weights, taps)`, which runs one block on cached inputs with some weights replace
 the input of each tapped weight. The engine never names a framework.
 
 Statistics of a weight's input x (rows of K channels, reduced over tokens as they stream by):
-- "abs_mean": mean |x| per channel; "abs_max": max |x| per channel;
+- "abs_mean": mean |x| per channel; "abs_max": max |x| per channel; "min_max": min and max of x per
+  channel (activation quantization's ranges);
 - "hessian": H = sum x^T x over tokens (with the token count), GPTQ's Hessian up to a factor;
 - "hessian_blocks:g": only H's g x g diagonal blocks [K/g, g, g] (scale estimation's groups), K/g
   times cheaper;
@@ -31,7 +32,7 @@ from qcompiler.calibration import CalibrationData
 
 log = logging.getLogger("qcompiler")
 
-STATISTICS = frozenset({"abs_mean", "abs_max", "hessian", "hessian_blocks", "rows", "sequence"})
+STATISTICS = frozenset({"abs_mean", "abs_max", "min_max", "hessian", "hessian_blocks", "rows", "sequence"})
 MAX_ROWS = 512
 
 
@@ -50,6 +51,8 @@ class InputStats:
     tokens: int = 0
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
+    min: torch.Tensor | None = None
+    max: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     hessian_blocks: torch.Tensor | None = None
     row_chunks: list[torch.Tensor] = field(default_factory=list)
@@ -70,6 +73,9 @@ class InputStats:
             self.abs_sum = self.abs_sum * factor.abs()
         if self.abs_max is not None:
             self.abs_max = self.abs_max * factor.abs()
+        if self.min is not None:
+            low, high = self.min * factor, self.max * factor  # a negative factor swaps them
+            self.min, self.max = torch.minimum(low, high), torch.maximum(low, high)
         if self.hessian is not None:
             self.hessian = self.hessian * factor[:, None] * factor[None, :]
         if self.hessian_blocks is not None:
@@ -112,6 +118,10 @@ class Collector:
             st.abs_sum = a.sum(0) if st.abs_sum is None else st.abs_sum + a.sum(0)
             m = a.amax(0)
             st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+        if "min_max" in kinds:
+            low, high = rows.amin(0), rows.amax(0)
+            st.min = low if st.min is None else torch.minimum(st.min, low)
+            st.max = high if st.max is None else torch.maximum(st.max, high)
         with torch.autocast("cpu", enabled=False):  # float32 X^T X, even under the executor's bf16 autocast
             if "hessian" in kinds:
                 h = rows.t() @ rows

@@ -12,8 +12,6 @@ from qcompiler.errors import QCompilerError
 DATA_AWARE = "is not implemented yet"
 # flag -> why it is refused today; each takes a value unless listed in SWITCHES
 NOT_YET = {
-    "--quant-mode": "activation quantization is not implemented yet; compress the weights with --weight-format",
-    "--smooth-quant-alpha": "SmoothQuant (activation quantization) is not implemented yet",
     "--variant": "model variants are not read; pass the folder of the variant you want",
     "--cache_dir": "qcompiler reads local folders only and never downloads a model",
 }

@@ -25,7 +25,8 @@ from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
 
-DEFAULT_PIPELINE = ("ignored_scope", "keep", "precision", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
+DEFAULT_PIPELINE = ("ignored_scope", "keep", "precision", "smooth_quant", "activation_quant",
+                    "activation_quant_dynamic", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
                     "lora_correction", "rtn")
 
 
@@ -278,6 +279,14 @@ def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, 
 
 
 def _check_backend(backend, config: CompressionConfig, options: dict) -> None:
+    takes = getattr(backend, "activation_modes", ())  # the --quant-mode values it lowers to integer kernels
+    if config is not None and config.quant_mode is not None and config.quant_mode not in takes:
+        from qcompiler import pass_options
+
+        where = [n for n, b in pass_options.installed().backends.items()
+                 if config.quant_mode in getattr(b, "activation_modes", ())]
+        raise QCompilerError(f"the {backend.name} backend has no integer kernels for --quant-mode {config.quant_mode}: "
+                             f"use --backend {' or '.join(where) or 'another backend'}, or drop --quant-mode")
     check = getattr(backend, "check", None)
     if check is not None:
         check(config, options)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from qcompiler.coverage import float_weights, parameter_counts
@@ -90,12 +90,25 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "defaults": compressed.defaults.as_dict() if compressed.defaults is not None else None,
         "model_spec": spec.as_dict() if (spec := getattr(compressed.source, "spec", None)) is not None else None,
         "calibration": compressed.calibration,
+        "activations": _activations(graph, compressed.config, lowered),
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
         "backend_seconds": {k: round(v, 3) for k, v in lowered.get("seconds", {}).items()},
         "files": files,
         "method": METHOD,
     }
+
+
+def _activations(graph, config, lowered: dict) -> dict | None:
+    """Which Linear layers' activations the artifact quantizes: what the passes marked, checked against
+    what the backend lowered (a layer marked but left float by the backend is listed, never hidden)."""
+    if config.quant_mode is None:
+        return None
+    marked = [c.attrs["weight"] for c in graph.weight_constants() if "activation" in c.meta]
+    lowered_names = set(lowered.get("activations_quantized") or [])
+    matmuls = sum(1 for u in graph.weight_uses() if u.op.op == "MatMul")
+    return {"quant_mode": config.quant_mode, "marked": len(marked), "lowered": len(lowered_names & set(marked)),
+            "linear_layers": matmuls, "left_float_by_backend": sorted(set(marked) - lowered_names)}
 
 
 def format_report(report: dict) -> str:
@@ -146,6 +159,7 @@ def format_report(report: dict) -> str:
         lines.append(f"types chosen by the {report['backend']} format's rule: "
                      + ", ".join(f"{k} {v}" for k, v in sorted(policy.items())))
     lines += _data_aware_lines(report)
+    lines += _activation_lines(report)
     adjusted = report["passes"].get("precision", {}).get("adjusted_group_size") or {}
     if adjusted:
         sizes = sorted(set(adjusted.values()))
@@ -213,6 +227,43 @@ def _data_aware_lines(report: dict) -> list[str]:
                              if name == "scale_estimation" else "; group scales refitted (scale estimation, on by "
                              "default with a dataset; --no-scale-estimation turns it off)")
                             if summary.get("by_default") else ""))
+    return lines
+
+
+def _activation_lines(report: dict) -> list[str]:
+    """SmoothQuant's scales and activation quantization: how many Linear layers, which stay float and why."""
+    acts = report.get("activations")
+    if not acts:
+        return []
+    lines = []
+    passes = report["passes"]
+    sq = passes.get("smooth_quant")
+    if sq is not None:
+        found = ", ".join(f"{k} {sq['applied'][k]}/{v}" for k, v in sq["matched"].items() if v)
+        layers = (sq.get("layers") or {}).values()
+        alphas = Counter(str(v["alpha"]) for v in layers)
+        chosen = ", ".join(f"{a} x{n}" for a, n in sorted(alphas.items()))
+        scales = [v for v in layers if "scale_min" in v]
+        spread = (f"; scales {min(v['scale_min'] for v in scales):.3g} to {max(v['scale_max'] for v in scales):.3g}"
+                  if scales else "")
+        errors = [v for v in layers if "error_before" in v]
+        lines.append(f"SmoothQuant (alpha {sq['alpha']}): applied / matched per pattern: {found}; alpha chosen: "
+                     f"{chosen}{spread}" + (_errors({i: v for i, v in enumerate(errors)}, "error_before")
+                                            if errors else ""))
+    act = passes.get("activation_quant") or passes.get("activation_quant_dynamic") or {}
+    floats = {**(act.get("float_activations") or {}), **(act.get("fallback") or {})}
+    layers = [v for v in (act.get("layers") or {}).values() if "error" in v]
+    error = (f"; mean relative output error {sum(v['error_weights'] for v in layers) / len(layers):.4f} with int8 "
+             f"weights, {sum(v['error'] for v in layers) / len(layers):.4f} with u8 activations too" if layers else "")
+    lines.append(f"activations: {act.get('scheme', acts['quant_mode'])} in {acts['lowered']} of {acts['linear_layers']} "
+                 f"Linear layers (weights int8_sym per channel){error}")
+    if floats:
+        reasons = Counter(floats.values())
+        lines.append("  float activations: " + "; ".join(f"{why}: {n}" for why, n in reasons.most_common()))
+    if acts["left_float_by_backend"]:
+        lines.append(f"  {len(acts['left_float_by_backend'])} layers marked for u8 activations run float in the "
+                     f"{report['backend']} artifact (their fused MatMul has different ranges): "
+                     + ", ".join(acts["left_float_by_backend"][:4]))
     return lines
 
 

@@ -19,7 +19,7 @@ import torch
 
 from qcompiler.errors import QCompilerError
 
-FIELDS = ("tokens", "abs_sum", "abs_max", "hessian", "hessian_blocks", "row_chunks", "sequence")
+FIELDS = ("tokens", "abs_sum", "abs_max", "min", "max", "hessian", "hessian_blocks", "row_chunks", "sequence")
 
 
 def weights_digest(graph) -> str:
@@ -65,7 +65,7 @@ class StatisticsCache:
                 for weight, fields in stored.items():
                     from qcompiler.engine import InputStats
 
-                    out[weight] = InputStats(**{k: fields[k] for k in FIELDS})
+                    out[weight] = InputStats(**{k: fields[k] for k in FIELDS if k in fields})
                 return out
             except Exception as exc:  # a truncated or foreign file
                 raise QCompilerError(f"statistics cache file {path} cannot be read ({type(exc).__name__}): delete "

@@ -27,6 +27,7 @@ MODEL_FILE = "model.onnx"
 class ONNXBackend:
     name = "onnx"
     lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
+    activation_modes = ("int8", "int8-dynamic")  # --quant-mode values lowered to integer kernels
 
     def check(self, config, options: dict) -> None:
         from qcompiler.plugins.onnx.lower import ONNXOptions, check_config
@@ -63,7 +64,8 @@ class ONNXBackend:
             raise QCompilerError(f"the onnx backend writes torch or ONNX models, not {type(source.model).__name__}: "
                                  "use --backend openvino for an OpenVINO model")
         exported = time.perf_counter()
-        weight_bytes = lower.apply_weights(model, graph, prefix, opts, converted_with)
+        facts: dict = {}
+        weight_bytes = lower.apply_weights(model, graph, prefix, opts, converted_with, facts)
         applied = time.perf_counter()
         files = export.save(model, out_dir / MODEL_FILE)
         if spec is not None and spec.cache:
@@ -72,7 +74,7 @@ class ONNXBackend:
             write_genai_config(spec, MODEL_FILE, out_dir)  # a config, not model bytes
         seconds = {"export": exported - start, "apply_weights": applied - exported,
                    "save": time.perf_counter() - applied}
-        return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
+        return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds, **facts}
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / MODEL_FILE).is_file()

@@ -106,8 +106,8 @@ def check_formats(graph: Graph, options: ONNXOptions) -> None:
                     "onnxruntime's MatMulNBits needs: use --group-size 32, 64 or 128, or --backend openvino")
 
 
-def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions, converted=()
-                  ) -> dict[str, int]:
+def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ONNXOptions, converted=(),
+                  facts: dict | None = None) -> dict[str, int]:
     """Rewrite `model` in place with the graph's compressed weights; return bytes stored per weight.
     `converted` names rewritten parameters the model was exported with already (`qcompiler.rewrites`)."""
     index = GraphIndex(model.graph)
@@ -134,7 +134,7 @@ def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ON
         if not uses:
             raise QCompilerError(f"weight {name} feeds an op other than MatMul / Gather in the ONNX model, so it "
                                  "cannot be compressed there: add it to the ignored scope")
-        stored[name] = edit.compress(tensor_name, tensor, uses, cw)
+        stored[name] = edit.compress(tensor_name, tensor, uses, cw, const.meta.get("activation"))
     for const in rewritten_params(graph, set(stored) | set(converted)):  # a norm weight AWQ scaled, ...
         name = const.attrs["weight"]
         tensor = index.tensor(prefix + name)
@@ -145,6 +145,8 @@ def apply_weights(model: onnx.ModelProto, graph: Graph, prefix: str, options: ON
             helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims)))
         stored[name] = _nbytes(tensor)
     edit.commit()
+    if facts is not None and edit.activations_quantized:  # the IR weights whose MatMuls run on u8 activations
+        facts["activations_quantized"] = [n[len(prefix):] for n in edit.activations_quantized]
     return stored
 
 
@@ -166,13 +168,16 @@ class _Edit:
         self.new_initializers: list[onnx.TensorProto] = []
         self.need_ms_domain = False
         self.prepend: list[onnx.NodeProto] = []  # nodes producing a dropped initializer's name (run first)
+        self.activations: dict[tuple, list[str]] = {}  # (input, range) -> the quantized input's names
+        self.activations_quantized: list[str] = []
+        self.after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> nodes placed right after its producer
         self.drop_tensors_only: set[str] = set()  # initializers dropped whose name a new node produces
 
     def replace_tensor(self, name: str, array: np.ndarray) -> None:
         self.drop_tensors.add(name)
         self.new_initializers.append(numpy_helper.from_array(array, name))
 
-    def compress(self, tname: str, tensor: onnx.TensorProto, uses: list[WeightUse], cw) -> int:
+    def compress(self, tname: str, tensor: onnx.TensorProto, uses: list[WeightUse], cw, activation=None) -> int:
         stored_before = len(self.new_initializers)
         if len(tensor.dims) > 2 and all(u.node.op_type == "MatMul" for u in uses):
             self._dequantize_in_place(tname, tensor, cw)  # batched MoE expert weights [experts, out, in]
@@ -180,7 +185,9 @@ class _Edit:
         shared: dict = {}
         for use in uses:
             op = use.node.op_type
-            if op == "MatMul" and cw.mode is Mode.NF4:
+            if op == "MatMul" and activation is not None:
+                self._w8a8(tname, use, cw, activation)
+            elif op == "MatMul" and cw.mode is Mode.NF4:
                 self._bnb4(tname, use, cw)
             elif op == "MatMul" and (self.options.format == "qdq" or _no_nbits_block(cw)):
                 self._qdq(tname, use, cw)
@@ -235,6 +242,51 @@ class _Edit:
             helper.make_node("Reshape", [blocked, shape], [out], name=f"{base}_Q/reshape"),
         ]
         self._swap(use.node, nodes)
+
+    def _w8a8(self, tname: str, use: WeightUse, cw, aq) -> None:
+        """An int8 x u8 MatMul: the activation quantized once per input tensor and range (static:
+        QuantizeLinear on the calibration range; dynamic: DynamicQuantizeLinear), then
+        MatMulIntegerToFloat (onnxruntime's u8 x s8 kernel, what its QDQ fusion produces); with
+        --onnx-format qdq the standard QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear."""
+        if cw.mode is not Mode.INT8_SYM or cw.group_size != -1:
+            raise QCompilerError(f"activation quantization of {tname} needs int8_sym per-channel weights, not "
+                                 f"{cw.mode} group {cw.group_size}")
+        codes, scale, _, _ = layout.qdq(cw)  # [K, N] int8, [N]
+        x, base = use.node.input[0], use.node.name or tname
+        key = (x, aq.dynamic, aq.low, aq.high)
+        static_qdq = self.options.format == "qdq" and not aq.dynamic
+        if key not in self.activations:
+            name = f"{x}_u8_{len(self.activations)}"
+            if aq.dynamic:
+                outs = [name, f"{name}_scale", f"{name}_zero_point"]
+                nodes = [helper.make_node("DynamicQuantizeLinear", [x], outs, name=f"{name}/quantize")]
+            else:
+                s = self._add(f"{name}_scale", np.array(aq.scale, np.float32))
+                z = self._add(f"{name}_zero_point", np.array(aq.zero_point, np.uint8))
+                outs = [name, s, z]
+                nodes = [helper.make_node("QuantizeLinear", [x, s, z], [name], name=f"{name}/quantize")]
+                if static_qdq:
+                    nodes.append(helper.make_node("DequantizeLinear", outs, [f"{name}_dq"], name=f"{name}/dequantize"))
+                    outs = [f"{name}_dq"]
+            self.activations[key] = outs
+            self.prepend_after(x, nodes)
+        outs = self.activations[key]
+        w = self._add(f"{tname}_s8", codes.astype(np.int8))
+        w_scale = self._add(f"{tname}_s8_scale", scale.astype(np.float32))
+        if static_qdq:
+            dq = f"{tname}_dequantized_{use.node.name}"
+            nodes = [helper.make_node("DequantizeLinear", [w, w_scale], [dq], name=f"{base}_DQ", axis=1),
+                     helper.make_node("MatMul", [outs[0], dq], list(use.node.output), name=base)]
+        else:
+            nodes = [helper.make_node("MatMulIntegerToFloat", [outs[0], w, outs[1], w_scale, outs[2]],
+                                      list(use.node.output), name=f"{base}_W8A8", domain=MS_DOMAIN)]
+        self.activations_quantized.append(tname)
+        self._swap(use.node, nodes)
+
+    def prepend_after(self, tensor: str, nodes: list[onnx.NodeProto]) -> None:
+        """Nodes that read `tensor`, placed right after its producer (or first, for a graph input)."""
+        self.after.setdefault(tensor, []).extend(nodes)
+        self.need_ms_domain |= any(n.domain == MS_DOMAIN for n in nodes)
 
     def _bnb4(self, tname: str, use: WeightUse, cw) -> None:
         packed, absmax = layout.bnb4(cw)
@@ -319,6 +371,8 @@ class _Edit:
     def commit(self) -> None:
         g = self.model.graph
         nodes = list(self.prepend)
+        for name in [i.name for i in g.input] + [t.name for t in g.initializer]:
+            nodes.extend(self.after.pop(name, []))
         for node in g.node:
             if id(node) in self.replace:
                 nodes.extend(self.replace[id(node)])
@@ -326,6 +380,11 @@ class _Edit:
                 node.op_type == "Constant" and node.output[0] in (self.drop_tensors | self.drop_tensors_only)
             ):
                 nodes.append(node)
+            for out in node.output:
+                nodes.extend(self.after.pop(out, []))
+        if self.after:
+            raise QCompilerError(f"the ONNX tensor {next(iter(self.after))} that a quantized MatMul reads has no "
+                                 "producer in the graph: please report it with the model's name")
         del g.node[:]
         g.node.extend(nodes)
         dropped = self.drop_tensors | self.drop_tensors_only

@@ -34,6 +34,7 @@ class OpenVINOBackend:
     name = "openvino"
     lazy_weights = True  # lowering reads placeholder weights' values from the IR (Graph.weight)
     lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
+    activation_modes = ("int8",)  # --quant-mode values lowered to integer kernels
 
     # dq_group_size: a runtime hint written into the model's rt_info, as optimum-intel writes it;
     # stateful (default True) and convert_tokenizer (default True): optimum-cli's --disable-stateful and
@@ -68,7 +69,7 @@ class OpenVINOBackend:
         import openvino as ov
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
-        from qcompiler.plugins.openvino.lower import apply_weights, convert
+        from qcompiler.plugins.openvino.lower import apply_weights, convert, insert_activation_quantizers
         from qcompiler.rewrites import in_module
 
         start = time.perf_counter()
@@ -88,7 +89,9 @@ class OpenVINOBackend:
                                  f"{type(source.model).__name__}: use --backend onnx for an ONNX model")
         converted = time.perf_counter()
         keep: list = []  # arrays the new constants share memory with, alive until saved
-        weight_bytes = apply_weights(model, graph, keep, prefix, consts, converted_with)
+        fused: dict = {}
+        weight_bytes = apply_weights(model, graph, keep, prefix, consts, converted_with, fused)
+        quantized = insert_activation_quantizers(model, graph, fused)
         if options.get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
             model.set_rt_info(str(options["dq_group_size"]), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         applied = time.perf_counter()
@@ -96,7 +99,10 @@ class OpenVINOBackend:
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
                    "save": time.perf_counter() - applied}
         files = [MODEL_XML, MODEL_XML.replace(".xml", ".bin")]
-        return {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
+        facts = {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
+        if quantized:
+            facts["activations_quantized"] = quantized  # the IR weights whose MatMuls run on u8 activations
+        return facts
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / MODEL_XML).is_file()

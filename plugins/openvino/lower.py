@@ -90,11 +90,12 @@ def no_telemetry() -> None:
 
 
 def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", consts: dict | None = None,
-                  converted=()) -> dict[str, int]:
+                  converted=(), fused: dict | None = None) -> dict[str, int]:
     """Replace rewritten weights in `model`; return bytes stored per IR weight. The new constants
     share memory with the arrays appended to `keep`: hold it until the model is saved. `consts` maps
     IR weight names to the model's Constants; by default they are found by name. `converted` names
-    rewritten parameters the model was converted with already (see `qcompiler.rewrites`)."""
+    rewritten parameters the model was converted with already (see `qcompiler.rewrites`); `fused`, when
+    given, receives the name of each fused group's codes Constant -> the IR weights in it."""
     consts = consts if consts is not None else _constants_by_name(model, "self." + prefix)
     compressed = {c.attrs["weight"]: c.meta["compressed"] for c in graph.weight_constants() if "compressed" in c.meta}
     missing = [name for name in compressed if name not in consts]
@@ -131,6 +132,8 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         names = [name for name, _ in group]
         weights = [compressed.pop(name) for name in names]
         out, _ = _decompression(concatenate(weights), f"{names[0]}/fused", consts[names[0]].get_element_type(), keep)
+        if fused is not None:
+            fused[f"{names[0]}/fused"] = names
         replace_with_split([matmul for _, matmul in group], out, f"{group[0][1].get_friendly_name()}/fused")
         for name, cw in zip(names, weights):
             stored[name] = -(-cw.storage_bits() // 8)
@@ -172,6 +175,46 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
         stored[name] = values.nbytes
     model.validate_nodes_and_infer_types()
     return stored
+
+
+def insert_activation_quantizers(model: ov.Model, graph: Graph, fused: dict) -> list[str]:
+    """A FakeQuantize (256 levels, the static u8 range of `meta["activation"]`) on the activation input
+    of each MatMul whose weight has one, shared by MatMuls that read the same tensor on the same range;
+    OpenVINO's CPU plugin then runs u8 x i8 FullyConnected kernels. A fused group (q/k/v in one MatMul)
+    is quantized when all its weights have the same range, else left float. Returns the IR weights
+    whose MatMuls were quantized."""
+    wanted = {c.attrs["weight"]: c.meta["activation"] for c in graph.weight_constants() if "activation" in c.meta}
+    if not wanted:
+        return []
+    if any(aq.dynamic for aq in wanted.values()):
+        raise QCompilerError("OpenVINO has no dynamic activation quantization for int8 weights: use --quant-mode int8 "
+                             "(static, with --dataset) or --backend onnx")
+    shared: dict = {}
+    done: list[str] = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() in ("Convert", "Multiply", "Subtract", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        if node.get_type_name() != "Constant":
+            continue
+        names = fused.get(node.get_friendly_name(), [node.get_friendly_name()])
+        quants = {wanted.get(n) for n in names}
+        if len(quants) != 1 or None in quants:
+            continue
+        aq = quants.pop()
+        source = op.input_value(0)
+        key = (source.get_node().get_friendly_name(), source.get_index(), aq.low, aq.high)
+        if key not in shared:
+            kind = source.get_element_type().to_dtype()
+            low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
+            fq = ops.fake_quantize(source, low, high, low, high, 256, name=f"{names[0]}/activation/fq")
+            shared[key] = fq.output(0)
+        op.input(0).replace_source_output(shared[key])
+        done += names
+    model.validate_nodes_and_infer_types()
+    return done
 
 
 def _folded_transposes(model: ov.Model, graph: Graph, names: list[str]) -> dict[str, ov.Node]:

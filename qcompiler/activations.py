@@ -1,0 +1,59 @@
+"""Activation quantization math, on torch tensors; no backend appears here.
+
+A quantized activation is u8 per tensor (NNCF's MIXED preset for transformers: activations
+asymmetric, weights int8_sym per output channel), either static, with a range from calibration
+data, or dynamic, with the range the runtime measures on each call.
+
+Static range: lo = min(x, 0), hi = max(x, 0) over the calibration tokens, s = (hi - lo) / 255,
+z = clip(round(-lo / s), 0, 255); the range is then moved to (-z s, (255 - z) s) so that zero is a
+code exactly. q = clip(round(x / s) + z, 0, 255), x ~ (q - z) s: onnxruntime's QuantizeLinear and
+OpenVINO's FakeQuantize (256 levels on that range) compute the same codes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LEVELS = 256
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How one MatMul's activation input is quantized: `dynamic`, or static u8 on [low, high]."""
+
+    dynamic: bool = False
+    low: float = 0.0
+    high: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return (self.high - self.low) / (LEVELS - 1)
+
+    @property
+    def zero_point(self) -> int:
+        return int(round(-self.low / self.scale)) if self.scale > 0 else 0
+
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantized and decoded, as the runtime computes it (dynamic: on x's own range)."""
+        aq = static_range(float(x.min()), float(x.max())) if self.dynamic else self
+        if aq.scale == 0:
+            return torch.zeros_like(x)
+        s, z = aq.scale, aq.zero_point
+        return (torch.clamp(torch.round(x / s) + z, 0, LEVELS - 1) - z) * s
+
+    def describe(self) -> str:
+        return "dynamic u8 per tensor" if self.dynamic else f"u8 [{self.low:.4g}, {self.high:.4g}]"
+
+
+def static_range(low: float, high: float) -> ActivationQuant:
+    """The static u8 quantizer of values in [low, high], with zero exactly representable."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if high - low <= 0:
+        return ActivationQuant(low=0.0, high=0.0)
+    s = float(torch.tensor((high - low) / (LEVELS - 1), dtype=torch.float32))
+    z = min(max(int(round(-low / s)), 0), LEVELS - 1)
+    low, high = float(torch.tensor(-z * s, dtype=torch.float32)), float(torch.tensor((LEVELS - 1 - z) * s,
+                                                                                        dtype=torch.float32))
+    return ActivationQuant(low=low, high=high)
