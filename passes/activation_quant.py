@@ -26,7 +26,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.passes.smooth_quant import eligible
+from qcompiler.passes.smooth_quant import eligible as smoothing_eligible
 from qcompiler.passmanager import BlockPass, Pass, PassContext, PassResult
 from qcompiler.quant import fake_quantize
 
@@ -37,6 +37,13 @@ class ActivationOptions:
     # see benchmarks/w8a8.py for the spread of the layers' errors
     max_error: float = 0.05
     rows: int = 512
+
+
+def eligible(const, op, users) -> str:
+    """SmoothQuant's rule, except that a weight the embedding Gather shares (a tied lm_head) is taken:
+    only the MatMul's activation input is quantized."""
+    readers = [u for u in users[const] if u is op or u.op != "Gather"]
+    return smoothing_eligible(const, op, {**users, const: readers})
 
 
 def _targets(graph: Graph) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -58,6 +65,7 @@ class StaticActivations(BlockPass):
     name = "activation_quant"
     Options = ActivationOptions
     statistics = frozenset({"min_max", "rows"})
+    reads_head = True
 
     @classmethod
     def options_from(cls, config):
@@ -71,34 +79,43 @@ class StaticActivations(BlockPass):
         return list(self.targets)
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
+        groups: dict[int, list[str]] = {}  # the layers reading one input (q/k/v) take one range and one decision
         for name in [n for n in self.targets if n in stats]:
-            st, (_, const) = stats[name], self.targets[name]
+            groups.setdefault(id(stats[name]), []).append(name)
+        for names in groups.values():
+            st = stats[names[0]]
             if st.min is None:
                 continue
-            low, high = float(st.min.min()), float(st.max.max())
             if not (torch.isfinite(st.min).all() and torch.isfinite(st.max).all()):
-                raise QCompilerError(f"the input of {name} is not finite (inf or NaN) on the calibration data: the "
-                                     "model overflows in its dtype there; load it in float32 or ignore the layer "
-                                     f"(--ignored-scope-name {name})")
-            aq = static_range(low, high)
+                raise QCompilerError(f"the input of {names[0]} is not finite (inf or NaN) on the calibration data: "
+                                     "the model overflows in its dtype there; load it in float32 or ignore the layer "
+                                     f"(--ignored-scope-name {names[0]})")
+            low, high = float(st.min.min()), float(st.max.max())
             x = st.rows[: self.options.rows]
-            w = graph.weight(const).float()
-            layer = {"low": aq.low, "high": aq.high}
+            weights = [graph.weight(self.targets[n][1]).float() for n in names]
+            aq = static_range(low, high)
+            layers = {n: {"low": aq.low, "high": aq.high} for n in names}
             if x.numel():
-                ref = x @ w.t()
-                wq = fake_quantize(w, Mode.INT8_SYM, -1)
-                norm = float(ref.pow(2).sum()) or 1.0
-                layer["error_weights"] = float((ref - x @ wq.t()).pow(2).sum()) / norm
-                layer["error"] = float((ref - aq.fake(x) @ wq.t()).pow(2).sum()) / norm
-            if layer.get("error", 0.0) > self.options.max_error:
-                layer["fallback"] = f"output error {layer['error']:.3g} > {self.options.max_error}"
-            else:
-                const.meta["activation"] = aq
-            self.layers[name] = layer
+                xq = aq.fake(x)
+                for n, w in zip(names, weights):
+                    ref = x @ w.t()
+                    wq = fake_quantize(w, Mode.INT8_SYM, -1)
+                    norm = float(ref.pow(2).sum()) or 1.0
+                    layers[n]["error_weights"] = float((ref - x @ wq.t()).pow(2).sum()) / norm
+                    layers[n]["error"] = float((ref - xq @ wq.t()).pow(2).sum()) / norm
+            worst = max(v.get("error", 0.0) for v in layers.values())
+            for n in names:
+                if worst > self.options.max_error:
+                    layers[n]["fallback"] = (f"output error {layers[n]['error']:.3g}" + (
+                        f" (of a layer reading the same input: {worst:.3g})" if layers[n]["error"] < worst else "")
+                        + f" > {self.options.max_error}")
+                else:
+                    self.targets[n][1].meta["activation"] = aq
+            self.layers.update(layers)
 
     def finish(self, graph, ctx) -> PassResult:
-        outside = {n: "outside the transformer blocks: no calibration statistics" for n in self.targets
-                   if n not in self.layers}
+        why = getattr(ctx.engine, "head_skipped", "") or "outside the transformer blocks"
+        outside = {n: f"no calibration statistics ({why})" for n in self.targets if n not in self.layers}
         quantized = sum(1 for n in self.targets if "activation" in self.targets[n][1].meta)
         fallback = {n: v["fallback"] for n, v in self.layers.items() if "fallback" in v}
         return PassResult(quantized > 0, {

@@ -8,13 +8,21 @@ max|x_j| (over all calibration tokens) and max|W_j| (over the rows of every such
 
 and x / s, W * s leave the float function unchanged. The places a scale folds into are found by the
 pattern language (`qcompiler.passes.awq_data._sites`, shared with AWQ): the norm's weight gamma / s,
-or the rows of the MatMul before a gated Multiply (up_proj's rows / s); no per-architecture table.
+or the rows of the MatMul before a gated Multiply (up_proj's rows / s), or v_proj's rows for o_proj
+(through the attention, which weights each value channel; grouped-query heads share one scale,
+`_value_sites`); no per-architecture table.
+The final norm before lm_head is one of them (its statistics come from the engine's head pass); a
+lm_head tied to the embeddings scales the embedding's columns too, so the embedding's output is
+multiplied back by 1 / s (an inserted Multiply, the embedding module's epilogue, which every backend
+lowers).
 
 alpha: a number in [0, 1], or "auto": per site, each alpha of 0, 0.1, ..., 1 and no smoothing at all
 are measured by the output error of the quantized layers on the calibration rows X,
 sum over targets ||X W^T - Qa(X / s) Qw(W s)^T||^2, Qa the static u8 per-tensor quantizer of the
 smoothed input's range and Qw int8_sym per output channel, and the best is kept (INC's auto-alpha,
-layer-wise). The statistics of the smoothed input are updated (x / s) for activation quantization.
+layer-wise). For a tied lm_head the embedding's relative error ||Qw(W s) / s - W||^2 / ||W||^2 is added,
+weighted as the head's relative output error (SmolLM2: alpha 0.3 takes the head's error from 1.2e-3
+to 5.3e-4 and the embedding's from 1.4e-4 to 1.6e-4; 0.7 would take the embedding's to 1.5e-3). The statistics of the smoothed input are updated (x / s) for activation quantization.
 The summary gives, per site, the alpha, the spread of s (min, max) and the errors before and after.
 """
 
@@ -28,11 +36,12 @@ from qcompiler.activations import static_range
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.passes.awq_data import _apply, _sites
+from qcompiler.passes.awq_data import NORM, _apply, _Site, _sites
+from qcompiler.pattern import P, Var, Weight, find_matches
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler.quant import fake_quantize
 
-GRID = tuple(i / 10 for i in range(11))
+GRID = (*(i / 10 for i in range(8)), 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class SmoothQuant(BlockPass):
     name = "smooth_quant"
     Options = SmoothQuantOptions
     statistics = frozenset({"min_max", "rows"})
+    reads_head = True
 
     @classmethod
     def options_from(cls, config):
@@ -67,8 +77,18 @@ class SmoothQuant(BlockPass):
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.sites, self.skipped = _sites(graph, eligible)
+        taken = {op for site in self.sites for op, _ in site.targets}
+        heads = [(site, gather) for site, gather in _head_sites(graph) if site.targets[0][0] not in taken]
+        self.tied = {id(site): gather for site, gather in heads if gather is not None}  # -> the embedding Gather
+        for site, _ in heads:
+            self.skipped.pop(site.targets[0][0].name, None)
+            self.sites.append(site)
+        taken |= {op for site, _ in heads for op, _ in site.targets}
+        values = [(site, g) for site, g in _value_sites(graph) if site.targets[0][0] not in taken]
+        self.value_groups = {id(site): g for site, g in values}  # site -> (kv heads, head dim, repeats)
+        self.sites += [site for site, _ in values]
         self.layers: dict[str, dict] = {}
-        self.applied = {"gated": 0, "relu": 0, "norm": 0}
+        self.applied = {"gated": 0, "relu": 0, "norm": 0, "tied_head": 0, "value": 0}
 
     def wants(self, graph, ctx) -> list[str]:
         return [c.attrs["weight"] for site in self.sites for _, c in site.targets]
@@ -83,14 +103,27 @@ class SmoothQuant(BlockPass):
             w_max = torch.cat(weights).abs().amax(0).clamp(min=1e-5)
             x = st.rows[: self.options.rows]
 
+            groups = self.value_groups.get(id(site))  # v -> o: one scale per value channel (GQA)
+
             def scale(alpha: float) -> torch.Tensor:
-                return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+                if groups is None:
+                    return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+                xg, wg = _per_value_channel(x_max, groups), _per_value_channel(w_max, groups)
+                return _expand((xg.pow(alpha) / wg.pow(1 - alpha)).clamp(min=1e-5), groups)
+
+            tied = id(site) in self.tied
+            reference = sum(float((x @ w.t()).pow(2).sum()) for w in weights) if tied else 0.0
 
             def loss(s: torch.Tensor) -> float:
                 aq = static_range(float((st.min / s).min()), float((st.max / s).max()))
                 xq = aq.fake(x / s)
-                return sum(float((x @ w.t() - xq @ fake_quantize(w * s, Mode.INT8_SYM, -1).t()).pow(2).sum())
-                           for w in weights)
+                total = sum(float((x @ w.t() - xq @ fake_quantize(w * s, Mode.INT8_SYM, -1).t()).pow(2).sum())
+                            for w in weights)
+                if tied:  # the embedding's rows decode as Q(W s) / s: its relative error counts as much
+                    w = weights[0]
+                    total += reference * float((fake_quantize(w * s, Mode.INT8_SYM, -1) / s - w).pow(2).sum()
+                                               / w.pow(2).sum())
+                return total
 
             layer = {"pattern": site.pattern}
             ones = torch.ones_like(x_max)
@@ -109,17 +142,118 @@ class SmoothQuant(BlockPass):
             layer["alpha"] = alpha
             if alpha is not None:
                 layer["scale_min"], layer["scale_max"] = float(s.min()), float(s.max())
-                _apply(graph, site, s, mark="smooth_quant")
+                if groups is None:
+                    _apply(graph, site, s, mark="smooth_quant")
+                else:
+                    _apply_value(graph, site, s, groups)
+                if id(site) in self.tied:  # the embedding reads W * s too: its output times 1 / s
+                    _unscale(graph, self.tied[id(site)], s)
                 for seen in {id(stats[c.attrs["weight"]]): stats[c.attrs["weight"]] for _, c in site.targets}.values():
                     seen.scale_channels(1.0 / s)
                 self.applied[site.pattern] += 1
             self.layers[", ".join(c.attrs["weight"] for _, c in site.targets)] = layer
 
     def finish(self, graph, ctx) -> PassResult:
-        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "relu", "norm")}
+        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "relu", "norm", "tied_head",
+                                                                             "value")}
         return PassResult(any(self.applied.values()), {
             "alpha": self.options.alpha, "matched": counts, "applied": dict(self.applied),
             "skipped": self.skipped, "layers": self.layers})
+
+
+NORM_SLICED = P.MatMul(P.Slice(P.Multiply(Weight("gamma"), Var("y"), name="norm"), name="slice"), Weight("w"),
+                      name="mm")  # lm_head after the final norm, through transformers' logits_to_keep slice
+
+
+def _head_sites(graph: Graph) -> list:
+    """(site, Gather or None) for a norm -> [Slice ->] MatMul whose norm feeds that MatMul alone: the
+    final norm before lm_head. With a weight an embedding Gather shares (a tied lm_head), the Gather."""
+    users = graph.consumers()
+    out = []
+    for m in [*find_matches(graph, NORM)[0], *find_matches(graph, NORM_SLICED)[0]]:
+        const, op, gamma = m["w"], m["mm"], m["gamma"]
+        path = [m["norm"], *([m["slice"]] if "slice" in m else []), op]
+        if any(users[a] != [b] for a, b in zip(path, path[1:])) or users[gamma] != [m["norm"]]:
+            continue
+        gathers = [u for u in users[const] if u.op == "Gather"]
+        if len(gathers) > 1 or len(graph.tensor(gamma).shape) != 1 or eligible(const, op, {**users, const: [op]}) or (
+                [u for u in users[const] if u is not op and u.op != "Gather"]):
+            continue
+        pattern = "tied_head" if gathers else "norm"
+        out.append((_Site(pattern, [(op, const)], gamma, False), gathers[0] if gathers else None))
+    return out
+
+
+PASS_THROUGH = ("Reshape", "Transpose", "Opaque")  # Opaque: only torch's `contiguous` (checked below)
+
+
+def _value_sites(graph: Graph) -> list:
+    """(site, (kv heads, head dim, repeats)) for v_proj -> attention -> o_proj: o_proj's input channel
+    h * D + d is the attention's weighting of value channel (h // repeats) * D + d (grouped-query
+    attention repeats each value head), so o_proj's columns take the scales of the value channels and
+    v_proj's rows (and bias) the inverse. Found by walking from a weight MatMul through Reshape /
+    Transpose / contiguous and the attention's value input to the next weight MatMul, each read by the
+    next only; the head sizes come from the shape the first Reshape records."""
+    users = graph.consumers()
+    matmuls = {u.op: u.const for u in graph.weight_uses() if u.op.op == "MatMul"}
+    out = []
+    for v, v_const in matmuls.items():
+        node, shape, chain, attention = v, None, [v], False
+        while len(users[node]) == 1:
+            nxt = users[node][0]
+            if nxt.op == "ScaledDotProductAttention" and not attention and len(nxt.inputs) >= 3 and nxt.inputs[2] is node:
+                attention = True
+            elif nxt.op in PASS_THROUGH and (nxt.op != "Opaque" or nxt.attrs.get("fn") == "contiguous"):
+                if nxt.op == "Reshape" and shape is None:
+                    shape = nxt.meta.get("shape")
+            else:
+                break
+            node = nxt
+            chain.append(node)
+        o = users[node][0] if len(users[node]) == 1 else None
+        if not attention or o not in matmuls or o.inputs[0] is not node or shape is None or len(shape) < 2:
+            continue
+        o_const, (heads, dim) = matmuls[o], shape[-2:]
+        if not v.attrs.get("transpose_b") or not o.attrs.get("transpose_b") or eligible(o_const, o, users):
+            continue
+        v_out, o_in = graph.tensor(v_const).shape[0], graph.tensor(o_const).shape[-1]
+        if users[v_const] != [v] or v_out != heads * dim or o_in % v_out:
+            continue
+        bias = None  # a bias Add between v and the reshape would sit in the chain: not walked, so none
+        out.append((_Site("value", [(o, o_const)], v_const, True, None, bias), (heads, dim, o_in // v_out)))
+    return out
+
+
+def _per_value_channel(values: torch.Tensor, groups) -> torch.Tensor:
+    """Per o_proj input channel [Hq * D] -> per value channel [Hkv * D]: the max over the heads sharing it."""
+    heads, dim, repeats = groups
+    return values.reshape(heads, repeats, dim).amax(1).reshape(-1)
+
+
+def _expand(values: torch.Tensor, groups) -> torch.Tensor:
+    heads, dim, repeats = groups
+    return values.reshape(heads, 1, dim).expand(heads, repeats, dim).reshape(-1)
+
+
+def _apply_value(graph: Graph, site, s: torch.Tensor, groups) -> None:
+    """o_proj's columns times s (per o input channel), v_proj's rows divided by the value channel's s."""
+    (op, const), = site.targets
+    w = graph.weight(const)
+    graph.set_weight(const, (w.float() * s[None, :]).to(w.dtype))
+    heads, dim, repeats = groups
+    s_value = s.reshape(heads, repeats, dim)[:, 0].reshape(-1)
+    v = graph.weight(site.fold)
+    graph.set_weight(site.fold, (v.float() / s_value[:, None]).to(v.dtype))
+    op.meta["smooth_quant"] = True
+
+
+def _unscale(graph: Graph, gather, s: torch.Tensor) -> None:
+    """The embedding module's output times 1 / s (an epilogue of its Gather, `qcompiler.rewrites`)."""
+    path = gather.name.split("/")[0]
+    inverse = graph.insert_weight(f"{path}.smooth_quant_inverse", (1.0 / s).float())
+    scaled = graph.insert("Multiply", [gather, inverse], name=f"{path}/smooth_quant_inverse",
+                          meta={"epilogue_of": path})
+    graph.replace_uses(gather, scaled)
 
 
 @hookimpl

@@ -32,6 +32,7 @@ from qcompiler.calibration import CalibrationData
 
 log = logging.getLogger("qcompiler")
 
+HEAD = "head"  # the pseudo-block of the weights read after the blocks (lm_head), see `sweep`
 STATISTICS = frozenset({"abs_mean", "abs_max", "min_max", "hessian", "hessian_blocks", "rows", "sequence"})
 MAX_ROWS = 512
 
@@ -160,6 +161,7 @@ class CalibrationEngine:
         self._first_inputs = None
         self.block_forwards = 0
         self.cache = cache  # statistics_cache.StatisticsCache or None
+        self.head_skipped = ""  # why the last sweep that asked for the head's statistics could not give them
 
     def first_inputs(self):
         if self._first_inputs is None:
@@ -172,23 +174,30 @@ class CalibrationEngine:
 
     def sweep(self, wanted: dict[str, frozenset], on_block: Callable[[Block, dict[str, InputStats]], None],
               weights: Callable[[Block], dict[str, torch.Tensor]] | None = None,
-              propagate: Callable[[Block], dict[str, torch.Tensor]] | None = None, progress=None) -> None:
+              propagate: Callable[[Block], dict[str, torch.Tensor]] | None = None, progress=None,
+              head: bool = False) -> None:
         """For each block in order: run it on its inputs with taps on the weights in `wanted` (name ->
         statistics), call `on_block(block, stats)`, then make the next block's inputs.
 
         `weights(block)` gives the weight values to run the block with (default: the model's own);
         the next block's inputs are the outputs of that same run, unless `propagate(block)` is given:
         then the block runs again after `on_block` with those weights (GPTQ feeds each block the
-        outputs of the compressed blocks before it)."""
+        outputs of the compressed blocks before it).
+
+        `head`: after the last block, the weights the executor reads after the blocks (`head_weights`:
+        lm_head) get their statistics too, in a last call `on_block(HEAD, stats)`, when the executor
+        offers `head(outputs, taps)`; where it cannot (why is in `self.head_skipped`), no call."""
         unknown = {k.split(":")[0] for kinds in wanted.values() for k in kinds} - STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(STATISTICS)}")
+        head_weights = [n for n in getattr(self.executor, "head_weights", ()) if n in wanted] if head else []
+        tail = [Block(HEAD, head_weights)] if head_weights and hasattr(self.executor, "head") else []
         if self.cache is not None and propagate is None and weights is None:
-            cached = self.cache.lookup(wanted, self.max_rows, [b.name for b in self.blocks])
+            cached = self.cache.lookup(wanted, self.max_rows, [b.name for b in self.blocks + tail])
             if cached is not None:  # float statistics of this model, data and request: no block runs
-                for block in self.blocks:
+                for block in self.blocks + tail:
                     on_block(block, cached(block.name))
-                    if progress is not None:
+                    if progress is not None and block in self.blocks:
                         progress(block)
                 return
         saving = self.cache.writer(wanted, self.max_rows) if (
@@ -212,5 +221,12 @@ class CalibrationEngine:
             inputs = outputs
             if progress is not None:
                 progress(block)
+        for block in tail:
+            collector = Collector({name: wanted[name] for name in block.weights}, row_rate)
+            self.head_skipped = self.executor.head(inputs, {name: collector.tap(name) for name in block.weights})
+            if not self.head_skipped:
+                if saving is not None:
+                    saving.save(block.name, collector.stats)
+                on_block(block, collector.stats)
         if saving is not None:
             saving.close()

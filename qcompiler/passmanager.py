@@ -88,6 +88,7 @@ class BlockPass(Pass):
 
     statistics: ClassVar[frozenset] = frozenset()
     propagate_compressed: ClassVar[bool] = False  # feed each block the outputs of the compressed blocks before it
+    reads_head: ClassVar[bool] = False  # wants the statistics of lm_head's input too (a last `run_block`, block "head")
 
     def wants(self, graph: Graph, ctx: PassContext) -> list[str] | dict[str, frozenset]:
         """The IR weight names whose input statistics this pass needs (`statistics` for each), or a
@@ -198,5 +199,6 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
             f"pass {names}: block {ctx.engine.blocks.index(block) + 1}/{count}")
     propagate = compressed if any(p.propagate_compressed for p in group) else None
     untouched = not any(c.meta.get("rewritten") for c in consts.values())  # the float model: statistics may be cached
-    ctx.engine.sweep(wanted, on_block, weights=None if untouched else current, propagate=propagate, progress=ticker)
+    ctx.engine.sweep(wanted, on_block, weights=None if untouched else current, propagate=propagate, progress=ticker,
+                     head=any(p.reads_head for p in group))
     return [p.finish(graph, ctx) for p in group]

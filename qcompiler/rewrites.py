@@ -166,15 +166,20 @@ def epilogues(graph: Graph) -> list[Epilogue]:
 
 def module_output(graph: Graph, path: str, uses=None, readers=None) -> tuple[Node, Node]:
     """(input x, output y) of the module at `path` holding one weight-bearing MatMul: y is the MatMul,
-    or the bias Add that reads it. `uses` / `readers`: `graph.weight_uses()` / `graph.consumers()`
-    when a caller asks about many modules of an unchanged graph."""
+    or the bias Add that reads it; or holding one embedding Gather (none of the former): y is the
+    Gather, x its indices. `uses` / `readers`: `graph.weight_uses()` / `graph.consumers()` when a
+    caller asks about many modules of an unchanged graph."""
     uses = graph.weight_uses() if uses is None else uses
     readers = graph.consumers() if readers is None else readers
     matmuls = [u.op for u in uses if u.op.op == "MatMul" and u.op.name.split("/")[0] == path
                and not u.op.meta.get("inserted")]
+    gathers = [u.op for u in uses if u.op.op == "Gather" and u.op.name.split("/")[0] == path]
+    if not matmuls and len(gathers) == 1:
+        return gathers[0].inputs[1], gathers[0]
     if len(matmuls) != 1:
         raise QCompilerError(f"{path} is not a module with one weight-bearing MatMul ({len(matmuls)} found): an "
-                             "epilogue can only follow such a module (a Linear); change the pass that inserted it")
+                             "epilogue can only follow such a module (a Linear, or an Embedding); change the pass "
+                             "that inserted it")
     y = matmuls[0]
     adds = [r for r in readers[y] if r.op == "Add" and r.name.split("/")[0] == path
             and not r.meta.get("inserted")]

@@ -85,6 +85,13 @@ class TorchBlockExecutor:
             self.blocks.append(Block(f"{self.path}.{i}", [n for n in weight_names if n.startswith(prefix)]))
         self.outside = sorted(names - {n for b in self.blocks for n in b.weights})
         self.modules = dict(model.named_modules())
+        self._head = _final_norm(model, self.path, self.modules)  # (norm module, lm_head name) or None
+        self.head_weights = []  # the IR name of lm_head's weight (a tied one is named after the embedding)
+        if self._head is not None:
+            weight = getattr(self.modules[self._head[1]], "weight", None)
+            self.head_weights = [n for n, p in model.named_parameters(remove_duplicate=False)
+                                 if p is weight and n in names][:1]
+        self._probe = None  # one sample, to check that norm(last block's output) is what lm_head reads
         self.bf16 = bf16_matmuls() and next(model.parameters()).dtype == torch.float32
         # how statistics are computed, for the statistics cache's key
         self.method = {"executor": "torch-blocks-1", "bf16_autocast": self.bf16, "batch": BATCH}
@@ -110,6 +117,7 @@ class TorchBlockExecutor:
                     raise _Stop
             return hook
 
+        self._probe = samples[0].reshape(1, -1) if samples else None
         handles = [self.layers[0].register_forward_pre_hook(first, with_kwargs=True)]
         handles += [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         try:
@@ -166,6 +174,36 @@ class TorchBlockExecutor:
                 p.requires_grad_(True)
         return outputs
 
+    def head(self, inputs, taps: dict) -> str:
+        """The input of the output layer (lm_head) for the last block's outputs `inputs`: the final norm
+        applied to them, passed to `taps[name]`. Returns "" when done, else why not: the final norm is
+        found as the one norm module beside the blocks, and checked on one sample against what lm_head
+        reads in the model's own forward (a model that scales or mixes the hidden state there is refused)."""
+        if self._head is None or not self.head_weights:
+            return "no single final norm module found before the output layer"
+        norm, lm_head = self._head
+        if self._probe is not None:
+            seen = []
+            handle = self.modules[lm_head].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+            try:
+                with torch.no_grad(), self._precision():
+                    ids = self._probe
+                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               position_ids=torch.arange(ids.shape[1])[None], use_cache=False)
+            finally:
+                handle.remove()
+            with torch.no_grad(), self._precision():
+                mine = norm(self.hidden(inputs)[0][:1]).float()
+            if not seen or seen[0].shape != mine.shape or not torch.allclose(seen[0].float(), mine, rtol=2e-2, atol=2e-2):
+                return f"the output layer {lm_head} does not read {type(norm).__name__}(last block's output)"
+            self._probe = None
+        with torch.no_grad(), self._precision():
+            for hidden in self.hidden(inputs):
+                x = norm(hidden)
+                for tap in taps.values():
+                    tap(x)
+        return ""
+
     def hidden(self, inputs) -> list[torch.Tensor]:
         """The hidden states [batch, seq, hidden] of each entry of `inputs` (a block's inputs or outputs)."""
         return [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]
@@ -208,6 +246,18 @@ class TorchBlockExecutor:
 
 
 BATCH = 16  # samples run through a block together: larger MatMuls, the same results
+
+
+def _final_norm(model: torch.nn.Module, path: str, modules: dict) -> tuple[torch.nn.Module, str] | None:
+    """The norm applied after the blocks and the output layer's name: the one child of the blocks' parent
+    whose class name says norm (LLaMA's model.norm, GPT-2's transformer.ln_f, OPT's final_layer_norm)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parent = modules.get(path.rsplit(".", 1)[0]) if "." in path else model
+    if out is None or parent is None:
+        return None
+    norms = [m for n, m in parent.named_children() if "norm" in type(m).__name__.lower() or n.startswith("ln_")]
+    name = next((n for n, m in modules.items() if m is out), None)
+    return (norms[0], name) if len(norms) == 1 and name else None
 
 
 def _length(args, kwargs) -> int:

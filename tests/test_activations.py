@@ -1,0 +1,237 @@
+"""Activation quantization (--quant-mode) and SmoothQuant on tiny random models."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import openvino as ov
+import pytest
+import torch
+
+from qcompiler import CompressionConfig, compress
+from qcompiler.activations import ActivationQuant, static_range
+from qcompiler.engine import Collector
+from qcompiler.errors import QCompilerError
+from qcompiler.registry import build_registry
+from tests.conftest import tiny_llama
+from tests.test_calibration import _apply, _logits, _samples
+
+IDS = torch.tensor([[3, 17, 99, 5, 42, 7, 250, 1, 64, 128, 9, 11]])
+EXAMPLE = {"input_ids": IDS[:, :8]}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).mean())
+
+
+def _outlier_llama():
+    """tiny_llama with a few large input channels on every norm, as real LLMs have (SmoothQuant's case)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p[[3, 40, 77]] = 30.0
+    return model
+
+
+# config and command line ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quant_mode": "int8"}, "--dataset auto"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "smooth_quant_alpha": 1.5}, r"outside \[0, 1\]"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "smooth_quant_alpha": "much"}, "not a number"),
+    ({"smooth_quant_alpha": 0.5}, "add --quant-mode int8"),
+    ({"quant_mode": "int8-dynamic", "smooth_quant_alpha": 0.5}, "add --dataset"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "mode": "int4_sym"}, "int8_sym per channel, not int4_sym"),
+    ({"quant_mode": "int4"}, "unknown quant mode"),
+])
+def test_impossible_activation_options(kwargs, message):
+    with pytest.raises(QCompilerError, match=message):
+        CompressionConfig(**kwargs)
+
+
+def test_quant_mode_defaults():
+    static = CompressionConfig(quant_mode="int8", dataset="x.txt")
+    assert str(static.mode) == "int8_sym" and static.smoothing == "auto"  # NNCF's MIXED preset; alpha searched
+    assert CompressionConfig(quant_mode="int8", dataset="x.txt", smooth_quant_alpha="off").smoothing is None
+    assert CompressionConfig(quant_mode="int8", dataset="x.txt", smooth_quant_alpha="0.5").smoothing == 0.5
+    assert CompressionConfig(quant_mode="int8-dynamic").smoothing is None  # no data, nothing to smooth by
+
+
+def test_cli_builds_the_config_and_refuses_weight_options():
+    from qcompiler.cli import _parser, config_from_args
+
+    parse = lambda *a: config_from_args(_parser().parse_args(["compress", *a]))[0]  # noqa: E731
+    config = parse("--quant-mode", "int8", "--dataset", "x.txt", "--smooth-quant-alpha", "0.6", "--num-samples", "8")
+    assert (config.quant_mode, config.smoothing, config.num_samples, str(config.mode)) == ("int8", 0.6, 8, "int8_sym")
+    with pytest.raises(QCompilerError, match="drop --weight-format int4"):
+        parse("--quant-mode", "int8", "--weight-format", "int4", "--dataset", "x.txt")
+    with pytest.raises(QCompilerError, match="drop --group-size"):
+        parse("--quant-mode", "int8-dynamic", "--group-size", "64")
+    with pytest.raises(QCompilerError, match="add --quant-mode"):
+        parse("--weight-format", "int8", "--smooth-quant-alpha", "0.5")
+
+
+@pytest.mark.parametrize("backend, mode, fix", [("torch", "int8", "onnx or openvino"),
+                                                ("openvino", "int8-dynamic", "--backend onnx")])
+def test_backends_without_integer_kernels_refuse_before_any_work(tmp_path, backend, mode, fix):
+    model = tiny_llama()
+    data = _samples() if mode == "int8" else None
+    with pytest.raises(QCompilerError, match=fix):
+        compress(model, CompressionConfig(quant_mode=mode, dataset=data), output=tmp_path / "out", backend=backend,
+                 example_input=EXAMPLE)
+    assert not (tmp_path / "out").exists()
+
+
+# statistics and the quantizer -----------------------------------------------------------------------
+
+def test_min_max_statistic_streams_and_follows_channel_scaling():
+    collector = Collector({"w": frozenset({"min_max"})}, row_rate=0.0)
+    a, b = torch.randn(2, 5, 8), torch.randn(3, 8) * 4
+    collector.add("w", a)
+    collector.add("w", b)
+    rows = torch.cat([a.reshape(-1, 8), b])
+    st = collector.stats["w"]
+    assert torch.equal(st.min, rows.amin(0)) and torch.equal(st.max, rows.amax(0))
+    factor = torch.linspace(-2, 2, 8)
+    st.scale_channels(factor)
+    scaled = rows * factor
+    assert torch.allclose(st.min, scaled.amin(0)) and torch.allclose(st.max, scaled.amax(0))
+
+
+def test_static_range_represents_zero_and_matches_onnxruntime():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    aq = static_range(-0.7, 3.1)
+    assert aq.low <= -0.7 and aq.high >= 3.1 - aq.scale and aq.fake(torch.zeros(1)).item() == 0.0
+    assert static_range(0.2, 5.0).low == 0.0  # the range always holds zero
+    x = np.linspace(-1.0, 3.5, 1001, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1001])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1001])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [aq.scale]), helper.make_tensor("z", TensorProto.UINT8, [], [aq.zero_point])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(y, aq.fake(torch.from_numpy(x)).numpy(), atol=1e-6)
+    dynamic = ActivationQuant(dynamic=True).fake(torch.from_numpy(x))
+    assert float((dynamic - torch.from_numpy(x)).abs().max()) <= 4.5 / 255 / 2 + 1e-6
+
+
+# SmoothQuant ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha, tie", [(0.5, False), ("auto", False), (0.5, True)])
+def test_smoothing_is_found_by_patterns_and_keeps_the_float_function(alpha, tie):
+    from qcompiler.rewrites import in_module
+
+    model = _outlier_llama()
+    if tie:
+        model = tiny_llama(tie=True)
+    before = _logits(model, IDS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compress(model, CompressionConfig(quant_mode="int8", dataset=_samples(), smooth_quant_alpha=alpha),
+                      example_input=EXAMPLE)
+    sq = result.results["smooth_quant"].summary
+    # per block: q/k/v and gate/up after their norms, down after the gated Multiply, o after the attention
+    # (v_proj's rows); after the blocks: the final norm before lm_head, through the embedding when tied
+    assert sq["matched"] == {"gated": 2, "relu": 0, "norm": 4 + (not tie), "tied_head": int(tie), "value": 2}
+    assert sq["applied"] == sq["matched"] or alpha == "auto"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is unchanged
+    with in_module(model, result.graph):  # the rewritten float weights (not yet quantized) and the epilogue
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for c in result.graph.weight_constants():
+            if c.meta.get("rewritten"):
+                params[c.attrs["weight"]].data = result.graph.weight(c).clone()
+        smoothed = _logits(model, IDS)
+    torch.testing.assert_close(smoothed, before, rtol=1e-4, atol=1e-4)
+    if tie:
+        assert "model.embed_tokens.smooth_quant_inverse" in result.graph.weights
+    if alpha == "auto":
+        layers = sq["layers"].values()
+        assert all(v["error_after"] <= v["error_before"] + 1e-12 for v in layers)  # no smoothing is a candidate
+
+
+def test_smoothing_lowers_the_quantized_error_of_outlier_channels():
+    errors = {}
+    for alpha in ("off", "auto"):
+        model = _outlier_llama()
+        result = compress(model, CompressionConfig(quant_mode="int8", dataset=_samples(), smooth_quant_alpha=alpha),
+                          example_input=EXAMPLE)
+        layers = result.results["activation_quant"].summary["layers"]
+        errors[alpha] = np.mean([v["error"] for n, v in layers.items() if "q_proj" in n or "gate_proj" in n])
+    assert errors["auto"] < 0.5 * errors["off"]
+
+
+# lowering ---------------------------------------------------------------------------------------------
+
+def _artifact(tmp_path, backend, mode, **kwargs):
+    model = _outlier_llama()
+    with torch.no_grad():
+        ref = model(IDS).logits.numpy()
+    data = _samples() if mode == "int8" else None
+    result = compress(model, CompressionConfig(quant_mode=mode, dataset=data, **kwargs), output=tmp_path / "out",
+                      backend=backend, example_input=EXAMPLE)
+    got = build_registry().backend(backend).runner(tmp_path / "out").logits(IDS.numpy())
+    return result, ref, got
+
+
+def test_openvino_runs_the_linear_layers_on_u8_kernels(tmp_path):
+    result, ref, got = _artifact(tmp_path, "openvino", "int8")
+    assert _cosine(ref, got) > 0.999
+    acts = result.report["activations"]
+    # every Linear, lm_head included (its input: the final norm of the last block's output)
+    assert acts == {"quant_mode": "int8", "marked": 15, "lowered": 15, "linear_layers": 15, "left_float_by_backend": []}
+    model = ov.Core().read_model(tmp_path / "out" / "openvino_model.xml")
+    ops = Counter(op.get_type_name() for op in model.get_ops())
+    assert ops["FakeQuantize"] == 9  # per block: q/k/v (fused), o, gate/up (fused), down; lm_head
+    compiled = ov.Core().compile_model(model, "CPU")
+    kinds = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+                    if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
+    assert kinds["u8"] + kinds["i8"] == 9 and kinds["u8"] >= 1  # all on u8 (or i8) activations
+    text = "\n".join(str(result.report.get(k)) for k in ("passes",))
+    assert "smooth_quant" in text
+
+
+@pytest.mark.parametrize("mode, onnx_format, nodes", [
+    ("int8", None, {"QuantizeLinear": 9, "MatMulIntegerToFloat": 15}),
+    ("int8", "qdq", {"QuantizeLinear": 9, "DequantizeLinear": 9 + 15}),
+    ("int8-dynamic", None, {"DynamicQuantizeLinear": 9, "MatMulIntegerToFloat": 15}),
+])
+def test_onnxruntime_runs_the_linear_layers_on_integer_kernels(tmp_path, mode, onnx_format, nodes):
+    options = {"format": onnx_format} if onnx_format else {}
+    model = _outlier_llama()
+    with torch.no_grad():
+        ref = model(IDS).logits.numpy()
+    result = compress(model, CompressionConfig(quant_mode=mode, dataset=_samples() if mode == "int8" else None),
+                      output=tmp_path / "out", backend="onnx", backend_options=options, example_input=EXAMPLE)
+    got = build_registry().backend("onnx").runner(tmp_path / "out").logits(IDS.numpy())
+    assert _cosine(ref, got) > (0.995 if mode == "int8-dynamic" else 0.999)  # dynamic: no data, no smoothing
+    found = Counter(n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx").graph.node)
+    assert {k: found[k] for k in nodes} == nodes
+    acts = result.report["activations"]
+    assert acts["marked"] == acts["lowered"] == 15
+
+
+def test_a_layer_whose_error_is_too_large_falls_back_to_float_activations(tmp_path, monkeypatch):
+    from qcompiler.passes import activation_quant
+
+    monkeypatch.setattr(activation_quant.StaticActivations, "options_from",
+                        classmethod(lambda cls, config: cls.Options(max_error=0.0)))
+    result, ref, got = _artifact(tmp_path, "onnx", "int8")
+    summary = result.results["activation_quant"].summary
+    assert summary["quantized"] == 0 and len(summary["fallback"]) == 15
+    assert result.report["activations"]["lowered"] == 0
+    assert "MatMulIntegerToFloat" not in {n.op_type for n in onnx.load(tmp_path / "out" / "model.onnx").graph.node}
+    assert _cosine(ref, got) > 0.9995  # int8 weights alone
+
+
+def test_non_finite_activations_name_the_layer(tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[5] = float("inf")
+    with pytest.raises(QCompilerError, match=r"layers\.1\.mlp\.(gate|up)_proj.* not finite"):
+        compress(model, CompressionConfig(quant_mode="int8", dataset=_samples(), smooth_quant_alpha="off"),
+                 output=tmp_path / "out", example_input=EXAMPLE)
+    assert not (tmp_path / "out").exists()
