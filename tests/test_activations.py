@@ -235,3 +235,16 @@ def test_non_finite_activations_name_the_layer(tmp_path):
         compress(model, CompressionConfig(quant_mode="int8", dataset=_samples(), smooth_quant_alpha="off"),
                  output=tmp_path / "out", example_input=EXAMPLE)
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_head_statistics_are_checked_against_the_models_own_forward(tmp_path):
+    """A model that changes the final norm's output before lm_head (here: doubles it) gets no statistics
+    for lm_head from the head pass (the engine would otherwise give a range half the real one): lm_head
+    keeps float activations, and the report says why."""
+    model = tiny_llama()
+    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    result = compress(model, CompressionConfig(quant_mode="int8", dataset=_samples(), smooth_quant_alpha="off"),
+                      example_input=EXAMPLE)
+    summary = result.results["activation_quant"].summary
+    assert summary["quantized"] == 14
+    assert "does not read LlamaRMSNorm" in summary["float_activations"]["lm_head.weight"]
