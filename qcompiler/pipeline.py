@@ -148,6 +148,10 @@ def compress(
         check_source(config.dataset)
     frontend = registry.frontend_for(model)
     if config.dataset is not None and getattr(frontend, "executor", None) is None:
+        if config.quant_mode == "int8":
+            raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet, which "
+                                 "--quant-mode int8 sets its ranges from: use --quant-mode int8-dynamic (no data), or "
+                                 "start from the transformers model")
         raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
                              "and the data-aware options, or start from the transformers model")
     inputs = [model] if isinstance(model, (str, Path)) else []

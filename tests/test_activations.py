@@ -248,3 +248,19 @@ def test_lm_head_statistics_are_checked_against_the_models_own_forward(tmp_path)
     summary = result.results["activation_quant"].summary
     assert summary["quantized"] == 14
     assert "does not read LlamaRMSNorm" in summary["float_activations"]["lm_head.weight"]
+
+
+def test_an_onnx_input_takes_dynamic_activations_and_refuses_static_ones(tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        ref = model(IDS).logits.numpy()
+    compress(model, CompressionConfig(mode=None), output=tmp_path / "fp32", backend="onnx", example_input=EXAMPLE)
+    result = compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8-dynamic"),
+                      output=tmp_path / "dyn", backend="onnx")
+    assert result.report["activations"]["lowered"] == 15
+    got = build_registry().backend("onnx").runner(tmp_path / "dyn").logits(IDS.numpy())
+    assert _cosine(ref, got) > 0.999
+    with pytest.raises(QCompilerError, match="use --quant-mode int8-dynamic"):
+        compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8", dataset="auto"),
+                 output=tmp_path / "static", backend="onnx")
+    assert not (tmp_path / "static").exists()
