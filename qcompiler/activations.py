@@ -43,9 +43,6 @@ class ActivationQuant:
         s, z = aq.scale, aq.zero_point
         return (torch.clamp(torch.round(x / s) + z, 0, LEVELS - 1) - z) * s
 
-    def describe(self) -> str:
-        return "dynamic u8 per tensor" if self.dynamic else f"u8 [{self.low:.4g}, {self.high:.4g}]"
-
 
 def static_range(low: float, high: float) -> ActivationQuant:
     """The static u8 quantizer of values in [low, high], with zero exactly representable."""

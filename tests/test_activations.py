@@ -14,7 +14,7 @@ from qcompiler.engine import Collector
 from qcompiler.errors import QCompilerError
 from qcompiler.registry import build_registry
 from tests.conftest import tiny_llama
-from tests.test_calibration import _apply, _logits, _samples
+from tests.test_calibration import _logits, _samples
 
 IDS = torch.tensor([[3, 17, 99, 5, 42, 7, 250, 1, 64, 128, 9, 11]])
 EXAMPLE = {"input_ids": IDS[:, :8]}
