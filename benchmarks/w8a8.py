@@ -220,14 +220,19 @@ def runtime_ops(path: Path) -> dict:
     return dict(Counter(n.op_type for n in model.graph.node if "MatMul" in n.op_type or "Quantize" in n.op_type))
 
 
+def _increases(runs: dict) -> bool:
+    """Each run's perplexity increase over the runtime's fp32 artifact; False without an fp32 figure."""
+    fp = runs.get("fp32", {}).get("perplexity")
+    for r in runs.values() if fp else ():
+        if "perplexity" in r:
+            r["perplexity_increase"] = r["perplexity"] / fp - 1
+    return bool(fp)
+
+
 def compare(result: dict) -> None:
     out = {}
     ov = result["results"].get("openvino", {})
-    fp = ov.get("fp32", {}).get("perplexity")
-    if fp:
-        for name, r in ov.items():
-            if "perplexity" in r:
-                r["perplexity_increase"] = r["perplexity"] / fp - 1
+    _increases(ov)
     if "nncf" in ov and "qc_auto" in ov:
         q, n, f = ov["qc_auto"], ov["nncf"], ov["fp32"]
         out["openvino"] = {
@@ -241,11 +246,7 @@ def compare(result: dict) -> None:
         o["bars"] = {"increase_at_most_half_nncf": o["increase_qcompiler_over_nncf"] <= 0.5,
                      "prefill_1.3x_fp32": o["prefill_speedup_vs_fp32"] >= 1.3}
     ox = result["results"].get("onnx", {})
-    fp = ox.get("fp32", {}).get("perplexity")
-    if fp:
-        for name, r in ox.items():
-            if "perplexity" in r:
-                r["perplexity_increase"] = r["perplexity"] / fp - 1
+    if _increases(ox):
         f = ox["fp32"]
         o = out["onnx"] = {f"{k}_prefill_speedup_vs_fp32": f["prefill_512_seconds"] / r["prefill_512_seconds"]
                            for k, r in ox.items() if k != "fp32" and "prefill_512_seconds" in r}
