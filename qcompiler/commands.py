@@ -22,6 +22,7 @@ def eval_command(args) -> int:
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    _refuse_encoder(artifact, "qcompiler eval measures a causal LM's perplexity")
     context = _context_length(artifact)
     if args.window is None:
         args.window = min(512, context or 512)
@@ -97,6 +98,7 @@ def generate_command(args) -> int:
     artifact = Path(args.artifact)
     if not artifact.is_dir():
         raise QCompilerError(f"artifact folder {artifact} does not exist: pass the folder `qcompiler compress -o` wrote")
+    _refuse_encoder(artifact, "qcompiler generate writes text with a causal LM")
     at_least(args.max_new_tokens, 1, "--max-new-tokens", "ask for at least one new token")
     at_least(args.top_k, 1, "--top-k", "sample among at least one token")
     at_least(args.seed, 0, "--seed", "pass a seed of 0 or above")
@@ -117,6 +119,20 @@ def generate_command(args) -> int:
     new = runner.generate(ids, args.max_new_tokens, choose, tokenizer.eos_token_id)
     say(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     return 0
+
+
+def _refuse_encoder(artifact: Path, what: str) -> None:
+    """One line for an encoder's artifact (its config.json's architectures say which task it is for)."""
+    from qcompiler.tasks import CAUSAL, task_of
+
+    config = read_json(artifact / "config.json", {})
+    try:
+        task = task_of(config) if config else CAUSAL
+    except QCompilerError:
+        return
+    if task != CAUSAL:
+        raise QCompilerError(f"{what}; {artifact} is a {task} model: run it with its runtime (OpenVINO, "
+                             "onnxruntime, or optimum's ORTModel / OVModel classes)")
 
 
 def _artifact_tokenizer(artifact: Path):

@@ -157,6 +157,9 @@ class LoadOptions:
     # the backend reads weight values from the IR when lowering (its `lazy_weights`): a frontend may
     # then leave large weights as placeholders, read when a pass needs them
     lazy_weights: bool = False
+    # optimum's task (text-generation-with-past, feature-extraction, text-classification); None: read from
+    # the model's config (its architectures), as optimum-cli does
+    task: str | None = None
     # model_type -> qcompiler.model_spec.ModelSpec, from the registry's plugins
     model_specs: dict = field(default_factory=dict, hash=False, compare=False)
 

@@ -30,18 +30,24 @@ def refuse_unseen_weights(graph: Graph) -> None:
 
 def parameter_counts(graph: Graph) -> dict:
     """Parameters by kind: weight-bearing (what the table counts), other (norms, biases, small
-    tables) and their sum, which equals the model's parameter count for a traced torch model."""
+    tables), not exported (where an encoder's output does not need them), and their sum, which
+    equals the model's parameter count for a traced torch model."""
     bearing = {c.attrs["weight"] for c in graph.weight_constants()}
-    weights = other = 0
+    weights = other = dropped = 0
     for const in graph.parameter_constants():
         if const.meta.get("adapter_of"):  # added by a pass, reported apart
             continue
         numel = graph.weights[const.attrs["weight"]].numel()
         if const.attrs["weight"] in bearing:
             weights += numel
+        elif const.meta.get("dropped"):
+            dropped += numel
         else:
             other += numel
-    return {"weight_bearing": weights, "other": other, "total": weights + other}
+    counts = {"weight_bearing": weights, "other": other, "total": weights + other + dropped}
+    if dropped:  # parameters of the model the exported outputs do not need (an encoder's pooler)
+        counts["not_exported"] = dropped
+    return counts
 
 
 def float_weights(graph: Graph) -> list[dict]:

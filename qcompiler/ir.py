@@ -206,6 +206,8 @@ class Graph:
             name, tensor = n.attrs["weight"], self.weights[n.attrs["weight"]]
             if name in bearing or tensor.dim() < 2 or tensor.numel() < min_params or not tensor.is_floating_point():
                 continue
+            if n.meta.get("dropped"):  # outside what the artifact computes (an encoder's pooler): not in it at all
+                continue
             if _only_added(n, readers):  # a batched bias ([experts, out], read as bias[:, None, :]): not a weight
                 continue
             ops = sorted({r.attrs.get("fn", "Opaque") if r.op == "Opaque" else r.op for r in readers.get(n, [])})

@@ -7,6 +7,7 @@ flags", mirrors it).
 
 from __future__ import annotations
 
+from qcompiler import tasks
 from qcompiler.errors import QCompilerError
 
 DATA_AWARE = "is not implemented yet"
@@ -16,14 +17,16 @@ NOT_YET = {
     "--cache_dir": "qcompiler reads local folders only and never downloads a model",
 }
 SWITCHES = ()
-TASKS = ("text-generation-with-past", "text-generation", "auto")
+TASKS = (*tasks.TASKS, "text-generation")  # text-generation: refused below with its reason
 
 
 def add_optimum_flags(parser) -> None:
     """The optimum-cli options qcompiler maps, and those it names but refuses (see NOT_YET)."""
     parser.add_argument("-m", "--model", dest="model_flag", metavar="MODEL",
                         help="the model, as optimum-cli spells it; a positional argument is then the output folder")
-    parser.add_argument("--task", help="text-generation-with-past (the default: a stateful model with its KV cache)")
+    parser.add_argument("--task", help="text-generation-with-past (a stateful model with its KV cache), "
+                        "feature-extraction or text-classification (encoders); by default read from the model's "
+                        "config.json architectures, as optimum-cli does")
     parser.add_argument("--framework", choices=["pt"], help="accepted for optimum-cli compatibility (torch only)")
     parser.add_argument("--library", choices=["transformers"], help="accepted for optimum-cli compatibility")
     parser.add_argument("--backup-precision", choices=["none", "int8_sym", "int8_asym"],
@@ -50,7 +53,8 @@ def apply_optimum_flags(args) -> None:
             raise QCompilerError(f"{flag} is not supported yet: {why}")
     if args.task is not None and args.task not in TASKS:
         raise QCompilerError(f"--task {args.task} is not supported: qcompiler writes causal language models "
-                             "(text-generation-with-past); drop --task")
+                             "(text-generation-with-past) and encoders (feature-extraction, text-classification); "
+                             "drop --task")
     if args.task == "text-generation":
         raise QCompilerError("--task text-generation (no KV cache) is not supported: qcompiler writes "
                              "text-generation-with-past, which optimum-intel and openvino_genai run; drop --task")

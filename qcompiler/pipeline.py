@@ -24,6 +24,7 @@ from qcompiler.output import STAGING_MARKER, OutputFolder
 from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
 from qcompiler.report import REPORT_FILE, build_report
+from qcompiler.tasks import TASKS
 
 DEFAULT_PIPELINE = ("ignored_scope", "keep", "precision", "smooth_quant", "activation_quant",
                     "activation_quant_dynamic", "awq", "awq_data", "autoround", "scale_estimation", "gptq",
@@ -127,6 +128,7 @@ def compress(
     allow_pickle: bool = False,
     defaults: Any = None,
     pad_token_id: int | None = None,
+    task: str | None = None,
 ) -> CompressedModel:
     """Compress `model` (a folder, a GGUF folder, an nn.Module; None = the default model).
 
@@ -137,8 +139,11 @@ def compress(
     `model_defaults.Defaults`) says which default config was applied, for the report.
     `pad_token_id` sets the model's pad token id (optimum-cli's `--pad-token-id`) in its config and
     generation config, which the written config.json, generation_config.json and genai_config.json carry.
+    `task` (optimum's names: text-generation-with-past, feature-extraction, text-classification; None: read
+    from the model's config) says which model a transformers folder is loaded as.
     """
     config = config or CompressionConfig()
+    check_task(task)
     registry = registry or build_registry()
     passes = build_passes(config, registry)
     model = resolve_model(model, registry)
@@ -163,7 +168,7 @@ def compress(
     if lowering is not None:
         _check_backend(lowering, config, dict(backend_options or {}))
     # data-aware passes run the model's blocks with the real weights: no placeholders then
-    load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    load_options = LoadOptions(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, task=task,
                                lazy_weights=bool(getattr(lowering, "lazy_weights", False)) and config.dataset is None,
                                model_specs=registry.model_specs)
 
@@ -231,7 +236,8 @@ def calibration_engine(frontend, source, graph: Graph, config: CompressionConfig
     executor = frontend.executor(source, graph)  # compress() checked that the frontend has one
     num_samples, seqlen = config.samples
     data = calibration.load(config.dataset, getattr(source, "tokenizer", None), num_samples, seqlen,
-                            generate=getattr(executor, "generate", None))
+                            generate=getattr(executor, "generate", None),
+                            sentences=getattr(source, "is_encoder", False))
     cache = None
     if config.statistics_path is not None:
         from qcompiler.statistics_cache import StatisticsCache, weights_digest
@@ -280,6 +286,12 @@ def _decide_format(graph: Graph, config: CompressionConfig, registry: Registry, 
     if defaults is not None:
         defaults.applied += f"; this model has {params} parameters: {mode.value if mode else 'float'}"
     return config, build_passes(config, registry)
+
+
+def check_task(task: str | None) -> None:
+    if task is not None and task not in TASKS:
+        raise QCompilerError(f"task {task!r} is not one qcompiler writes: pass one of {', '.join(TASKS)}, or None "
+                             "to read it from the model's config")
 
 
 def _check_backend(backend, config: CompressionConfig, options: dict) -> None:

@@ -125,8 +125,10 @@ def format_report(report: dict) -> str:
     counts = report.get("parameters")
     lines.append("")
     if counts:
+        dropped = f" + {counts['not_exported']} not exported (not needed for the model's output)" \
+            if counts.get("not_exported") else ""
         lines.append(f"parameters: {counts['weight_bearing']} in weight-bearing layers (the table) + {counts['other']} "
-                     f"other (norms, biases) = {counts['total']}")
+                     f"other (norms, biases){dropped} = {counts['total']}")
     adapters = report.get("adapters")
     if adapters:
         lines.append(f"adapters added by passes (LoRA correction): {adapters['tensors']} tensors, {adapters['params']} "

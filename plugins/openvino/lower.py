@@ -36,11 +36,15 @@ CODE_TYPES = {
 }
 
 
+FUSE_ACTIVATED = False  # fuse MatMuls on u8 activations too (for measuring what apart costs or saves)
+
+
 def convert(source, stateful: bool = True) -> tuple[ov.Model, str]:
     """The float OpenVINO model, and the prefix its weight constants carry before the IR's names.
 
     A causal LM becomes a stateful model with its KV cache (see stateful.py; `stateful=False`: the
-    cache as inputs and outputs); any other module is converted as it is, with the activations' last
+    cache as inputs and outputs); an encoder takes its export signature (encoder.py's, through the
+    source's `export_spec()`); any other module is converted as it is, with the activations' last
     dimension static so its MatMuls fuse.
     """
     if source.is_causal_lm:
@@ -48,6 +52,16 @@ def convert(source, stateful: bool = True) -> tuple[ov.Model, str]:
 
         spec = source.export_spec()
         return convert_stateful(spec, type(source.model).__name__, stateful), spec.weight_prefix
+    if getattr(source, "is_encoder", False):  # named inputs and output, batch and sequence dynamic (optimum's layout)
+        spec = source.export_spec()
+        shapes = [ov.PartialShape([-1] * t.dim()) for t in spec.args]
+        model = torch_to_openvino(spec.module, dict(zip(spec.input_names, spec.args)), shapes,
+                                  type(source.model).__name__)
+        for port, name in zip(model.inputs, spec.input_names):
+            port.get_tensor().set_names({name})
+        for port, name in zip(model.outputs, spec.output_names):
+            port.get_tensor().set_names({name})
+        return model, spec.weight_prefix
     example = source.example_input
     shapes = [ov.PartialShape([-1] * (t.dim() - 1) + [t.shape[-1]]) for t in example.values()]
     return torch_to_openvino(source.model, example, shapes, type(source.model).__name__), ""
@@ -128,7 +142,10 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
             if packs % 4 == 0:
                 memory.trim()  # the freed codes are heap blocks the C library would keep
 
-    for group in fusable_groups({n: consts[n] for n in compressed}, compressed):
+    # weights whose MatMuls take u8 activations stay apart: their int8 kernels gain nothing from one wide
+    # FullyConnected, and the split of its output cost 8% of MiniLM's W8A8 time (measured)
+    activated = {c.attrs["weight"] for c in graph.weight_constants() if "activation" in c.meta and not FUSE_ACTIVATED}
+    for group in fusable_groups({n: consts[n] for n in compressed if n not in activated}, compressed):
         names = [name for name, _ in group]
         weights = [compressed.pop(name) for name in names]
         out, _ = _decompression(concatenate(weights), f"{names[0]}/fused", consts[names[0]].get_element_type(), keep)

@@ -12,9 +12,10 @@ import torch
 
 from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
+from qcompiler import tasks
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.plugins.torch import hf, kvcache
+from qcompiler.plugins.torch import encoder, hf, kvcache
 from qcompiler.protocols import ExportSpec
 from qcompiler.plugins.torch.experts import dense_experts
 from qcompiler.plugins.torch.trace import trace_module
@@ -31,6 +32,7 @@ class TorchSource:
     lazy: tuple | None = None  # (placeholders {parameter name: file key}, reader): see lazy.py
     spec: Any = None  # the family's qcompiler.model_spec.ModelSpec, when a plugin registered one
     codes: dict | None = None  # a quantized checkpoint's codes (checkpoints.read), for --weight-format keep
+    task: str = tasks.CAUSAL  # optimum's task name: a causal LM, or an encoder (tasks.ENCODER_TASKS)
 
     @property
     def block_path(self) -> str | None:
@@ -38,11 +40,17 @@ class TorchSource:
 
     @property
     def is_causal_lm(self) -> bool:
-        return hasattr(self.model, "generation_config") and hasattr(self.model, "config")
+        return self.task == tasks.CAUSAL and hasattr(self.model, "generation_config") and hasattr(self.model, "config")
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.task in tasks.ENCODER_TASKS
 
     def export_spec(self) -> ExportSpec:
         if self.is_causal_lm:
             return kvcache.export_spec(self.model, block_path=self.block_path)
+        if self.is_encoder:
+            return encoder.export_spec(self.model, self.example_input, self.task)
         names = list(self.example_input)
         dynamic = {n: {d: f"{n}_{d}" for d in range(t.dim() - 1)} for n, t in self.example_input.items()}
         return ExportSpec(self.model, tuple(self.example_input.values()), names, [], dynamic)
@@ -73,6 +81,13 @@ class TorchFrontend:
             if hasattr(model, "generation_config"):
                 model.config.use_cache = False
                 return TorchSource(model, None, example_input or hf.example_inputs())
+            if _is_pretrained(model) and example_input is None:  # a transformers encoder object
+                task = tasks.task_of_class(type(model).__name__, model.config.model_type)
+                if options.task not in (None, "auto") and tasks.task_of(None, options.task) != task:
+                    raise QCompilerError(f"a {type(model).__name__} object is a model for {task}, not --task "
+                                         f"{options.task}: drop the task, or load the model with its class")
+                if task in tasks.ENCODER_TASKS:
+                    return TorchSource(model, None, encoder.example_inputs(model), task=task)
             if example_input is None:
                 raise QCompilerError(
                     f"a plain {type(model).__name__} needs an example input to trace: "
@@ -80,12 +95,14 @@ class TorchFrontend:
                 )
             return TorchSource(model, None, _as_kwargs(model, example_input))
         folder = Path(model)
-        module, tokenizer, gguf, lazy, codes = hf.load_causal_lm(folder, options)
-        return TorchSource(module, folder, hf.example_inputs(), tokenizer, gguf, lazy=lazy, codes=codes)
+        module, tokenizer, gguf, lazy, codes, task = hf.load_causal_lm(folder, options)
+        example = hf.example_inputs() if task == tasks.CAUSAL else encoder.example_inputs(module, tokenizer)
+        return TorchSource(module, folder, example, tokenizer, gguf, lazy=lazy, codes=codes, task=task)
 
     def trace(self, source: TorchSource) -> Graph:
         with dense_experts(source.model):  # MoE experts as MatMuls on their batched weights
-            graph = trace_module(source.model, source.example_input, type(source.model).__name__)
+            outputs = [tasks.OUTPUTS[source.task]] if source.is_encoder else None
+            graph = trace_module(source.model, source.example_input, type(source.model).__name__, outputs)
         if source.lazy is not None:
             _lazy_weights(graph, source)
         graph.owns_weights = source.path is not None  # loaded here from a folder or file: rewrites go in place
@@ -110,14 +127,14 @@ class TorchFrontend:
         """The calibration engine's block executor (see `qcompiler.protocols.BlockExecutor`)."""
         from qcompiler.plugins.torch.blocks import TorchBlockExecutor
 
-        if not source.is_causal_lm:
-            raise QCompilerError(f"calibration runs transformers causal LMs block by block; a plain "
+        if not source.is_causal_lm and not source.is_encoder:
+            raise QCompilerError(f"calibration runs transformers causal LMs and encoders block by block; a plain "
                                  f"{type(source.model).__name__} cannot take --dataset yet: drop the data-aware options")
         names = [c.attrs["weight"] for c in graph.parameter_constants()]
         return TorchBlockExecutor(source.model, names, source.tokenizer, source.block_path)
 
     def save_companions(self, source: TorchSource, out_dir: Path) -> list[str]:
-        if not source.is_causal_lm:
+        if not source.is_causal_lm and not source.is_encoder:
             return []
         return hf.save_companions(source.model, source.tokenizer, out_dir)
 
@@ -153,6 +170,14 @@ def _lazy_weights(graph: Graph, source: TorchSource) -> None:
     in_ir = {id(params[name]) for name in graph.placeholders}
     rest = [name for name in placeholders if id(params[name]) not in in_ir]
     materialize(params, placeholders, reader, rest)  # in place: the IR's tensors share the storage
+
+
+def _is_pretrained(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
 
 
 def _as_kwargs(module: torch.nn.Module, example_input) -> dict[str, torch.Tensor]:

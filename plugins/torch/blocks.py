@@ -72,7 +72,7 @@ def bf16_matmuls() -> bool:
 
 
 class TorchBlockExecutor:
-    """`BlockExecutor` for a transformers causal LM (see `qcompiler.protocols`)."""
+    """`BlockExecutor` for a transformers causal LM or encoder (see `qcompiler.protocols`)."""
 
     def __init__(self, model: torch.nn.Module, weight_names: list[str], tokenizer=None,
                  block_path: str | None = None) -> None:
@@ -95,6 +95,15 @@ class TorchBlockExecutor:
         self.bf16 = bf16_matmuls() and next(model.parameters()).dtype == torch.float32
         # how statistics are computed, for the statistics cache's key
         self.method = {"executor": "torch-blocks-1", "bf16_autocast": self.bf16, "batch": BATCH}
+
+    def _forward(self, ids: torch.Tensor):
+        """The model on one batch of token ids, unpadded (an encoder's forward takes no cache argument)."""
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "position_ids": torch.arange(ids.shape[1])[None], "use_cache": False}
+        params = inspect.signature(self.model.forward).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        return self.model(**kwargs)
 
     def _precision(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -125,8 +134,7 @@ class TorchBlockExecutor:
                 for ids in samples:
                     ids = ids.reshape(1, -1)
                     try:
-                        self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   position_ids=torch.arange(ids.shape[1])[None], use_cache=False)
+                        self._forward(ids)
                     except _Stop:
                         pass
         finally:
@@ -187,9 +195,7 @@ class TorchBlockExecutor:
             handle = self.modules[lm_head].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
             try:
                 with torch.no_grad(), self._precision():
-                    ids = self._probe
-                    self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               position_ids=torch.arange(ids.shape[1])[None], use_cache=False)
+                    self._forward(self._probe)
             finally:
                 handle.remove()
             with torch.no_grad(), self._precision():
@@ -222,6 +228,10 @@ class TorchBlockExecutor:
         """Text the model writes from random one-token prefixes (sampling among the 50 likeliest
         tokens, as NNCF's `generate_text_data`), in batches, with the model's KV cache; the same
         sequences for a seed on a given machine."""
+        if not hasattr(self.model, "generation_config") or getattr(self.model, "get_output_embeddings", lambda: None)() is None:
+            raise QCompilerError(f"{type(self.model).__name__} does not generate text, so --dataset auto cannot make "
+                                 "its calibration data: pass a text file (--dataset FILE, one sentence per line or "
+                                 "running text)")
         generator = torch.Generator().manual_seed(seed)
         vocab = self.model.config.vocab_size
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])

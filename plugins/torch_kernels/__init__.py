@@ -58,8 +58,9 @@ class TorchKernelsBackend:
         if not isinstance(getattr(source, "model", None), torch.nn.Module):
             raise QCompilerError(f"the torch backend writes transformers models; this input is a "
                                  f"{type(source.model).__name__}: write it in its own format (drop --backend)")
-        if not getattr(source, "is_causal_lm", False):
-            raise QCompilerError("the torch backend writes transformers causal LMs: use --backend openvino for this model")
+        if not getattr(source, "is_causal_lm", False) and not getattr(source, "is_encoder", False):
+            raise QCompilerError("the torch backend writes transformers causal LMs and encoders: use --backend openvino "
+                                 "for this model")
         tensors, layout, weight_bytes = {}, {}, {}
         compressed_names = set()
         programs = epilogues(graph)
@@ -105,7 +106,7 @@ class TorchKernelsBackend:
             tensors[key] = value.detach().contiguous()
             weight_bytes[key] = value.numel() * value.element_size()
         save_file(tensors, str(out_dir / WEIGHTS))
-        (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "weights": layout,
+        (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "task": source.task, "weights": layout,
                                                   "epilogues": {ep.path: ep.to_json() for ep in programs}}, indent=2))
         return {"files": [WEIGHTS, LAYOUT], "weight_bytes": weight_bytes}
 
@@ -131,8 +132,11 @@ def load_model(folder: str | Path):
 
 
 def _load_model(folder: Path):
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from qcompiler.tasks import CAUSAL, LOADERS
 
     document = json.loads((folder / LAYOUT).read_text())
     layout, programs = document["weights"], document.get("epilogues", {})
@@ -142,7 +146,11 @@ def _load_model(folder: Path):
         raise QCompilerError(f"the torch artifact in {folder} lacks a weight its epilogues read: the artifact is "
                              "damaged; compress the model again")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    task = document.get("task", CAUSAL)  # artifacts written before encoders were causal LMs
+    if task not in LOADERS:
+        raise QCompilerError(f"the torch artifact in {folder} is for the task {task!r}, which this qcompiler does not "
+                             "read: upgrade qcompiler, or compress the model again")
+    model = getattr(transformers, LOADERS[task]).from_config(config, dtype=torch.float32)
     replaced = {f"{path}.weight" for info in layout.values() for path in info["linears"] + info["embeddings"]}
     missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if "::" not in k
                                                  and k not in inserted}, strict=False)
