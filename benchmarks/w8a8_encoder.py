@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nncf_data_aware import WIKITEXT  # noqa: E402
-from w8a8 import _cpu, launch  # noqa: E402
+from w8a8 import _cpu, launch, runtime_ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,22 +184,6 @@ def throughput(runtimes: dict, feed: dict, rounds: int) -> dict:
                 times[name].append(time.perf_counter() - t)
     return {name: {"batch_seconds": float(np.median(t)), "sequences_per_second": BATCH / float(np.median(t))}
             for name, t in times.items()}
-
-
-def runtime_ops(path: Path) -> dict:
-    from collections import Counter
-
-    if path.suffix == ".xml":
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(path), "CPU")
-        return dict(Counter(f"{op.get_rt_info()['layerType'].astype(str)}:{op.get_rt_info()['runtimePrecision'].astype(str)}"
-                            for op in compiled.get_runtime_model().get_ops()
-                            if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul")))
-    import onnx
-
-    model = onnx.load(str(path))
-    return dict(Counter(n.op_type for n in model.graph.node if "MatMul" in n.op_type or "Quantize" in n.op_type))
 
 
 def compare(result: dict) -> None:

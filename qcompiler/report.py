@@ -241,7 +241,8 @@ def _activation_lines(report: dict) -> list[str]:
     passes = report["passes"]
     sq = passes.get("smooth_quant")
     if sq is not None:
-        found = ", ".join(f"{k} {sq['applied'][k]}/{v}" for k, v in sq["matched"].items() if v)
+        found = ", ".join(f"{k} {sq['applied'][k]}/{v}" for k, v in sq["matched"].items() if v) or \
+            "none (no place to fold a scale into)"
         layers = (sq.get("layers") or {}).values()
         alphas = Counter(str(v["alpha"]) for v in layers)
         chosen = ", ".join(f"{a} x{n}" for a, n in sorted(alphas.items()))
