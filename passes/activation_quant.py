@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from qcompiler.activations import ActivationQuant, static_range
+from qcompiler.activations import eligible as int8_eligible
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.passes.smooth_quant import eligible as smoothing_eligible
 from qcompiler.passmanager import BlockPass, Pass, PassContext, PassResult
 from qcompiler.quant import fake_quantize
 
@@ -40,10 +40,10 @@ class ActivationOptions:
 
 
 def eligible(const, op, users) -> str:
-    """SmoothQuant's rule, except that a weight the embedding Gather shares (a tied lm_head) is taken:
+    """`activations.eligible`, except that a weight the embedding Gather shares (a tied lm_head) is taken:
     only the MatMul's activation input is quantized."""
     readers = [u for u in users[const] if u is op or u.op != "Gather"]
-    return smoothing_eligible(const, op, {**users, const: readers})
+    return int8_eligible(const, op, {**users, const: readers})
 
 
 def _targets(graph: Graph) -> tuple[dict[str, tuple], dict[str, str]]:

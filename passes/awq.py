@@ -16,61 +16,8 @@ import torch
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import Pass, PassContext, PassResult
-from qcompiler.pattern import P, Var, Weight, find_matches
+from qcompiler.scale_sites import gated_matches
 from qcompiler.quant import EPS, matrix_view, restore
-
-PATTERN = P.MatMul(P.Multiply(P.MatMul(Var("x"), Weight("w1"), name="first"), Var("y"), name="mul"),
-                   Weight("w2"), name="second")
-# gate and up fused in one weight (phi3): its output split in two, the up half multiplied
-FUSED = P.MatMul(P.Multiply(P.GetItem(P.Opaque(P.MatMul(Var("x"), Weight("w1"), name="first"), name="split"),
-                                      name="half"), Var("y"), name="mul"), Weight("w2"), name="second")
-# fc1 -> ReLU -> fc2 (OPT): relu(z / s) = relu(z) / s for s > 0, so the scale folds into fc1's rows and bias
-RELU = P.MatMul(P.Relu(P.Add(P.MatMul(Var("x"), Weight("w1"), name="first"), Weight("b1"), name="add"),
-                       name="act"), Weight("w2"), name="second")
-RELU_NO_BIAS = P.MatMul(P.Relu(P.MatMul(Var("x"), Weight("w1"), name="first"), name="act"), Weight("w2"),
-                        name="second")
-
-
-def gated_matches(graph: Graph) -> tuple[list[dict], dict[str, str]]:
-    """Where a per-channel scale s on the second MatMul's input channels folds exactly into the first
-    MatMul: gated MLPs (MatMul -> Multiply -> MatMul, also with gate and up fused in one weight whose
-    output is split) and ReLU MLPs (MatMul -> [Add bias] -> Relu -> MatMul). Each match has "rows":
-    the slice of the first weight's output channels (rows) that take 1/s (None: all; a fused
-    weight's up half), "bias": the first MatMul's bias Constant that takes 1/s too (or None), and
-    "path": the nodes from the first MatMul to the second, each of which must feed only the next.
-    Also returns the candidates refused, with why."""
-    users, refused, out = graph.consumers(), {}, []
-    for m in (find_matches(graph, PATTERN)[0] + find_matches(graph, FUSED)[0] + find_matches(graph, RELU)[0]
-              + find_matches(graph, RELU_NO_BIAS)[0]):
-        if any(len(graph.tensor(m[w]).shape) != 2 for w in ("w1", "w2")):
-            refused[m["second"].name] = "batched (mixture-of-experts) weights: one scale per expert is not done yet"
-            continue
-        if "act" in m:  # ReLU
-            bias = m.get("b1")
-            width = (m["first"].meta.get("shape") or (0,))[-1]
-            if bias is not None and (tuple(graph.tensor(bias).shape) != (width,) or users.get(bias) != [m["add"]]):
-                refused[m["second"].name] = "relu: the first MatMul's bias is not a 1-D weight of its own"
-                continue
-            path = [m["first"], m["add"], m["act"]] if bias is not None else [m["first"], m["act"]]
-            out.append({**m, "rows": None, "bias": bias, "path": path, "pattern": "relu"})
-            continue
-        if "split" not in m:
-            out.append({**m, "rows": None, "bias": None, "path": [m["first"], m["mul"]], "pattern": "gated"})
-            continue
-        split, half, first, mul = m["split"], m["half"], m["first"], m["mul"]
-        halves = users.get(split, [])
-        width = (mul.meta.get("shape") or (0,))[-1]
-        shape = first.meta.get("shape") or (0,)
-        if split.attrs.get("fn") != "chunk" or width <= 0:
-            continue  # not a split of the first MatMul's output (or no shapes recorded)
-        if (sorted(u.attrs.get("index", -1) for u in halves) != [0, 1] or any(u.op != "GetItem" for u in halves)
-                or shape[-1] != 2 * width or users.get(first) != [split] or users.get(half) != [mul]):
-            refused[m["second"].name] = "fused gate_up: not an even split of the first MatMul's last axis, used once"
-            continue
-        start = half.attrs["index"] * width
-        out.append({**m, "rows": (start, start + width), "bias": None, "path": [mul], "pattern": "gated"})
-    return out, refused
-
 
 class DataFreeAWQ(Pass):
     name = "awq"

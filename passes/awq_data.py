@@ -4,7 +4,7 @@ Two patterns, found by the pattern language, each a place where a scale s on the
 the target MatMuls can be folded into the op before them, so the float function is unchanged:
 - `gated`: MatMul -> Multiply -> MatMul (a gated MLP's down projection): W2[:, k] *= s_k and the
   first MatMul's output channel k is divided by s_k (of its up half, when gate and up are one fused
-  weight whose output is split, as phi3's; `qcompiler.passes.awq.gated_matches`);
+  weight whose output is split, as phi3's; `qcompiler.scale_sites.gated_matches`);
 - `norm`: Multiply(gamma, y) -> MatMuls (q/k/v after an RMSNorm, gate/up after the second one):
   every target's W[:, k] *= s_k, and gamma_k /= s_k. All consumers of the norm must be targets.
 
@@ -31,14 +31,10 @@ import torch
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
-from qcompiler.passes.awq import gated_matches
-from qcompiler.pattern import P, Var, Weight, find_matches
+from qcompiler import scale_sites
 from qcompiler.engine import hessian_blocks_of
-from qcompiler.quant import awq_residual, matrix_view, restore
+from qcompiler.quant import awq_residual, matrix_view
 from qcompiler.weight_fit import ESTIMATE_MODES, INITIAL_STEPS, SCALE_STEPS, estimate
-
-NORM = P.MatMul(P.Multiply(Weight("gamma"), Var("y"), name="norm"), Weight("w"), name="mm")
-
 
 @dataclass(frozen=True)
 class AWQOptions:
@@ -56,16 +52,6 @@ class AWQOptions:
     refit_steps: tuple[int, int] = (INITIAL_STEPS, SCALE_STEPS)  # its steps (set from its options)
 
 
-@dataclass
-class _Site:
-    pattern: str
-    targets: list  # (MatMul node, weight Constant)
-    fold: object  # the Constant whose values absorb 1/s
-    fold_rows: bool  # True: the fold weight's output channels (rows); False: a 1-D norm weight
-    rows: tuple[int, int] | None = None  # the fold weight's rows that take 1/s (a fused gate_up's up half)
-    bias: object = None  # the fold MatMul's bias Constant, which takes 1/s too (ReLU MLPs)
-
-
 class DataAwareAWQ(BlockPass):
     name = "awq_data"
     Options = AWQOptions
@@ -80,7 +66,7 @@ class DataAwareAWQ(BlockPass):
         return cls.Options(refit=config.switch("scale_estimation"), refit_steps=steps)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
-        self.sites, self.skipped = _sites(graph)
+        self.sites, self.skipped = scale_sites.sites(graph, _eligible)
         self.applied = {"gated": 0, "relu": 0, "norm": 0}
         self.layers: dict[str, dict] = {}
 
@@ -127,7 +113,7 @@ class DataAwareAWQ(BlockPass):
                 **layer, "alpha": alpha, "error_before": candidates[0][0] / norm, "error_after": loss_after / norm}
             if alpha is None:
                 continue
-            _apply(graph, site, s)
+            scale_sites.apply(graph, site, s)
             for seen in {id(stats[c.attrs["weight"]]): stats[c.attrs["weight"]] for _, c in site.targets}.values():
                 seen.scale_channels(1.0 / s)
             self.applied[site.pattern] += 1
@@ -184,67 +170,6 @@ def _eligible(const, op, users) -> str:
 
 def graph_rank(const) -> int:
     return len(const.meta.get("shape", ()))
-
-
-def _sites(graph: Graph, eligible=None) -> tuple[list[_Site], dict[str, str]]:
-    """The places a per-input-channel scale folds into (see the module docstring); `eligible(const, op,
-    users)` says why a target weight cannot take one ("" when it can; default: AWQ's rule)."""
-    _eligible_target = eligible or _eligible
-    users = graph.consumers()
-    taken = set()
-    matches, refused = gated_matches(graph)
-    sites, skipped = [], dict(refused)
-    for m in matches:
-        path = m["path"] + [m["second"]]
-        reason = _eligible_target(m["w2"], m["second"], users) or next(
-            (f"%{a.name} has other consumers" for a, b in zip(path, path[1:]) if users[a] != [b]), "") or (
-            "the first MatMul's weight is shared or not [out, in]" if users[m["w1"]] != [m["first"]]
-            or not m["first"].attrs.get("transpose_b") else "")
-        if reason:
-            skipped[m["second"].name] = f"{m['pattern']}: {reason}"
-            continue
-        sites.append(_Site(m["pattern"], [(m["second"], m["w2"])], m["w1"], True, m["rows"], m["bias"]))
-        taken.add(m["second"])
-    by_norm: dict = {}
-    for m in find_matches(graph, NORM)[0]:
-        by_norm.setdefault(m["norm"], (m["gamma"], []))[1].append((m["mm"], m["w"]))
-    for norm, (gamma, targets) in by_norm.items():
-        readers = users[norm]
-        reason = ""
-        if len(graph.tensor(gamma).shape) != 1 or users[gamma] != [norm]:
-            reason = "the norm weight is not a 1-D weight read only by the norm"
-        elif len(readers) != len(targets) or any(op in taken for op, _ in targets):
-            reason = "the norm's output feeds ops other than the target MatMuls"
-        else:
-            reason = next((r for op, c in targets if (r := _eligible_target(c, op, users))), "")
-        if reason:
-            skipped[targets[0][0].name] = f"norm: {reason}"
-            continue
-        sites.append(_Site("norm", targets, gamma, False))
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    sites.sort(key=lambda s: order[s.targets[0][0]])
-    return sites, skipped
-
-
-def _apply(graph: Graph, site: _Site, s: torch.Tensor, mark: str = "awq") -> None:
-    for _, c in site.targets:
-        w = graph.weight(c)
-        graph.set_weight(c, (w.float() * s[None, :]).to(w.dtype))
-    fold = graph.weight(site.fold)
-    if site.fold_rows:
-        matrix, transposed = matrix_view(fold.float(), (1,))
-        start, stop = site.rows or (0, matrix.shape[0])
-        matrix = matrix.clone()
-        matrix[start:stop] /= s[:, None]
-        new = restore(matrix, graph.tensor(site.fold).shape, transposed)
-        if site.bias is not None:
-            bias = graph.weight(site.bias)
-            graph.set_weight(site.bias, (bias.float() / s).to(bias.dtype))
-    else:
-        new = fold.float() / s
-    graph.set_weight(site.fold, new.to(fold.dtype))
-    for op, _ in site.targets:
-        op.meta[mark] = True
 
 
 @hookimpl

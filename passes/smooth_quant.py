@@ -7,7 +7,7 @@ max|x_j| (over all calibration tokens) and max|W_j| (over the rows of every such
     s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)   (clamped to >= 1e-5; INC's and the paper's formula)
 
 and x / s, W * s leave the float function unchanged. The places a scale folds into are found by the
-pattern language (`qcompiler.passes.awq_data._sites`, shared with AWQ): the norm's weight gamma / s,
+pattern language (`qcompiler.scale_sites`, shared with AWQ): the norm's weight gamma / s,
 or the rows of the MatMul before a gated Multiply (up_proj's rows / s), or v_proj's rows for o_proj
 (through the attention, which weights each value channel; grouped-query heads share one scale,
 `_value_sites`); no per-architecture table.
@@ -32,14 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler.activations import static_range
+from qcompiler.activations import eligible, static_range
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
-from qcompiler.passes.awq_data import NORM, _apply, _Site, _sites
 from qcompiler.pattern import P, Var, Weight, find_matches
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler.quant import fake_quantize
+from qcompiler.scale_sites import NORM, Site, apply, sites
 
 # alphas of the auto search: SmolLM2's sites chose 0.4 to 1.0; a grid twice as fine near 1 moved its held-out
 # perplexity by 0.1% (noise)
@@ -51,20 +51,6 @@ ROW_BUDGET, MIN_ROWS = 1 << 21, 64  # calibration rows x output channels the aut
 class SmoothQuantOptions:
     alpha: float | str = "auto"
     rows: int = 256  # calibration rows the auto search measures on (512: the same alphas on SmolLM2, twice the time)
-
-
-def eligible(const, op, users) -> str:
-    """Why a MatMul weight takes no activation quantization ("" when it does)."""
-    fmt = const.meta.get("format")
-    if fmt is None or fmt.mode is not Mode.INT8_SYM or fmt.group_size != -1:
-        return "its weight is not int8_sym per channel"
-    if "ignored" in op.meta or "ignored" in const.meta:
-        return "in the ignored scope"
-    if users[const] != [op]:
-        return "the weight is shared with another op"
-    if op.op != "MatMul" or not op.attrs.get("transpose_b") or len(const.meta.get("shape", ())) != 2:
-        return "not a [out, in] linear weight"
-    return ""
 
 
 class SmoothQuant(BlockPass):
@@ -79,7 +65,7 @@ class SmoothQuant(BlockPass):
         return None if alpha is None else cls.Options(alpha=alpha)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
-        self.sites, self.skipped = _sites(graph, eligible)
+        self.sites, self.skipped = sites(graph, eligible)
         taken = {op for site in self.sites for op, _ in site.targets}
         heads = [(site, gather) for site, gather in _head_sites(graph) if site.targets[0][0] not in taken]
         self.tied = {id(site): gather for site, gather in heads if gather is not None}  # -> the embedding Gather
@@ -148,7 +134,7 @@ class SmoothQuant(BlockPass):
             if alpha is not None:
                 layer["scale_min"], layer["scale_max"] = float(s.min()), float(s.max())
                 if groups is None:
-                    _apply(graph, site, s, mark="smooth_quant")
+                    apply(graph, site, s, mark="smooth_quant")
                 else:
                     _apply_value(graph, site, s, groups)
                 if id(site) in self.tied:  # the embedding reads W * s too: its output times 1 / s
@@ -185,7 +171,7 @@ def _head_sites(graph: Graph) -> list:
                 [u for u in users[const] if u is not op and u.op != "Gather"]):
             continue
         pattern = "tied_head" if gathers else "norm"
-        out.append((_Site(pattern, [(op, const)], gamma, False), gathers[0] if gathers else None))
+        out.append((Site(pattern, [(op, const)], gamma, False), gathers[0] if gathers else None))
     return out
 
 
@@ -225,7 +211,7 @@ def _value_sites(graph: Graph) -> list:
         if users[v_const] != [v] or v_out != heads * dim or o_in % v_out:
             continue
         bias = None  # a bias Add between v and the reshape would sit in the chain: not walked, so none
-        out.append((_Site("value", [(o, o_const)], v_const, True, None, bias), (heads, dim, o_in // v_out)))
+        out.append((Site("value", [(o, o_const)], v_const, True, None, bias), (heads, dim, o_in // v_out)))
     return out
 
 

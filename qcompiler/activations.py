@@ -1,4 +1,4 @@
-"""Activation quantization math, on torch tensors; no backend appears here.
+"""Activation quantization math, on torch tensors, and which MatMuls take it; no backend appears here.
 
 A quantized activation is u8 per tensor (NNCF's MIXED preset for transformers: activations
 asymmetric, weights int8_sym per output channel), either static, with a range from calibration
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from qcompiler.config import Mode
 
 LEVELS = 256
 
@@ -54,3 +56,19 @@ def static_range(low: float, high: float) -> ActivationQuant:
     low, high = float(torch.tensor(-z * s, dtype=torch.float32)), float(torch.tensor((LEVELS - 1 - z) * s,
                                                                                         dtype=torch.float32))
     return ActivationQuant(low=low, high=high)
+
+
+def eligible(const, op, users) -> str:
+    """Why a MatMul weight (Constant `const` read by `op`; `users`: `Graph.consumers()`) takes no activation
+    quantization ("" when it does): its weight must be int8_sym per channel, not ignored, read by this
+    MatMul alone, and an [out, in] linear weight."""
+    fmt = const.meta.get("format")
+    if fmt is None or fmt.mode is not Mode.INT8_SYM or fmt.group_size != -1:
+        return "its weight is not int8_sym per channel"
+    if "ignored" in op.meta or "ignored" in const.meta:
+        return "in the ignored scope"
+    if users[const] != [op]:
+        return "the weight is shared with another op"
+    if op.op != "MatMul" or not op.attrs.get("transpose_b") or len(const.meta.get("shape", ())) != 2:
+        return "not a [out, in] linear weight"
+    return ""

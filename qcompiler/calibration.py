@@ -134,9 +134,11 @@ def from_lines(path: Path, tokenizer, num_samples: int, seqlen: int) -> Calibrat
     samples = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.strip() and len(samples) < num_samples:
+            if line.strip():
                 ids = tokenizer(line.strip(), truncation=True, max_length=seqlen)["input_ids"]
                 samples.append(torch.tensor(ids, dtype=torch.int64))
+                if len(samples) == num_samples:
+                    break
     if len(samples) < num_samples:
         raise QCompilerError(f"calibration text {path} has {len(samples)} non-empty lines; --num-samples {num_samples} "
                              "takes one sentence per line: pass a longer file, or lower --num-samples")

@@ -22,7 +22,8 @@ from pathlib import Path
 from qcompiler import memory, output
 from qcompiler import pass_options
 from qcompiler.output import _signals_held
-from qcompiler.config import CompressionConfig, IgnoredScope, LoadOptions, Mode, SensitivityMetric, parse_enum
+from qcompiler.config import (QUANT_MODES, CompressionConfig, IgnoredScope, LoadOptions, Mode, SensitivityMetric,
+                              parse_enum)
 from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
@@ -159,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 128)")
     with _signals_held():  # the passes' declarations import torch
         pass_options.add_flags(c, pass_options.installed())  # --scale-estimation, --gptq, --lora-correction, ...
-    c.add_argument("--quant-mode", choices=["int8", "int8-dynamic"],
+    c.add_argument("--quant-mode", choices=QUANT_MODES,
                    help="quantize the Linear layers' activations too (weights int8_sym per channel): int8 = static "
                         "u8 ranges from --dataset; int8-dynamic = ranges taken per call (onnx only)")
     c.add_argument("--smooth-quant-alpha", metavar="ALPHA",

@@ -423,8 +423,8 @@ class CompressionConfig:
             check_counts(*self.samples)
 
 
-SWITCHES = ("scale_estimation", "gptq", "lora_correction")
-QUANT_MODES = ("int8", "int8-dynamic")  # optimum-cli's --quant-mode int8, and its dynamic variant  # built-in passes with their own config field
+SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes with their own config field
+QUANT_MODES = ("int8", "int8-dynamic")  # optimum-cli's --quant-mode int8, and its dynamic variant
 
 
 def default_group_size(mode: Mode | None) -> int:

@@ -265,7 +265,7 @@ def _activation_lines(report: dict) -> list[str]:
         lines.append("  float activations: " + "; ".join(f"{why}: {n}" for why, n in reasons.most_common()))
     if acts["left_float_by_backend"]:
         lines.append(f"  {len(acts['left_float_by_backend'])} layers marked for u8 activations run float in the "
-                     f"{report['backend']} artifact (their fused MatMul has different ranges): "
+                     f"{report['backend']} artifact (the backend did not lower them): "
                      + ", ".join(acts["left_float_by_backend"][:4]))
     return lines
 

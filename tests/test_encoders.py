@@ -6,9 +6,9 @@ loading the artifact."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,7 @@ def _run(artifact: Path, backend: str, batch: dict) -> np.ndarray:
     from qcompiler.plugins.torch_kernels import load_model
 
     model = load_model(artifact)
-    names = [n for n in batch if n in __import__("inspect").signature(model.forward).parameters]
+    names = [n for n in batch if n in inspect.signature(model.forward).parameters]
     with torch.no_grad():
         out = model(**{n: torch.from_numpy(batch[n]) for n in names})
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()

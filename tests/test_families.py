@@ -112,7 +112,7 @@ def test_awq_patterns_found_per_family(family, family_dir):
     """The AWQ pattern (MatMul -> Multiply -> MatMul, also with gate and up fused in one weight whose
     output is split) is found by the pattern language in every gated MLP, whatever its activation, and
     nowhere else (`families.AWQ_MATCHES` says why per family)."""
-    from qcompiler.passes.awq import gated_matches
+    from qcompiler.scale_sites import gated_matches
 
     folder = family_dir(family)[0]
     frontend = TorchFrontend()

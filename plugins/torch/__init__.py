@@ -173,10 +173,8 @@ def _lazy_weights(graph: Graph, source: TorchSource) -> None:
 
 
 def _is_pretrained(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 

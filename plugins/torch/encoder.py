@@ -60,8 +60,5 @@ def export_spec(model: torch.nn.Module, example: dict[str, torch.Tensor], task: 
     output = OUTPUTS[task]
     dynamic = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     dynamic[output] = {0: "batch_size", 1: "sequence_length"} if output == "last_hidden_state" else {0: "batch_size"}
-    config = model.config
-    info = {"model_type": config.model_type, "vocab_size": config.vocab_size, "task": task,
-            "hidden_size": getattr(config, "hidden_size", None)}
     return ExportSpec(EncoderForward(model, names, output), tuple(example.values()), names, [output], dynamic,
-                      weight_prefix="model.", model_info=info)
+                      weight_prefix="model.")
