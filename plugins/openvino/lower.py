@@ -143,7 +143,8 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
                 memory.trim()  # the freed codes are heap blocks the C library would keep
 
     # weights whose MatMuls take u8 activations stay apart: their int8 kernels gain nothing from one wide
-    # FullyConnected, and the split of its output cost 8% of MiniLM's W8A8 time (measured)
+    # FullyConnected and a split (benchmarks/w8a8_fusion.py: fused took 1.06-1.08x the time on MiniLM,
+    # 1.07-1.09x on SmolLM2's prefill)
     activated = {c.attrs["weight"] for c in graph.weight_constants() if "activation" in c.meta and not FUSE_ACTIVATED}
     for group in fusable_groups({n: consts[n] for n in compressed if n not in activated}, compressed):
         names = [name for name, _ in group]
