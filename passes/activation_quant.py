@@ -4,7 +4,7 @@ Every MatMul whose weight is int8_sym per output channel (the weights of `--quan
 not ignored, shared or other than a [out, in] linear weight, takes `meta["activation"]`
 (`qcompiler.activations.ActivationQuant`) on its weight Constant; each backend lowers it to its
 integer kernels (OpenVINO FakeQuantize, onnxruntime QuantizeLinear / DynamicQuantizeLinear) or
-refuses it before any work. The activation-activation MatMuls of attention (QK^T, PV) stay float.
+refuses it before any work.
 
 - static (`--quant-mode int8`, a block pass): the range is the min / max over the calibration tokens
   of the input as it reaches the layer (after SmoothQuant's scaling). The layer's relative output error
@@ -12,16 +12,22 @@ refuses it before any work. The activation-activation MatMuls of attention (QK^T
   the layer falls back to int8 weights with float activations, and the report says so. A layer
   outside the transformer blocks (lm_head) has no statistics and stays float too. A non-finite
   calibration input is an error naming the layer.
+- attention (static, encoders): the query and key of each `ScaledDotProductAttention` take static
+  signed (i8) ranges from what the attention module hands to it on the calibration data (NNCF quantizes the same
+  two inputs); the node takes `meta["attention_quant"]` (query, key). Falls back to float above
+  `max_error` on the scores; `--ignored-scope-type ScaledDotProductAttention` keeps them all float.
+  Models with a KV cache keep their attention float.
 - dynamic (`--quant-mode int8-dynamic`): no data; the runtime measures each input's range per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from qcompiler.activations import ActivationQuant, static_range
+from qcompiler.activations import ActivationQuant, static_range, symmetric_range
+from qcompiler.engine import ATTENTION_INPUTS, attention_tap
 from qcompiler.activations import eligible as int8_eligible
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
@@ -29,6 +35,7 @@ from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, Pass, PassContext, PassResult
 from qcompiler.quant import fake_quantize
+from qcompiler.tasks import ENCODER_TASKS
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,52 @@ def _targets(graph: Graph) -> tuple[dict[str, tuple], dict[str, str]]:
     return targets, skipped
 
 
+def _smoothed(aq: ActivationQuant, const) -> ActivationQuant:
+    """The quantizer of a weight SmoothQuant scaled without a fold (`smooth_input`: s): it divides the input by s."""
+    s = const.meta.get("smooth_input")
+    return aq if s is None else replace(aq, smooth=tuple(float(v) for v in s))
+
+
+def unsmooth(graph: Graph) -> list[str]:
+    """Weights SmoothQuant multiplied by s for an activation quantizer that then did not take them (a
+    layer that fell back to float activations): W / s again, so the float function is unchanged."""
+    undone = []
+    for const in graph.weight_constants():
+        s = const.meta.get("smooth_input")
+        if s is not None and "activation" not in const.meta:
+            w = graph.weight(const)
+            graph.set_weight(const, (w.float() / s[None, :]).to(w.dtype))
+            del const.meta["smooth_input"]
+            undone.append(const.attrs["weight"])
+    return undone
+
+
+def _attention_targets(graph: Graph, ctx: PassContext) -> tuple[dict, dict[str, str]]:
+    """{module path: ScaledDotProductAttention node} whose query and key take static u8 quantizers (NNCF
+    quantizes the same two inputs; OpenVINO then runs the scores in int8), and {path or "*": why not}
+    for the others. Encoders only: in a model with a KV cache the keys of past tokens would be quantized
+    again at every step (NNCF's LLM IR decodes at 1.06x fp32 against 1.9x without, benchmarks/w8a8.py)."""
+    nodes = [n for n in graph.nodes if n.op == "ScaledDotProductAttention"]
+    if not nodes:
+        return {}, {}
+    if ctx.task not in ENCODER_TASKS:
+        return {}, {"*": "a model with a KV cache (the attention's query and key are quantized in encoders only)"}
+    if not getattr(getattr(ctx.engine, "executor", None), "attention_taps", False):
+        return {}, {"*": "the frontend's block executor cannot tap the attention's inputs"}
+    targets, skipped, seen = {}, {}, set()
+    for node in nodes:
+        path = node.name.split("/")[0] if "/" in node.name else ""
+        if "ignored" in node.meta:
+            skipped[path or node.name] = "in the ignored scope"
+        elif not path or path in seen:
+            skipped[path or node.name] = "not the one attention of a module"
+            targets.pop(path, None)
+        else:
+            targets[path] = node
+        seen.add(path)
+    return targets, skipped
+
+
 class StaticActivations(BlockPass):
     name = "activation_quant"
     Options = ActivationOptions
@@ -74,9 +127,11 @@ class StaticActivations(BlockPass):
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.targets, self.skipped = _targets(graph)
         self.layers: dict[str, dict] = {}
+        self.attention, self.attention_float = _attention_targets(graph, ctx)
+        self.attention_layers: dict[str, dict] = {}
 
     def wants(self, graph, ctx) -> list[str]:
-        return list(self.targets)
+        return list(self.targets) + [attention_tap(path, w) for path in self.attention for w in ATTENTION_INPUTS]
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
         groups: dict[int, list[str]] = {}  # the layers reading one input (q/k/v) take one range and one decision
@@ -110,18 +165,54 @@ class StaticActivations(BlockPass):
                         f" (of a layer reading the same input: {worst:.3g})" if layers[n]["error"] < worst else "")
                         + f" > {self.options.max_error}")
                 else:
-                    self.targets[n][1].meta["activation"] = aq
+                    self.targets[n][1].meta["activation"] = _smoothed(aq, self.targets[n][1])
             self.layers.update(layers)
+        for path, node in self.attention.items():
+            if attention_tap(path, "query") in stats:
+                self._attention_block(path, node, stats)
+
+    def _attention_block(self, path: str, node, stats) -> None:
+        """The query and key of one attention on static i8 ranges (`symmetric_range`), unless the scores' relative error
+        ||q k^T - Qa(q) Qa(k)^T||^2 / ||q k^T||^2 over the calibration rows (head-dim vectors) exceeds
+        `max_error`."""
+        q, k = (stats[attention_tap(path, w)] for w in ATTENTION_INPUTS)
+        if q.min is None or k.min is None:
+            self.attention_float[path] = "its module did not call scaled_dot_product_attention on the calibration data"
+            return
+        for which, st in (("query", q), ("key", k)):
+            if not (torch.isfinite(st.min).all() and torch.isfinite(st.max).all()):
+                raise QCompilerError(f"the {which} of {path}'s attention is not finite (inf or NaN) on the calibration "
+                                     "data: load the model in float32 or ignore the attention (--ignored-scope-type "
+                                     "ScaledDotProductAttention)")
+        aq = [symmetric_range(float(st.min.min()), float(st.max.max())) for st in (q, k)]
+        layer = {"query": [aq[0].low, aq[0].high], "key": [aq[1].low, aq[1].high]}
+        rows = [st.rows[: self.options.rows] for st in (q, k)]
+        if all(r.numel() for r in rows):
+            ref = rows[0] @ rows[1].t()
+            norm = float(ref.pow(2).sum()) or 1.0
+            layer["error"] = float((ref - aq[0].fake(rows[0]) @ aq[1].fake(rows[1]).t()).pow(2).sum()) / norm
+        if layer.get("error", 0.0) > self.options.max_error:
+            self.attention_float[path] = f"scores' output error {layer['error']:.3g} > {self.options.max_error}"
+        else:
+            node.meta["attention_quant"] = tuple(aq)
+        self.attention_layers[path] = layer
 
     def finish(self, graph, ctx) -> PassResult:
+        for name in unsmooth(graph):
+            self.layers.setdefault(name, {})["smoothing"] = "undone: float activations take no scale"
         why = getattr(ctx.engine, "head_skipped", "") or "outside the transformer blocks"
         outside = {n: f"no calibration statistics ({why})" for n in self.targets if n not in self.layers}
         quantized = sum(1 for n in self.targets if "activation" in self.targets[n][1].meta)
         fallback = {n: v["fallback"] for n, v in self.layers.items() if "fallback" in v}
+        for path in self.attention:
+            if path not in self.attention_layers and path not in self.attention_float:
+                self.attention_float[path] = "no calibration statistics"
+        attention = {"quantized": sum(1 for n in self.attention.values() if "attention_quant" in n.meta),
+                     "float": self.attention_float, "layers": self.attention_layers}
         return PassResult(quantized > 0, {
             "scheme": "static u8 per tensor",
             "quantized": quantized, "fallback": fallback, "float_activations": {**outside, **self.skipped},
-            "layers": self.layers})
+            "layers": self.layers, "attention": attention})
 
 
 class DynamicActivations(Pass):
@@ -134,7 +225,8 @@ class DynamicActivations(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         targets, skipped = _targets(graph)
         for _, const in targets.values():
-            const.meta["activation"] = ActivationQuant(dynamic=True)
+            const.meta["activation"] = _smoothed(ActivationQuant(dynamic=True), const)
+        unsmooth(graph)
         return PassResult(bool(targets), {
             "scheme": "dynamic u8 per tensor",
             "quantized": len(targets), "fallback": {}, "float_activations": skipped})

@@ -10,7 +10,9 @@ and x / s, W * s leave the float function unchanged. The places a scale folds in
 pattern language (`qcompiler.scale_sites`, shared with AWQ): the norm's weight gamma / s,
 or the rows of the MatMul before a gated Multiply (up_proj's rows / s), or v_proj's rows for o_proj
 (through the attention, which weights each value channel; grouped-query heads share one scale,
-`_value_sites`); no per-architecture table.
+`_value_sites`); no per-architecture table. Where none of these is found (a post-LN encoder's LayerNorm
+feeds the residual too; GELU is not linear), the site is `explicit`: the weights take s and the
+activation quantizer divides the input by s (a Multiply before it in the artifact, as NNCF writes).
 The final norm before lm_head is one of them (its statistics come from the engine's head pass); a
 lm_head tied to the embeddings scales the embedding's columns too, so the embedding's output is
 multiplied back by 1 / s (an inserted Multiply, the embedding module's epilogue, which every backend
@@ -44,6 +46,7 @@ from qcompiler.scale_sites import NORM, Site, apply, sites
 # alphas of the auto search: SmolLM2's sites chose 0.4 to 1.0; a grid twice as fine near 1 moved its held-out
 # perplexity by 0.1% (noise)
 GRID = tuple(i / 10 for i in range(2, 11))
+PATTERNS = ("gated", "relu", "norm", "tied_head", "value", "explicit")
 ROW_BUDGET, MIN_ROWS = 1 << 21, 64  # calibration rows x output channels the auto search measures on, at most
 
 
@@ -76,8 +79,10 @@ class SmoothQuant(BlockPass):
         values = [(site, g) for site, g in _value_sites(graph) if site.targets[0][0] not in taken]
         self.value_groups = {id(site): g for site, g in values}  # site -> (kv heads, head dim, repeats)
         self.sites += [site for site, _ in values]
+        taken |= {op for site, _ in values for op, _ in site.targets}
+        self.sites += _explicit_sites(graph, taken)
         self.layers: dict[str, dict] = {}
-        self.applied = {"gated": 0, "relu": 0, "norm": 0, "tied_head": 0, "value": 0}
+        self.applied = dict.fromkeys(PATTERNS, 0)
 
     def wants(self, graph, ctx) -> list[str]:
         return [c.attrs["weight"] for site in self.sites for _, c in site.targets]
@@ -135,6 +140,9 @@ class SmoothQuant(BlockPass):
                 layer["scale_min"], layer["scale_max"] = float(s.min()), float(s.max())
                 if groups is None:
                     apply(graph, site, s, mark="smooth_quant")
+                    if site.fold is None:  # the activation quantizer divides the input by s
+                        for _, c in site.targets:
+                            c.meta["smooth_input"] = s
                 else:
                     _apply_value(graph, site, s, groups)
                 if id(site) in self.tied:  # the embedding reads W * s too: its output times 1 / s
@@ -145,11 +153,24 @@ class SmoothQuant(BlockPass):
             self.layers[", ".join(c.attrs["weight"] for _, c in site.targets)] = layer
 
     def finish(self, graph, ctx) -> PassResult:
-        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in ("gated", "relu", "norm", "tied_head",
-                                                                             "value")}
+        counts = {p: sum(1 for s in self.sites if s.pattern == p) for p in PATTERNS}
         return PassResult(any(self.applied.values()), {
             "alpha": self.options.alpha, "matched": counts, "applied": dict(self.applied),
             "skipped": self.skipped, "layers": self.layers})
+
+
+def _explicit_sites(graph: Graph, taken: set) -> list[Site]:
+    """The MatMuls reading one input that no other site covers (q/k/v and the intermediate layer after a
+    post-LN encoder's LayerNorm, whose output also feeds the residual; the output layer after a GELU): one
+    `explicit` site per input, without a fold weight. Their weights take s and their activation quantizer
+    divides the input by s (`ActivationQuant.smooth`; NNCF inserts the same Multiply)."""
+    users = graph.consumers()
+    groups: dict = {}
+    for const, uses in graph.uses_by_weight().items():
+        for use in uses:
+            if use.op.op == "MatMul" and use.op not in taken and not eligible(const, use.op, users):
+                groups.setdefault(use.op.inputs[0], []).append((use.op, const))
+    return [Site("explicit", targets, None, False) for targets in groups.values()]
 
 
 NORM_SLICED = P.MatMul(P.Slice(P.Multiply(Weight("gamma"), Var("y"), name="norm"), name="slice"), Weight("w"),

@@ -8,6 +8,10 @@ Static range: lo = min(x, 0), hi = max(x, 0) over the calibration tokens, s = (h
 z = clip(round(-lo / s), 0, 255); the range is then moved to (-z s, (255 - z) s) so that zero is a
 code exactly. q = clip(round(x / s) + z, 0, 255), x ~ (q - z) s: onnxruntime's QuantizeLinear and
 OpenVINO's FakeQuantize (256 levels on that range) compute the same codes from it.
+
+Smoothed: where SmoothQuant found no op to fold its scale s into (a post-LN encoder's LayerNorm, whose
+output also feeds the residual; a GELU), the weight is multiplied by s and the quantizer carries s: the
+runtime quantizes x / s on [low, high] (a Multiply by 1 / s before the quantizer, as NNCF writes it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ActivationQuant:
     dynamic: bool = False
     low: float = 0.0
     high: float = 0.0
+    smooth: tuple[float, ...] | None = None  # per input channel s: the input is divided by it before quantizing
 
     @property
     def scale(self) -> float:
@@ -56,6 +61,16 @@ def static_range(low: float, high: float) -> ActivationQuant:
     low, high = float(torch.tensor(-z * s, dtype=torch.float32)), float(torch.tensor((LEVELS - 1 - z) * s,
                                                                                         dtype=torch.float32))
     return ActivationQuant(low=low, high=high)
+
+
+def symmetric_range(low: float, high: float) -> ActivationQuant:
+    """The signed (i8) quantizer of values in [low, high]: 256 levels on [-a, a * 127 / 128], a = max |x|,
+    zero point 128 in u8 terms (NNCF's form for the attention's query and key, which OpenVINO's CPU plugin
+    runs in its int8 attention; an asymmetric range keeps that attention in f32, measured)."""
+    a = float(torch.tensor(max(abs(float(low)), abs(float(high))), dtype=torch.float32))
+    if a <= 0:
+        return ActivationQuant(low=0.0, high=0.0)
+    return ActivationQuant(low=-a, high=float(torch.tensor(a * 127 / 128, dtype=torch.float32)))
 
 
 def eligible(const, op, users) -> str:

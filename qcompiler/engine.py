@@ -17,6 +17,10 @@ Statistics of a weight's input x (rows of K channels, reduced over tokens as the
   channels (max and mean of the variance, mean of the magnitude) and sum x^2 / numel (NNCF's
   sensitivity statistics).
 Peak memory is one block's weights, the cached activations, and the statistics of one block.
+
+A tap point that is not a weight: `<module path>#query` / `<module path>#key`, the query and key
+that the attention module at that path hands to its attention (`attention_tap`); an executor taps
+them when it says so (`attention_taps = True`). They belong to the block whose path contains them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ class Block:
 
     name: str
     weights: list[str]
+
+    def holds(self, tap: str) -> bool:
+        """A weight of this block, or a tap point (`attention_tap`) inside it."""
+        return tap in self.weights or ("#" in tap and tap.startswith(self.name + "."))
+
+
+ATTENTION_INPUTS = ("query", "key")
+
+
+def attention_tap(module: str, which: str) -> str:
+    """The tap point of the query or key the attention module at path `module` attends with."""
+    return f"{module}#{which}"
 
 
 @dataclass
@@ -205,7 +221,7 @@ class CalibrationEngine:
         inputs = self.first_inputs()
         row_rate = min(1.0, self.max_rows / max(self.data.tokens, 1))
         for block in self.blocks:
-            mine = {name: kinds for name, kinds in wanted.items() if name in block.weights}
+            mine = {name: kinds for name, kinds in wanted.items() if block.holds(name)}
             collector = Collector(mine, row_rate)
             taps = {name: collector.tap(name) for name in mine}
             values = weights(block) if weights is not None else {}

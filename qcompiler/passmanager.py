@@ -50,6 +50,7 @@ class PassContext:
     check_formats: Any = None
     format_policy: Any = None
     stored_weights: Any = None  # --weight-format keep: the input's own codes (frontend.stored_weights)
+    task: str | None = None  # the model's task as optimum names it (`qcompiler.tasks`), where the frontend knows it
 
 
 class Pass:

@@ -107,8 +107,13 @@ def _activations(graph, config, lowered: dict) -> dict | None:
     marked = [c.attrs["weight"] for c in graph.weight_constants() if "activation" in c.meta]
     lowered_names = set(lowered.get("activations_quantized") or [])
     matmuls = sum(1 for u in graph.weight_uses() if u.op.op == "MatMul")
+    attention = [n.name for n in graph.nodes if "attention_quant" in n.meta]
+    lowered_attention = set(lowered.get("attention_quantized") or [])
     return {"quant_mode": config.quant_mode, "marked": len(marked), "lowered": len(lowered_names & set(marked)),
-            "linear_layers": matmuls, "left_float_by_backend": sorted(set(marked) - lowered_names)}
+            "linear_layers": matmuls, "left_float_by_backend": sorted(set(marked) - lowered_names),
+            "attention": {"ops": sum(1 for n in graph.nodes if n.op == "ScaledDotProductAttention"),
+                          "marked": len(attention), "lowered": len(lowered_attention & set(attention)),
+                          "left_float_by_backend": sorted(set(attention) - lowered_attention)}}
 
 
 def format_report(report: dict) -> str:
@@ -263,6 +268,15 @@ def _activation_lines(report: dict) -> list[str]:
     if floats:
         reasons = Counter(floats.values())
         lines.append("  float activations: " + "; ".join(f"{why}: {n}" for why, n in reasons.most_common()))
+    att, att_pass = acts.get("attention") or {}, act.get("attention") or {}
+    if att.get("ops"):
+        reasons = att_pass.get("float") or {}
+        why = reasons["*"] if "*" in reasons else "; ".join(f"{w}: {n}" for w, n in Counter(reasons.values()).most_common())
+        lines.append(f"  attention: query and key u8 in {att['lowered']} of {att['ops']} attention ops"
+                     + (f" (float: {why})" if why else ""))
+        if att["left_float_by_backend"]:
+            lines.append(f"  {len(att['left_float_by_backend'])} attention ops marked for u8 query and key run float "
+                         f"in the {report['backend']} artifact (the backend has no lowering for them)")
     if acts["left_float_by_backend"]:
         lines.append(f"  {len(acts['left_float_by_backend'])} layers marked for u8 activations run float in the "
                      f"{report['backend']} artifact (the backend did not lower them): "

@@ -6,6 +6,8 @@ SmoothQuant share them:
   W2[:, k] *= s_k, and the first MatMul's output channel k (and bias) is divided by s_k;
 - `norm`: Multiply(gamma, y) -> MatMuls (q/k/v after an RMSNorm, gate/up after the second one): every
   target's W[:, k] *= s_k, and gamma_k /= s_k. All consumers of the norm must be targets.
+A Site without a fold weight (SmoothQuant's `explicit`) only scales its targets' weights: the pass that
+made it carries 1 / s elsewhere (in the activation quantizer).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class Site:
 
     pattern: str
     targets: list  # (MatMul node, weight Constant)
-    fold: object  # the Constant whose values absorb 1/s
+    fold: object  # the Constant whose values absorb 1/s (None: the caller carries 1/s)
     fold_rows: bool  # True: the fold weight's output channels (rows); False: a 1-D norm weight
     rows: tuple[int, int] | None = None  # the fold weight's rows that take 1/s (a fused gate_up's up half)
     bias: object = None  # the fold MatMul's bias Constant, which takes 1/s too (ReLU MLPs)
@@ -127,9 +129,12 @@ def sites(graph: Graph, eligible) -> tuple[list[Site], dict[str, str]]:
 def apply(graph: Graph, site: Site, s: torch.Tensor, mark: str = "awq") -> None:
     """W * s on every target's input channels and 1 / s folded into the site's fold weight (and bias);
     the targets' MatMuls are marked `meta[mark]`."""
-    for _, c in site.targets:
+    for op, c in site.targets:
         w = graph.weight(c)
         graph.set_weight(c, (w.float() * s[None, :]).to(w.dtype))
+        op.meta[mark] = True
+    if site.fold is None:
+        return
     fold = graph.weight(site.fold)
     if site.fold_rows:
         matrix, transposed = matrix_view(fold.float(), (1,))
@@ -143,5 +148,3 @@ def apply(graph: Graph, site: Site, s: torch.Tensor, mark: str = "awq") -> None:
     else:
         new = fold.float() / s
     graph.set_weight(site.fold, new.to(fold.dtype))
-    for op, _ in site.targets:
-        op.meta[mark] = True

@@ -136,7 +136,7 @@ def test_smoothing_is_found_by_patterns_and_keeps_the_float_function(alpha, tie)
     sq = result.results["smooth_quant"].summary
     # per block: q/k/v and gate/up after their norms, down after the gated Multiply, o after the attention
     # (v_proj's rows); after the blocks: the final norm before lm_head, through the embedding when tied
-    assert sq["matched"] == {"gated": 2, "relu": 0, "norm": 4 + (not tie), "tied_head": int(tie), "value": 2}
+    assert sq["matched"] == {"gated": 2, "relu": 0, "norm": 4 + (not tie), "tied_head": int(tie), "value": 2, "explicit": 0}
     assert sq["applied"] == sq["matched"] or alpha == "auto"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is unchanged
     with in_module(model, result.graph):  # the rewritten float weights (not yet quantized) and the epilogue
@@ -182,7 +182,10 @@ def test_openvino_runs_the_linear_layers_on_u8_kernels(tmp_path):
     assert _cosine(ref, got) > 0.999
     acts = result.report["activations"]
     # every Linear, lm_head included (its input: the final norm of the last block's output)
-    assert acts == {"quant_mode": "int8", "marked": 15, "lowered": 15, "linear_layers": 15, "left_float_by_backend": []}
+    # the attention stays float in a model with a KV cache (its past keys would be quantized again each step)
+    assert acts == {"quant_mode": "int8", "marked": 15, "lowered": 15, "linear_layers": 15, "left_float_by_backend": [],
+                    "attention": {"ops": 2, "marked": 0, "lowered": 0, "left_float_by_backend": []}}
+    assert "KV cache" in result.results["activation_quant"].summary["attention"]["float"]["*"]
     model = ov.Core().read_model(tmp_path / "out" / "openvino_model.xml")
     ops = Counter(op.get_type_name() for op in model.get_ops())
     assert ops["FakeQuantize"] == 9  # per block: q/k/v (fused), o, gate/up (fused), down; lm_head

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qcompiler import CompressionConfig, QCompilerError, compress
+from qcompiler.config import IgnoredScope
 from qcompiler.tasks import task_of
 from tests.conftest import WIKITEXT
 
@@ -186,9 +187,53 @@ def test_w8a8_on_an_encoder(tiny, tokenizer, tmp_path, backend):
     assert "special tokens" in result.calibration["source"]
     acts = result.report["activations"]
     assert acts["lowered"] == acts["linear_layers"] == 2 * 6
+    # a post-LN encoder has no op to fold SmoothQuant's scale into: per block q/k/v, the attention output,
+    # the intermediate and the output layer (after GELU) carry it in their activation quantizer
+    sq = result.results["smooth_quant"].summary
+    assert sq["matched"]["explicit"] == 2 * 4 and sum(sq["matched"].values()) == 2 * 4
+    # the attention's query and key: i8 in OpenVINO; onnxruntime has no lowering for them, and says so
+    attention = acts["attention"]
+    assert attention["ops"] == attention["marked"] == 2
+    assert attention["lowered"] == (2 if backend == "openvino" else 0)
+    assert len(attention["left_float_by_backend"]) == 2 - attention["lowered"]
     batch = _batch(tokenizer)
     out = _masked(_run(tmp_path / "q", backend, batch), batch)
     assert _cosine(out, _masked(_reference(tiny["bert"], batch), batch)) > 0.99
+    if backend == "openvino":
+        import openvino as ov
+
+        model = ov.Core().read_model(tmp_path / "q" / "openvino_model.xml")
+        names = [op.get_friendly_name() for op in model.get_ops()]
+        assert sum(name.endswith("/activation/smooth") for name in names) == 2 * 4
+        assert sum("/attention/fq" in name for name in names) == 2 * 2
+    else:
+        import onnx
+
+        nodes = [n.name for n in onnx.load(tmp_path / "q" / "model.onnx").graph.node]
+        assert sum(name.endswith("/smooth") for name in nodes) == 2 * 4
+
+
+def test_smoothing_without_a_fold_is_undone_where_activations_fall_back(tiny, tokenizer, tmp_path, monkeypatch):
+    """A layer that falls back to float activations gets its weight back (W * s / s): the explicit scale
+    lives in the quantizer it no longer has, so the artifact must compute the float function with int8
+    weights. The attention's query and key stay float when the ignored scope names their type."""
+    from qcompiler.passes import activation_quant
+
+    monkeypatch.setattr(activation_quant.StaticActivations, "options_from",
+                        classmethod(lambda cls, config: cls.Options(max_error=0.0)))
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES * 4) + "\n")
+    config = CompressionConfig(quant_mode="int8", dataset=str(text), num_samples=16, seqlen=32,
+                               ignored_scope=IgnoredScope(types=("ScaledDotProductAttention",)))
+    result = compress(str(tiny["bert"]), config, output=tmp_path / "q", backend="onnx")
+    summary = result.results["activation_quant"].summary
+    assert summary["quantized"] == 0 and len(summary["fallback"]) == 2 * 6
+    assert sum("undone" in v.get("smoothing", "") for v in summary["layers"].values()) == 2 * 6
+    assert summary["attention"]["quantized"] == 0 and result.report["activations"]["attention"]["marked"] == 0
+    assert set(summary["attention"]["float"].values()) == {"in the ignored scope"}
+    batch = _batch(tokenizer)
+    out = _masked(_run(tmp_path / "q", "onnx", batch), batch)
+    assert _cosine(out, _masked(_reference(tiny["bert"], batch), batch)) > 0.9995  # int8 weights alone
 
 
 def test_encoder_bad_input_is_one_line(tiny, tmp_path, smollm2_folder):

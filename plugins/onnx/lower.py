@@ -253,18 +253,23 @@ class _Edit:
                                  f"{cw.mode} group {cw.group_size}")
         codes, scale, _, _ = layout.qdq(cw)  # [K, N] int8, [N]
         x, base = use.node.input[0], use.node.name or tname
-        key = (x, aq.dynamic, aq.low, aq.high)
+        key = (x, aq)
         static_qdq = self.options.format == "qdq" and not aq.dynamic
         if key not in self.activations:
             name = f"{x}_u8_{len(self.activations)}"
+            nodes = []
+            if aq.smooth is not None:  # SmoothQuant's scale without a fold: x / s, then quantized
+                inverse = self._add(f"{name}_smooth", (1.0 / np.asarray(aq.smooth, np.float64)).astype(np.float32))
+                nodes.append(helper.make_node("Mul", [x, inverse], [f"{name}_smoothed"], name=f"{name}/smooth"))
+            source = f"{name}_smoothed" if nodes else x
             if aq.dynamic:
                 outs = [name, f"{name}_scale", f"{name}_zero_point"]
-                nodes = [helper.make_node("DynamicQuantizeLinear", [x], outs, name=f"{name}/quantize")]
+                nodes += [helper.make_node("DynamicQuantizeLinear", [source], outs, name=f"{name}/quantize")]
             else:
                 s = self._add(f"{name}_scale", np.array(aq.scale, np.float32))
                 z = self._add(f"{name}_zero_point", np.array(aq.zero_point, np.uint8))
                 outs = [name, s, z]
-                nodes = [helper.make_node("QuantizeLinear", [x, s, z], [name], name=f"{name}/quantize")]
+                nodes += [helper.make_node("QuantizeLinear", [source, s, z], [name], name=f"{name}/quantize")]
                 if static_qdq:
                     nodes.append(helper.make_node("DequantizeLinear", outs, [f"{name}_dq"], name=f"{name}/dequantize"))
                     outs = [f"{name}_dq"]

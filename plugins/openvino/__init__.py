@@ -69,7 +69,8 @@ class OpenVINOBackend:
         import openvino as ov
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
-        from qcompiler.plugins.openvino.lower import apply_weights, convert, insert_activation_quantizers
+        from qcompiler.plugins.openvino.lower import (apply_weights, convert, insert_activation_quantizers,
+                                                      insert_attention_quantizers)
         from qcompiler.rewrites import in_module
 
         start = time.perf_counter()
@@ -92,6 +93,7 @@ class OpenVINOBackend:
         fused: dict = {}
         weight_bytes = apply_weights(model, graph, keep, prefix, consts, converted_with, fused)
         quantized = insert_activation_quantizers(model, graph, fused)
+        attention = insert_attention_quantizers(model, graph)
         if options.get("dq_group_size") is not None:  # read by the CPU plugin when it compiles the model
             model.set_rt_info(str(options["dq_group_size"]), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
         applied = time.perf_counter()
@@ -102,6 +104,8 @@ class OpenVINOBackend:
         facts = {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
         if quantized:
             facts["activations_quantized"] = quantized  # the IR weights whose MatMuls run on u8 activations
+        if attention:
+            facts["attention_quantized"] = attention  # the IR attention nodes whose query and key are u8
         return facts
 
     def can_load(self, path: Path) -> bool:

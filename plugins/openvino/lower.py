@@ -197,7 +197,8 @@ def apply_weights(model: ov.Model, graph: Graph, keep: list, prefix: str = "", c
 
 def insert_activation_quantizers(model: ov.Model, graph: Graph, fused: dict) -> list[str]:
     """A FakeQuantize (256 levels, the static u8 range of `meta["activation"]`) on the activation input
-    of each MatMul whose weight has one, shared by MatMuls that read the same tensor on the same range;
+    of each MatMul whose weight has one (after a Multiply by 1 / s where it carries SmoothQuant's scale),
+    shared by MatMuls that read the same tensor on the same quantizer;
     OpenVINO's CPU plugin then runs u8 x i8 FullyConnected kernels. A fused group (q/k/v in one MatMul)
     is quantized when all its weights have the same range, else left float. Returns the IR weights
     whose MatMuls were quantized."""
@@ -223,14 +224,52 @@ def insert_activation_quantizers(model: ov.Model, graph: Graph, fused: dict) -> 
             continue
         aq = quants.pop()
         source = op.input_value(0)
-        key = (source.get_node().get_friendly_name(), source.get_index(), aq.low, aq.high)
+        key = (source.get_node().get_friendly_name(), source.get_index(), aq)
         if key not in shared:
             kind = source.get_element_type().to_dtype()
             low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
+            if aq.smooth is not None:  # SmoothQuant's scale without a fold: x / s, then quantized (NNCF's form)
+                inverse = ops.constant((1.0 / np.asarray(aq.smooth, np.float64)).astype(kind))
+                source = ops.multiply(source, inverse, name=f"{names[0]}/activation/smooth").output(0)
             fq = ops.fake_quantize(source, low, high, low, high, 256, name=f"{names[0]}/activation/fq")
             shared[key] = fq.output(0)
         op.input(0).replace_source_output(shared[key])
         done += names
+    model.validate_nodes_and_infer_types()
+    return done
+
+
+def insert_attention_quantizers(model: ov.Model, graph: Graph) -> list[str]:
+    """A FakeQuantize (256 levels, static u8) on the query and key of each ScaledDotProductAttention
+    whose IR node has `meta["attention_quant"]`; OpenVINO's CPU plugin then computes the scores in
+    int8. The OpenVINO op is the one whose name starts with the IR node's module path (convert_model
+    names ops `__module.<prefix><path>/aten::...`). Returns the IR nodes lowered."""
+    wanted = {n.name.split("/")[0]: n for n in graph.nodes if "attention_quant" in n.meta}
+    if not wanted:
+        return []
+    done = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "ScaledDotProductAttention":
+            continue
+        module = op.get_friendly_name().split("/")[0]
+        path = next((p for p in wanted if module == p or module.endswith("." + p)), None)
+        if path is None:
+            continue
+        node = wanted.pop(path)
+        for index, aq in enumerate(node.meta["attention_quant"]):
+            # before the heads' Reshape / Transpose (a per-tensor quantizer commutes with them), where NNCF puts
+            # it: the CPU plugin then moves u8 through them into its int8 attention (measured: after them, the
+            # FakeQuantize runs on its own)
+            target = op.input(index)
+            while (target.get_source_output().get_node().get_type_name() in ("Reshape", "Transpose")
+                   and len(target.get_source_output().get_target_inputs()) == 1):
+                target = target.get_source_output().get_node().input(0)
+            source = target.get_source_output()
+            kind = source.get_element_type().to_dtype()
+            low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
+            fq = ops.fake_quantize(source, low, high, low, high, 256, name=f"{path}/attention/fq{index}")
+            target.replace_source_output(fq.output(0))
+        done.append(node.name)
     model.validate_nodes_and_infer_types()
     return done
 

@@ -93,6 +93,7 @@ class TorchBlockExecutor:
                                  if p is weight and n in names][:1]
         self._probe = None  # one sample, to check that norm(last block's output) is what lm_head reads
         self.bf16 = bf16_matmuls() and next(model.parameters()).dtype == torch.float32
+        self.attention_taps = True  # `<module>#query` / `#key`: what a module hands to scaled_dot_product_attention
         # how statistics are computed, for the statistics cache's key
         self.method = {"executor": "torch-blocks-1", "bf16_autocast": self.bf16, "batch": BATCH}
 
@@ -153,10 +154,15 @@ class TorchBlockExecutor:
         layer = self.layers[index]
         prefix = block.name + "."
         params = {name[len(prefix):]: value for name, value in weights.items()}
-        handles = []
+        handles, attention = [], {}
         for name, tap in taps.items():
+            if "#" in name:  # an attention module's query / key (`qcompiler.engine.attention_tap`)
+                path, which = name.split("#", 1)
+                attention.setdefault(path, {})[which] = tap
+                continue
             owner = self.modules[name.rsplit(".", 1)[0]]
             handles.append(owner.register_forward_pre_hook(_input_tap(tap), with_kwargs=True))
+        handles += _attention_hooks(self.modules, attention)
         outputs = []
         # with grad, only the weights given (tuned by the pass) take gradients: the block's own parameters
         # (norms) do not, which also spares the backward pass the input gradients of the first MatMuls
@@ -303,6 +309,45 @@ def _broadcasts(context) -> bool:
     """Every tensor of every layer's arguments has batch 1 (or no batch)."""
     tensors = [t for t in tree_flatten(list(context.values()))[0] if isinstance(t, torch.Tensor)]
     return all(t.dim() < 2 or t.shape[0] == 1 for t in tensors)
+
+
+class _AttentionTaps:
+    """Hands the query and key of `scaled_dot_product_attention` calls made inside an attention module to
+    that module's taps: the module's hooks say which module is running, and the function is wrapped while
+    the block runs (transformers' attention implementations call it through `torch.nn.functional`)."""
+
+    def __init__(self, attention: dict) -> None:
+        self.attention, self.running = attention, []
+        self.original = torch.nn.functional.scaled_dot_product_attention
+
+    def __call__(self, query, key, *args, **kwargs):
+        if self.running:
+            taps = self.attention[self.running[-1]]
+            for which, x in (("query", query), ("key", key)):
+                if which in taps:
+                    taps[which](x)
+        return self.original(query, key, *args, **kwargs)
+
+    def leave(self, module, args, output) -> None:  # a forward hook: returns None, so the output stays
+        self.running.pop()
+
+    def remove(self) -> None:
+        torch.nn.functional.scaled_dot_product_attention = self.original
+
+
+def _attention_hooks(modules: dict, attention: dict) -> list:
+    """Hooks (each with `remove()`) that tap the attention inputs `attention` {module path: {which: tap}}."""
+    attention = {path: taps for path, taps in attention.items() if path in modules}
+    if not attention:
+        return []
+    wrapper = _AttentionTaps(attention)
+    handles = []
+    for path in attention:
+        module = modules[path]
+        handles.append(module.register_forward_pre_hook(lambda m, args, path=path: wrapper.running.append(path)))
+        handles.append(module.register_forward_hook(wrapper.leave))
+    torch.nn.functional.scaled_dot_product_attention = wrapper
+    return [*handles, wrapper]
 
 
 def _input_tap(tap):
