@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from qcompiler.config import CompressionConfig
 from qcompiler.errors import PassError, QCompilerError
 from qcompiler.ir import Graph
@@ -176,19 +178,33 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
             kinds = asked[name] if isinstance(asked, dict) else p.statistics
             wanted[name] = wanted.get(name, frozenset()) | kinds
     consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
+    # weights SmoothQuant multiplied by s where the artifact divides the input by s (in its activation
+    # quantizer, `smooth_input`): the executor runs the module on x with W s / s, and the passes see the
+    # statistics of x / s, the input the stored weight meets (SmoothQuant scales them itself in its own sweep)
+    smoothed = {n: c.meta["smooth_input"] for n, c in consts.items() if "smooth_input" in c.meta}
+
+    def unsmoothed(n: str, value: torch.Tensor) -> torch.Tensor:
+        s = consts[n].meta.get("smooth_input")
+        return value if s is None else (value.float() / s[None, :]).to(value.dtype)
 
     def current(block) -> dict:  # the block's rewritten weights, as the IR holds them now
-        return {n: graph.weight(consts[n]) for n in block.weights if n in consts and consts[n].meta.get("rewritten")}
+        return {n: unsmoothed(n, graph.weight(consts[n])) for n in block.weights
+                if n in consts and consts[n].meta.get("rewritten")}
 
     def compressed(block) -> dict:  # the block as the artifact will compute it
         values = current(block)
         for n in block.weights:
             cw = consts[n].meta.get("compressed") if n in consts else None
             if cw is not None:
-                values[n] = cw.dequantize().to(graph.tensor(consts[n]).dtype)
+                values[n] = unsmoothed(n, cw.dequantize().to(graph.tensor(consts[n]).dtype))
         return values
 
     def on_block(block, stats) -> None:
+        scaled = set()
+        for n, s in smoothed.items():
+            if n in stats and id(stats[n]) not in scaled:
+                stats[n].scale_channels(1.0 / s)
+                scaled.add(id(stats[n]))
         for p in group:
             p.run_block(graph, block, stats, ctx)
 
