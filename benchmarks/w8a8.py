@@ -13,7 +13,8 @@ Method:
   optimum-cli's int8), `nncf` (`nncf.quantize(model_type=TRANSFORMER, subset_size=num_samples)` on the
   same float stateful graph qcompiler lowers into, its SmoothQuant on by default; seconds = the
   quantize call alone), `qc_a05` and `qc_auto` (`--quant-mode int8 --smooth-quant-alpha 0.5 / auto`;
-  seconds = the whole `qcompiler compress` command from a transformers folder, loading included).
+  seconds = the whole `qcompiler compress` command from a transformers folder, loading included), and
+  `qc_auto_gptq` (the same with `--gptq`: the int8 weights fitted to the smoothed inputs).
 - onnxruntime: `fp32` (`--weight-format fp32 --backend onnx`), `ort_static` (`quant_pre_process`, then
   `quantize_static` on that model: QDQ, u8 activations, s8 per-channel weights, MinMax, MatMul only, the same samples fed with an
   empty KV cache), `ort_dynamic` (`quant_pre_process`, then `quantize_dynamic`, s8 weights, MatMul only;
@@ -54,6 +55,7 @@ OV_RUNS = {
     "int8_wo": ["--weight-format", "int8"],
     "qc_a05": ["--quant-mode", "int8", "--smooth-quant-alpha", "0.5"],
     "qc_auto": ["--quant-mode", "int8", "--smooth-quant-alpha", "auto"],
+    "qc_auto_gptq": ["--quant-mode", "int8", "--smooth-quant-alpha", "auto", "--gptq"],
 }
 ONNX_RUNS = {
     "fp32": ["--weight-format", "fp32", "--backend", "onnx"],
@@ -245,6 +247,13 @@ def compare(result: dict) -> None:
         o = out["openvino"]
         o["bars"] = {"increase_at_most_half_nncf": o["increase_qcompiler_over_nncf"] <= 0.5,
                      "prefill_1.3x_fp32": o["prefill_speedup_vs_fp32"] >= 1.3}
+        if "qc_auto_gptq" in ov:  # the same with GPTQ fitting the int8 weights to the (smoothed) inputs
+            g = ov["qc_auto_gptq"]
+            o["gptq"] = {"increase_qcompiler_over_nncf": g["perplexity_increase"] / n["perplexity_increase"],
+                         "prefill_speedup_vs_fp32": f["prefill_512_seconds"] / g["prefill_512_seconds"],
+                         "speedup_whole_command_vs_nncf_quantize": n["seconds"] / g["seconds"],
+                         "bars": {"increase_at_most_half_nncf": g["perplexity_increase"] / n["perplexity_increase"]
+                                  <= 0.5, "prefill_1.3x_fp32": f["prefill_512_seconds"] / g["prefill_512_seconds"] >= 1.3}}
     ox = result["results"].get("onnx", {})
     if _increases(ox):
         f = ox["fp32"]
