@@ -1,7 +1,7 @@
 """Activation quantization: which MatMul inputs the artifact quantizes to u8, and on what range.
 
 Every MatMul whose weight is int8_sym per output channel (the weights of `--quant-mode`) and that is
-not ignored, shared or other than a [out, in] linear weight, takes `meta["activation"]`
+not ignored, shared or other than a 2-D linear weight, takes `meta["activation"]`
 (`qcompiler.activations.ActivationQuant`) on its weight Constant; each backend lowers it to its
 integer kernels (OpenVINO FakeQuantize, onnxruntime QuantizeLinear / DynamicQuantizeLinear) or
 refuses it before any work.
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qcompiler.activations import ActivationQuant, static_range, symmetric_range
+from qcompiler.activations import ActivationQuant, linear, set_linear, static_range, symmetric_range
 from qcompiler.engine import ATTENTION_INPUTS, attention_tap
 from qcompiler.activations import eligible as int8_eligible
 from qcompiler.config import Mode
@@ -78,21 +78,22 @@ def unsmooth(graph: Graph) -> list[str]:
     """Weights SmoothQuant multiplied by s for an activation quantizer that then did not take them (a
     layer that fell back to float activations): W / s again, so the float function is unchanged."""
     undone = []
-    for const in graph.weight_constants():
+    for use in graph.weight_uses():
+        const = use.const
         s = const.meta.get("smooth_input")
-        if s is not None and "activation" not in const.meta:
-            w = graph.weight(const)
-            graph.set_weight(const, (w.float() / s[None, :]).to(w.dtype))
+        if s is not None and "activation" not in const.meta and use.op.op == "MatMul":
+            set_linear(graph, const, use.op, linear(graph, const, use.op) / s[None, :])
             del const.meta["smooth_input"]
             undone.append(const.attrs["weight"])
     return undone
 
 
 def _attention_targets(graph: Graph, ctx: PassContext) -> tuple[dict, dict[str, str]]:
-    """{module path: ScaledDotProductAttention node} whose query and key take static u8 quantizers (NNCF
+    """{module path: ScaledDotProductAttention node} whose query and key take static i8 quantizers (NNCF
     quantizes the same two inputs; OpenVINO then runs the scores in int8), and {path or "*": why not}
     for the others. Encoders only: in a model with a KV cache the keys of past tokens would be quantized
-    again at every step (NNCF's LLM IR decodes at 1.06x fp32 against 1.9x without, benchmarks/w8a8.py)."""
+    again at every step (NNCF's LLM IR, which does, decodes at 1.06x fp32 against qcompiler's 1.9x:
+    benchmarks/measured/w8a8-2026-11-27-s12.json)."""
     nodes = [n for n in graph.nodes if n.op == "ScaledDotProductAttention"]
     if not nodes:
         return {}, {}
@@ -147,7 +148,7 @@ class StaticActivations(BlockPass):
                                      f"(--ignored-scope-name {names[0]})")
             low, high = float(st.min.min()), float(st.max.max())
             x = st.rows[: self.options.rows]
-            weights = [graph.weight(self.targets[n][1]).float() for n in names]
+            weights = [linear(graph, self.targets[n][1], self.targets[n][0]) for n in names]
             aq = static_range(low, high)
             layers = {n: {"low": aq.low, "high": aq.high} for n in names}
             if x.numel():

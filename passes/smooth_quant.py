@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler.activations import eligible, static_range
+from qcompiler.activations import eligible, linear, static_range
 from qcompiler.config import Mode
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
@@ -92,7 +92,7 @@ class SmoothQuant(BlockPass):
             st = stats[site.targets[0][1].attrs["weight"]]
             if st.max is None:
                 continue
-            weights = [graph.weight(c).float() for _, c in site.targets]
+            weights = [linear(graph, c, op) for op, c in site.targets]
             x_max = torch.maximum(st.max.abs(), st.min.abs()).clamp(min=1e-5)
             w_max = torch.cat(weights).abs().amax(0).clamp(min=1e-5)
             outputs = sum(w.shape[0] for w in weights)  # rows x outputs bounds each candidate's cost (lm_head)

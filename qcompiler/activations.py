@@ -73,10 +73,23 @@ def symmetric_range(low: float, high: float) -> ActivationQuant:
     return ActivationQuant(low=-a, high=float(torch.tensor(a * 127 / 128, dtype=torch.float32)))
 
 
+def linear(graph, const, op) -> torch.Tensor:
+    """A 2-D MatMul weight as [out, in] in float32: W for `x @ W^T` (transpose_b, torch's Linear), W^T for
+    `x @ W` (an ONNX file's MatMul on a [in, out] initializer)."""
+    w = graph.weight(const).float()
+    return w if op.attrs.get("transpose_b") else w.t()
+
+
+def set_linear(graph, const, op, w: torch.Tensor) -> None:
+    """Store an [out, in] matrix back into the weight, in its own orientation and dtype."""
+    old = graph.weight(const)
+    graph.set_weight(const, (w if op.attrs.get("transpose_b") else w.t().contiguous()).to(old.dtype))
+
+
 def eligible(const, op, users) -> str:
     """Why a MatMul weight (Constant `const` read by `op`; `users`: `Graph.consumers()`) takes no activation
     quantization ("" when it does): its weight must be int8_sym per channel, not ignored, read by this
-    MatMul alone, and an [out, in] linear weight."""
+    MatMul alone, and a 2-D linear weight (either orientation, see `linear`)."""
     fmt = const.meta.get("format")
     if fmt is None or fmt.mode is not Mode.INT8_SYM or fmt.group_size != -1:
         return "its weight is not int8_sym per channel"
@@ -84,6 +97,6 @@ def eligible(const, op, users) -> str:
         return "in the ignored scope"
     if users[const] != [op]:
         return "the weight is shared with another op"
-    if op.op != "MatMul" or not op.attrs.get("transpose_b") or len(const.meta.get("shape", ())) != 2:
-        return "not a [out, in] linear weight"
+    if op.op != "MatMul" or len(const.meta.get("shape", ())) != 2:
+        return "not a 2-D linear weight"
     return ""

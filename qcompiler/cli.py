@@ -333,10 +333,13 @@ def _quant_config(args, scope: IgnoredScope) -> CompressionConfig:
     given = [f"--{name.replace('_', '-')}" for name in ("ratio", "group_size", "all_layers", "awq", "backup_mode",
                                                         "group_size_fallback", "sensitivity_metric")
              if getattr(args, name, None) not in (None, False)]
-    if given or pass_options.any_given(args):
+    if given or pass_options.any_given(args, ignore=("gptq",)):  # GPTQ fits the int8 weights to the inputs
         raise QCompilerError(f"--quant-mode {args.quant_mode} quantizes every Linear to int8 per channel: drop "
-                             f"{', '.join(given) or 'the weight passes'}")
-    return CompressionConfig(mode=Mode.INT8_SYM, ignored_scope=scope, quant_mode=args.quant_mode,
+                             f"{', '.join(given) or 'the weight passes'} (--gptq is the one that applies)")
+    from qcompiler.config import SWITCHES
+
+    gptq = pass_options.switches(args, pass_options.installed(), SWITCHES).get("gptq")
+    return CompressionConfig(mode=Mode.INT8_SYM, ignored_scope=scope, quant_mode=args.quant_mode, gptq=gptq,
                              smooth_quant_alpha=args.smooth_quant_alpha, dataset=args.dataset,
                              num_samples=args.num_samples, seqlen=args.seqlen,
                              statistics_path=args.quantization_statistics_path)

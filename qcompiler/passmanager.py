@@ -183,9 +183,14 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
     # statistics of x / s, the input the stored weight meets (SmoothQuant scales them itself in its own sweep)
     smoothed = {n: c.meta["smooth_input"] for n, c in consts.items() if "smooth_input" in c.meta}
 
+    readers = {u.const.attrs["weight"]: u.op for u in graph.weight_uses()}
+
     def unsmoothed(n: str, value: torch.Tensor) -> torch.Tensor:
         s = consts[n].meta.get("smooth_input")
-        return value if s is None else (value.float() / s[None, :]).to(value.dtype)
+        if s is None:
+            return value
+        scale = s[None, :] if readers[n].attrs.get("transpose_b") else s[:, None]  # input channels
+        return (value.float() / scale).to(value.dtype)
 
     def current(block) -> dict:  # the block's rewritten weights, as the IR holds them now
         return {n: unsmoothed(n, graph.weight(consts[n])) for n in block.weights

@@ -19,7 +19,7 @@ from qcompiler.config import CompressionConfig, LoadOptions, Mode
 from qcompiler.coverage import parameter_counts, refuse_unseen_weights
 from qcompiler.errors import QCompilerError
 from qcompiler.ir import Graph
-from qcompiler.passmanager import PassContext, PassManager, PassResult
+from qcompiler.passmanager import BlockPass, PassContext, PassManager, PassResult
 from qcompiler.output import STAGING_MARKER, OutputFolder
 from qcompiler.output_checks import write_error
 from qcompiler.registry import Registry, build_registry
@@ -159,6 +159,13 @@ def compress(
                                  "start from the transformers model")
         raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
                              "and the data-aware options, or start from the transformers model")
+    allowed = getattr(frontend, "calibration_passes", None)  # a frontend whose executor serves only these
+    if config.dataset is not None and allowed is not None:
+        others = [p.name for p in passes if isinstance(p, BlockPass) and p.name not in allowed]
+        if others:
+            raise QCompilerError(f"the {frontend.name} frontend runs a model on calibration data only as it is, for "
+                                 f"{' and '.join(allowed)}; {', '.join(others)} run(s) it with rewritten weights: start "
+                                 "from the transformers model, or drop those options")
     inputs = [model] if isinstance(model, (str, Path)) else []
     folder = OutputFolder(output, overwrite, inputs) if output is not None else None  # checks the location
     lowering = registry.backend(backend or frontend.default_backend) if folder is not None else None

@@ -201,7 +201,7 @@ def _data_aware_lines(report: dict) -> list[str]:
     if calib:
         cache = calib.get("statistics_cache")
         lines.append(f"calibration: {calib['source']} ({calib['samples']} samples, {calib['tokens']} tokens, sha1 "
-                     f"{calib['sha1'][:12]}), {calib['blocks']} blocks, {calib['block_forwards']} block runs"
+                     f"{calib['sha1'][:12]}), {_plural(calib['blocks'], 'block')}, {_plural(calib['block_forwards'], 'block run')}"
                      + (f"; statistics {', '.join(cache)}" if cache else ""))
     passes = report["passes"]
     metric = passes.get("precision", {}).get("sensitivity_metric")
@@ -282,6 +282,10 @@ def _activation_lines(report: dict) -> list[str]:
                      f"{report['backend']} artifact (the backend did not lower them): "
                      + ", ".join(acts["left_float_by_backend"][:4]))
     return lines
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _errors(layers: dict | None, before_key: str) -> str:

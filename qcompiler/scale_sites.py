@@ -129,9 +129,10 @@ def sites(graph: Graph, eligible) -> tuple[list[Site], dict[str, str]]:
 def apply(graph: Graph, site: Site, s: torch.Tensor, mark: str = "awq") -> None:
     """W * s on every target's input channels and 1 / s folded into the site's fold weight (and bias);
     the targets' MatMuls are marked `meta[mark]`."""
-    for op, c in site.targets:
+    for op, c in site.targets:  # input channels: W's columns for x @ W^T, its rows for x @ W
         w = graph.weight(c)
-        graph.set_weight(c, (w.float() * s[None, :]).to(w.dtype))
+        scale = s[None, :] if op.attrs.get("transpose_b") or w.dim() != 2 else s[:, None]
+        graph.set_weight(c, (w.float() * scale).to(w.dtype))
         op.meta[mark] = True
     if site.fold is None:
         return

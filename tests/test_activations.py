@@ -254,17 +254,57 @@ def test_lm_head_statistics_are_checked_against_the_models_own_forward(tmp_path)
     assert "does not read LlamaRMSNorm" in summary["float_activations"]["lm_head.weight"]
 
 
-def test_an_onnx_input_takes_dynamic_activations_and_refuses_static_ones(tmp_path):
-    model = tiny_llama()
+def _initializers_as_in_out(path, out):
+    """The ONNX model with every MatMul weight stored [in, out] (no Transpose before the MatMul), as
+    exporters that fold the transpose of a Linear's weight write it."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dropped = []
+    for node in model.graph.node:
+        t = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if t is not None and t.op_type == "Transpose" and t.input[0] in inits:
+            array = numpy_helper.to_array(inits[t.input[0]]).T.copy()
+            inits[t.input[0]].CopyFrom(numpy_helper.from_array(array, t.input[0]))
+            node.input[1] = t.input[0]
+            dropped.append(t)
+    for t in dropped:
+        model.graph.node.remove(t)
+    assert dropped
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["exported", "in_out"])
+def test_an_onnx_input_takes_static_and_dynamic_activations(tmp_path, layout):
+    """An existing ONNX model: the calibration engine runs it whole on onnxruntime with its MatMul inputs
+    as extra outputs; SmoothQuant carries its scales in the activation quantizers (an ONNX graph's norm
+    weights are not weights of the IR). Either weight layout: [out, in] behind a Transpose (qcompiler's and
+    torch's export) or [in, out] (exporters that fold the transpose)."""
+    model = _outlier_llama()
     with torch.no_grad():
         ref = model(IDS).logits.numpy()
     compress(model, CompressionConfig(mode=None), output=tmp_path / "fp32", backend="onnx", example_input=EXAMPLE)
-    result = compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8-dynamic"),
-                      output=tmp_path / "dyn", backend="onnx")
+    source = tmp_path / "fp32" / "model.onnx"
+    if layout == "in_out":
+        source = _initializers_as_in_out(source, tmp_path / "fp32" / "in_out.onnx")
+    runner = build_registry().backend("onnx").runner
+    result = compress(source, CompressionConfig(quant_mode="int8", dataset=_samples()), output=tmp_path / "static",
+                      backend="onnx")
+    assert result.report["activations"]["lowered"] == result.report["activations"]["linear_layers"] == 15
+    assert result.results["smooth_quant"].summary["applied"]["explicit"] > 0
+    assert _cosine(ref, runner(tmp_path / "static").logits(IDS.numpy())) > 0.999
+    result = compress(source, CompressionConfig(quant_mode="int8-dynamic"), output=tmp_path / "dyn", backend="onnx")
     assert result.report["activations"]["lowered"] == 15
-    got = build_registry().backend("onnx").runner(tmp_path / "dyn").logits(IDS.numpy())
-    assert _cosine(ref, got) > 0.999
-    with pytest.raises(QCompilerError, match="use --quant-mode int8-dynamic"):
-        compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8", dataset="auto"),
+    assert _cosine(ref, runner(tmp_path / "dyn").logits(IDS.numpy())) > 0.99
+
+
+def test_an_onnx_input_refuses_passes_that_rewrite_it_before_running_it(tmp_path):
+    compress(tiny_llama(), CompressionConfig(mode=None), output=tmp_path / "fp32", backend="onnx",
+             example_input=EXAMPLE)
+    with pytest.raises(QCompilerError, match="gptq run.* with rewritten weights: start from the transformers model"):
+        compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8", dataset=_samples(), gptq=True),
                  output=tmp_path / "static", backend="onnx")
     assert not (tmp_path / "static").exists()

@@ -213,6 +213,22 @@ def test_w8a8_on_an_encoder(tiny, tokenizer, tmp_path, backend):
         assert sum(name.endswith("/smooth") for name in nodes) == 2 * 4
 
 
+def test_an_exported_onnx_encoder_takes_static_w8a8_from_sentences(tiny, tokenizer, tmp_path):
+    """`qcompiler compress model.onnx --quant-mode int8 --dataset sentences.txt`: the ONNX folder's tokenizer
+    makes one sample per line, onnxruntime runs the model for the ranges."""
+    compress(str(tiny["bert"]), CompressionConfig(mode=None), output=tmp_path / "fp32", backend="onnx")
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES * 4) + "\n")
+    result = compress(str(tmp_path / "fp32" / "model.onnx"), CompressionConfig(quant_mode="int8", dataset=str(text),
+                      num_samples=16, seqlen=32), output=tmp_path / "q", backend="onnx")
+    assert "special tokens" in result.calibration["source"] and result.calibration["samples"] == 16
+    acts = result.report["activations"]
+    assert acts["lowered"] == acts["linear_layers"] == 2 * 6
+    batch = _batch(tokenizer)
+    out = _masked(_run(tmp_path / "q", "onnx", batch), batch)
+    assert _cosine(out, _masked(_reference(tiny["bert"], batch), batch)) > 0.99
+
+
 def test_smoothing_without_a_fold_is_undone_where_activations_fall_back(tiny, tokenizer, tmp_path, monkeypatch):
     """A layer that falls back to float activations gets its weight back (W * s / s): the explicit scale
     lives in the quantizer it no longer has, so the artifact must compute the float function with int8

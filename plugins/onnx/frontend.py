@@ -37,10 +37,17 @@ class ONNXSource:
     tokenizer: Any = None
     is_causal_lm: bool = False
 
+    @property
+    def is_encoder(self) -> bool:
+        """Token ids in, no KV cache: calibration text is one sentence per line, as for a transformers encoder."""
+        return not self.is_causal_lm and any(i.name == "input_ids" for i in self.model.graph.input)
+
 
 class ONNXFrontend:
     name = "onnx"
     default_backend = "onnx"
+    # the passes its executor serves: it runs the model as it is, with taps (see calibrate.py)
+    calibration_passes = ("smooth_quant", "activation_quant")
 
     def can_load(self, model: Any) -> bool:
         return isinstance(model, (str, Path)) and _model_file(Path(model)) is not None
@@ -65,6 +72,12 @@ class ONNXFrontend:
 
     def trace(self, source: ONNXSource) -> Graph:
         return trace_onnx(source.model, source.path.stem)
+
+    def executor(self, source: ONNXSource, graph: Graph):
+        """The calibration engine's executor: the whole model as one block, on onnxruntime."""
+        from qcompiler.plugins.onnx.calibrate import ONNXExecutor
+
+        return ONNXExecutor(source.model, source.path, [c.attrs["weight"] for c in graph.parameter_constants()])
 
     def runner(self, source: ONNXSource):
         from qcompiler.plugins.onnx import ONNXRunner

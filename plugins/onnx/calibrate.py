@@ -1,0 +1,112 @@
+"""The ONNX frontend's side of the calibration engine: an ONNX model runs whole, as one block.
+
+onnxruntime runs a copy of the model whose graph also outputs the activation input of every tapped
+MatMul weight; each calibration sample is fed alone (input_ids, and where the model takes them an
+all-ones attention_mask, position_ids 0..T-1, zero token_type_ids and an empty KV cache), and the
+taps see those tensors. Nothing is replaced in the model while it runs, so the passes this executor
+serves are the ones that only read statistics of the float model: SmoothQuant and static activation
+quantization (the frontend's `calibration_passes`). A pass that would run the model with rewritten
+weights (AWQ's search, GPTQ's propagation) is refused before any work (`qcompiler.pipeline`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from qcompiler.engine import Block
+from qcompiler.errors import QCompilerError
+from qcompiler.plugins.onnx.onnxgraph import GraphIndex
+
+MODEL_BLOCK = "model"
+PROTO_LIMIT = 1 << 30  # larger models go to onnxruntime through a file with external data (protobuf's 2 GB cap)
+
+
+class ONNXExecutor:
+    """`BlockExecutor` for an ONNX model (see `qcompiler.protocols`): one block, the whole model."""
+
+    attention_taps = False
+
+    def __init__(self, model: onnx.ModelProto, path: Path, weight_names: list[str]) -> None:
+        self.model, self.path = model, path
+        self.blocks = [Block(MODEL_BLOCK, list(weight_names))]
+        index = GraphIndex(model.graph)
+        self.inputs_of: dict[str, str] = {}  # IR weight name -> the ONNX tensor its MatMul multiplies
+        for name, uses in index.weights().items():
+            for use in uses:
+                if use.node.op_type == "MatMul":
+                    self.inputs_of.setdefault(name, use.node.input[0])
+        self.method = {"executor": "onnx-whole-model-1"}
+        self._sessions: dict[tuple, object] = {}
+
+    def first_inputs(self, samples: list[torch.Tensor]) -> list[np.ndarray]:
+        return [np.asarray(s, dtype=np.int64).reshape(1, -1) for s in samples]
+
+    def run(self, block: Block, inputs: list, weights: dict, taps: dict) -> list:
+        if weights:
+            raise QCompilerError("an ONNX model runs on calibration data only as it is: a pass that runs it with "
+                                 "rewritten weights (AWQ's search, GPTQ) needs the transformers model")
+        tensors = tuple(sorted({self.inputs_of[n] for n in taps if n in self.inputs_of}))
+        if not tensors:
+            return inputs
+        sess = self._session(tensors)
+        names = {i.name: i for i in sess.get_inputs()}
+        for ids in inputs:
+            values = dict(zip(tensors, sess.run(list(tensors), _feed(names, ids))))
+            seen = {t: torch.from_numpy(v) for t, v in values.items()}  # one object per tensor: q/k/v share stats
+            for name, tap in taps.items():
+                if name in self.inputs_of:
+                    tap(seen[self.inputs_of[name]])
+        return inputs
+
+    def _session(self, tensors: tuple):
+        if tensors not in self._sessions:
+            from qcompiler.plugins.onnx import session
+
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            known = {o.name for o in model.graph.output}
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+            self._sessions.clear()  # one at a time: each holds the model's weights
+            if model.ByteSize() < PROTO_LIMIT:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "calibration.onnx"
+                    path.write_bytes(model.SerializeToString())
+                    self._sessions[tensors] = session(path)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "calibration.onnx"
+                    onnx.save(model, str(path), save_as_external_data=True, location="calibration.onnx.data")
+                    self._sessions[tensors] = session(path)
+        return self._sessions[tensors]
+
+
+def _feed(inputs: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's inputs for one sample of token ids [1, T]."""
+    batch, length = ids.shape
+    feed = {}
+    for name, info in inputs.items():
+        if name == "input_ids":
+            feed[name] = ids
+        elif name == "attention_mask":
+            feed[name] = np.ones_like(ids)
+        elif name == "position_ids":
+            feed[name] = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
+        elif name == "token_type_ids":
+            feed[name] = np.zeros_like(ids)
+        elif name.startswith("past_key_values."):
+            shape = info.shape  # [batch, kv heads, past, head dim]
+            kind = np.float16 if "float16" in info.type else np.float32
+            feed[name] = np.zeros((batch, shape[1], 0, shape[3]), kind)
+        else:
+            raise QCompilerError(f"the ONNX model's input {name!r} is not one the calibration run can fill (input_ids, "
+                                 "attention_mask, position_ids, token_type_ids, past_key_values.*): start from the "
+                                 "transformers model, or use --quant-mode int8-dynamic (no data)")
+    if "input_ids" not in feed:
+        raise QCompilerError("the ONNX model has no input_ids input, so calibration text cannot be fed to it: use "
+                             "--quant-mode int8-dynamic (no data)")
+    return feed
