@@ -73,8 +73,8 @@ def test_cli_builds_the_config_and_refuses_weight_options():
         parse("--weight-format", "int8", "--smooth-quant-alpha", "0.5")
 
 
-@pytest.mark.parametrize("backend, mode, fix", [("torch", "int8", "onnx or openvino"),
-                                                ("openvino", "int8-dynamic", "--backend onnx")])
+@pytest.mark.parametrize("backend, mode, fix", [("gptq", "int8", "onnx or openvino or torch"),
+                                                ("openvino", "int8-dynamic", "--backend onnx or torch")])
 def test_backends_without_integer_kernels_refuse_before_any_work(tmp_path, backend, mode, fix):
     model = tiny_llama()
     data = _samples() if mode == "int8" else None
@@ -196,6 +196,22 @@ def test_openvino_runs_the_linear_layers_on_u8_kernels(tmp_path):
     assert kinds["u8"] + kinds["i8"] == 15 and kinds["u8"] >= 1
     text = "\n".join(str(result.report.get(k)) for k in ("passes",))
     assert "smooth_quant" in text
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_torch_runs_the_linear_layers_on_onednn_int8_kernels(tmp_path, mode):
+    """The torch artifact: every Linear a W8A8Linear (u8 x s8 on oneDNN, the activation quantized in the
+    module as the IR's quantizer does), reloaded from the folder."""
+    from qcompiler.plugins.torch_kernels import load_model
+    from qcompiler.plugins.torch_kernels.modules import W8A8Linear
+
+    result, ref, got = _artifact(tmp_path, "torch", mode)
+    assert _cosine(ref, got) > (0.995 if mode == "int8-dynamic" else 0.999)
+    acts = result.report["activations"]
+    assert acts["marked"] == acts["lowered"] == acts["linear_layers"] == 15 and not acts["left_float_by_backend"]
+    model = load_model(tmp_path / "out")
+    assert sum(isinstance(m, W8A8Linear) for m in model.modules()) == 15
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 0
 
 
 @pytest.mark.parametrize("mode, onnx_format, nodes", [

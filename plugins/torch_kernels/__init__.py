@@ -18,7 +18,7 @@ from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.hookspecs import hookimpl
-from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear
+from qcompiler.plugins.torch_kernels.modules import INT4_GROUP_SIZES, Int4Linear, Int8Linear, W8A8Linear, w8a8_available
 from qcompiler.bitpack import NIBBLES, pack_nibbles, unpack
 from qcompiler.quant import CompressedWeight, matrix_view
 from qcompiler.rewrites import Epilogue, epilogues
@@ -32,9 +32,13 @@ KERNEL_MODES = (Mode.INT4_SYM, Mode.INT4_ASYM, Mode.INT8_SYM, Mode.INT8_ASYM)
 class TorchKernelsBackend:
     name = "torch"
     lowers_epilogues = True  # nodes passes inserted (qcompiler.rewrites)
+    activation_modes = ("int8", "int8-dynamic")  # --quant-mode values lowered to integer kernels (W8A8Linear)
 
     def check(self, config, options: dict) -> None:
         refuse_modes(config, "torch", lambda spec: spec.bits in (4, 8), LOW_BIT_FIX)
+        if config is not None and config.quant_mode is not None and not w8a8_available():
+            raise QCompilerError("this torch build has no oneDNN int8 Linear (x86 CPUs), which --quant-mode lowers to: "
+                                 "use --backend openvino or onnx")
         if options:
             raise QCompilerError(f"the torch backend takes no options ({', '.join(options)}): drop them")
 
@@ -62,7 +66,7 @@ class TorchKernelsBackend:
             raise QCompilerError("the torch backend writes transformers causal LMs and encoders: use --backend openvino "
                                  "for this model")
         tensors, layout, weight_bytes = {}, {}, {}
-        compressed_names = set()
+        compressed_names, activated = set(), []
         programs = epilogues(graph)
         new_weights = {name: ep.path for ep in programs for name in ep.weights.values()}
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()} if new_weights else {}
@@ -88,6 +92,13 @@ class TorchKernelsBackend:
                             "codes_shape": list(cw.codes.shape),
                             "linears": [u.op.name.split("/")[0] for u in uses if u.op.op == "MatMul"],
                             "embeddings": [u.op.name.split("/")[0] for u in uses if u.op.op == "Gather"]}
+            aq = const.meta.get("activation")
+            if aq is not None and layout[name]["linears"]:  # u8 activations (W8A8Linear)
+                layout[name]["activation"] = {"dynamic": aq.dynamic} if aq.dynamic else {
+                    "dynamic": False, "scale": aq.scale, "zero_point": aq.zero_point}
+                if aq.smooth is not None:
+                    tensors[f"{name}::smooth"] = torch.tensor(aq.smooth, dtype=torch.float32)
+                activated.append(name)
             if name in new_weights:  # an epilogue's int kernel, not a module of the model
                 layout[name].update(linears=[], embeddings=[], epilogue=new_weights[name])
             weight_bytes[name] = sum(t.numel() * t.element_size() for t in (codes, cw.scale, cw.zero_point)
@@ -108,7 +119,10 @@ class TorchKernelsBackend:
         save_file(tensors, str(out_dir / WEIGHTS))
         (out_dir / LAYOUT).write_text(json.dumps({"format": "qcompiler-torch-int", "task": source.task, "weights": layout,
                                                   "epilogues": {ep.path: ep.to_json() for ep in programs}}, indent=2))
-        return {"files": [WEIGHTS, LAYOUT], "weight_bytes": weight_bytes}
+        facts = {"files": [WEIGHTS, LAYOUT], "weight_bytes": weight_bytes}
+        if activated:
+            facts["activations_quantized"] = activated  # the IR weights whose Linears run on u8 activations
+        return facts
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / LAYOUT).is_file()
@@ -178,8 +192,11 @@ def _load_model(folder: Path):
         for path in info["linears"]:
             parent, _, child = path.rpartition(".")
             old = model.get_submodule(path)
-            new = (Int4Linear(codes, scale, zero_point, g, old.bias) if mode.bits == 4
-                   else Int8Linear(codes, scale, zero_point, old.bias))
+            if "activation" in info:
+                new = W8A8Linear(codes, scale, info["activation"], tensors.get(f"{name}::smooth"), old.bias)
+            else:
+                new = (Int4Linear(codes, scale, zero_point, g, old.bias) if mode.bits == 4
+                       else Int8Linear(codes, scale, zero_point, old.bias))
             setattr(model.get_submodule(parent) if parent else model, child, new)
     for path, data in programs.items():  # after the Linears were replaced: the hooks go on the int kernels
         ep = Epilogue.from_json(path, data)

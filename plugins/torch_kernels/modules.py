@@ -67,3 +67,53 @@ class Int8Linear(torch.nn.Module):
             y = y + flat.float().sum(-1, keepdim=True).to(torch.bfloat16) * self.offset
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def w8a8_available() -> bool:
+    """oneDNN's int8 Linear (x86 CPUs; what torch's inductor lowers its x86 quantization to) is in this torch."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+class W8A8Linear(torch.nn.Module):
+    """int8_sym per-channel weights and u8 per-tensor activations, the product in integers on oneDNN's
+    u8 x s8 kernel (`torch.ops.onednn.qlinear_pointwise`, float output with the bias).
+
+    x [/ s] is quantized here, q = clamp(round(x / (s a)) + z, 0, 255) in one multiply (s: SmoothQuant's
+    scale where it had no op to fold into): static, a and z from the calibrated range; dynamic, from
+    this call's min and max (zero exactly representable, as `qcompiler.activations.static_range`).
+    Chosen by `benchmarks/w8a8_torch_kernels.py` on the Linear shapes of SmolLM2 and MiniLM, time over
+    float32 F.linear's (AVX-512 VNNI, 2 cores; benchmarks/measured/w8a8-torch-kernels-2026-11-28-s14.json):
+    this kernel with the quantization of x 0.80, `torch._int_mm` 0.91, `_weight_int8pack_mm` (int8 weights,
+    bf16 activations) 2.7; FBGEMM's `quantized.linear_dynamic` 0.61 (faster on MiniLM's 4096-row products,
+    but dynamic only, on deprecated quantized tensors; the static FBGEMM Linear requantizes its output).
+    """
+
+    def __init__(self, codes, scale, activation: dict, smooth=None, bias=None) -> None:
+        super().__init__()
+        n = codes.shape[0]
+        c = codes.reshape(n, -1).to(torch.int8).contiguous()
+        self.in_features, self.out_features = c.shape[1], n
+        self.dynamic = bool(activation["dynamic"])
+        self.register_buffer("w_scale", scale.reshape(n).float())
+        self.register_buffer("w_zero", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("inverse", None if smooth is None else (1.0 / smooth.float()))
+        self.bias = bias
+        self.packed = torch.ops.onednn.qlinear_prepack(c, None)
+        if not self.dynamic:
+            self.a_scale, self.a_zero = float(activation["scale"]), int(activation["zero_point"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        if self.inverse is not None:
+            flat = flat * self.inverse
+        if self.dynamic:
+            low, high = min(float(flat.min()), 0.0), max(float(flat.max()), 0.0)
+            a_scale = (high - low) / 255 or 1.0
+            a_zero = min(max(int(round(-low / a_scale)), 0), 255)
+        else:
+            a_scale, a_zero = self.a_scale, self.a_zero
+        q = torch.round(flat * (1.0 / a_scale)).add_(a_zero).clamp_(0, 255).to(torch.uint8)
+        bias = None if self.bias is None else self.bias.float()
+        y = torch.ops.onednn.qlinear_pointwise(q, a_scale, a_zero, self.packed, self.w_scale, self.w_zero, bias, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
