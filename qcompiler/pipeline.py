@@ -154,9 +154,11 @@ def compress(
     frontend = registry.frontend_for(model)
     if config.dataset is not None and getattr(frontend, "executor", None) is None:
         if config.quant_mode == "int8":
+            dynamic = "int8-dynamic" in getattr(registry.backend(backend or frontend.default_backend),
+                                                 "activation_modes", ())
             raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet, which "
-                                 "--quant-mode int8 sets its ranges from: use --quant-mode int8-dynamic (no data), or "
-                                 "start from the transformers model")
+                                 "--quant-mode int8 sets its ranges from: start from the transformers model (or its "
+                                 "ONNX export)" + (", or use --quant-mode int8-dynamic (no data)" if dynamic else ""))
         raise QCompilerError(f"the {frontend.name} frontend cannot run a model on calibration data yet: drop --dataset "
                              "and the data-aware options, or start from the transformers model")
     allowed = getattr(frontend, "calibration_passes", None)  # a frontend whose executor serves only these

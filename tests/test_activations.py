@@ -324,3 +324,13 @@ def test_an_onnx_input_refuses_passes_that_rewrite_it_before_running_it(tmp_path
         compress(tmp_path / "fp32" / "model.onnx", CompressionConfig(quant_mode="int8", dataset=_samples(), gptq=True),
                  output=tmp_path / "static", backend="onnx")
     assert not (tmp_path / "static").exists()
+
+
+def test_gptq_with_w8a8_keeps_lm_head_on_u8_activations(tmp_path):
+    """With --gptq each block runs on the compressed blocks' outputs; the check that lm_head reads the
+    final norm of the last block's output is made on the float model's own forward, so lm_head still gets
+    its statistics (it used to fail the check and stay float)."""
+    result, ref, got = _artifact(tmp_path, "onnx", "int8", gptq=True)
+    assert result.results["activation_quant"].summary["quantized"] == 15
+    assert len(result.results["gptq"].summary["layers"]) == 15
+    assert _cosine(ref, got) > 0.999

@@ -216,7 +216,7 @@ def test_a_model_exported_by_optimum_compresses_and_keeps_working_in_optimum(smo
 
 
 def test_w8a8_runs_every_linear_on_integer_kernels_and_stays_close(smollm2, tmp_path, wiki_ids, text_ids,
-                                                                   original_ppl):
+                                                                   original_ppl, example_artifact):
     """--quant-mode int8 on the real model, calibrated on 16 chunks of 128 tokens after the scored windows
     (the benchmark's 64 x 128 gives +4% held-out; a wrong scale or zero point gives hundreds)."""
     from collections import Counter
@@ -241,3 +241,12 @@ def test_w8a8_runs_every_linear_on_integer_kernels_and_stays_close(smollm2, tmp_
     # on WikiText; the repeated sentence used without it is nearly predictable (perplexity about 1.07), so
     # the bound is on the extra loss there: a wrong scale or zero point adds far more than 0.2 nats
     assert original_ppl < ppl < (1.12 * original_ppl if WIKITEXT.is_file() else original_ppl * np.exp(0.2))
+    # openvino-genai runs the W8A8 IR with its KV cache (the tokenizer IRs of the int4 example artifact: a
+    # model object given to compress() has no tokenizer folder to convert)
+    import openvino_genai
+
+    tokenizer = openvino_genai.Tokenizer(str(example_artifact[0]))
+    pipe = openvino_genai.LLMPipeline(str(tmp_path / "w8a8"), tokenizer, "CPU")
+    config = pipe.get_generation_config()
+    config.max_new_tokens, config.apply_chat_template = 10, False
+    assert "Paris" in str(pipe.generate("The capital of France is", config))

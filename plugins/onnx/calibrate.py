@@ -67,21 +67,24 @@ class ONNXExecutor:
         if tensors not in self._sessions:
             from qcompiler.plugins.onnx import session
 
-            model = onnx.ModelProto()
-            model.CopyFrom(self.model)
-            known = {o.name for o in model.graph.output}
-            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+            model, outputs = self.model, self.model.graph.output
+            count, known = len(outputs), {o.name for o in outputs}
             self._sessions.clear()  # one at a time: each holds the model's weights
-            if model.ByteSize() < PROTO_LIMIT:
+            # the extra outputs go on the model itself while it is written (no second copy of its weights)
+            outputs.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+            try:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "calibration.onnx"
-                    path.write_bytes(model.SerializeToString())
+                    if model.ByteSize() < PROTO_LIMIT:
+                        path.write_bytes(model.SerializeToString())
+                    else:
+                        calibration = onnx.ModelProto()
+                        calibration.CopyFrom(model)
+                        onnx.save(calibration, str(path), save_as_external_data=True,
+                                  location="calibration.onnx.data")
                     self._sessions[tensors] = session(path)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "calibration.onnx"
-                    onnx.save(model, str(path), save_as_external_data=True, location="calibration.onnx.data")
-                    self._sessions[tensors] = session(path)
+            finally:
+                del outputs[count:]
         return self._sessions[tensors]
 
 

@@ -196,17 +196,20 @@ class TorchBlockExecutor:
         if self._head is None or not self.head_weights:
             return "no single final norm module found before the output layer"
         norm, lm_head = self._head
-        if self._probe is not None:
-            seen = []
-            handle = self.modules[lm_head].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        if self._probe is not None:  # on the float model's own forward: `inputs` may come from compressed blocks
+            seen, last = [], []
+            handles = [self.modules[lm_head].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())),
+                       self.layers[-1].register_forward_hook(lambda m, args, out: last.append(
+                           (out[0] if isinstance(out, (tuple, list)) else out).detach()))]
             try:
                 with torch.no_grad(), self._precision():
                     self._forward(self._probe)
+                    mine = norm(last[0]).float() if last else None
             finally:
-                handle.remove()
-            with torch.no_grad(), self._precision():
-                mine = norm(self.hidden(inputs)[0][:1]).float()
-            if not seen or seen[0].shape != mine.shape or not torch.allclose(seen[0].float(), mine, rtol=2e-2, atol=2e-2):
+                for h in handles:
+                    h.remove()
+            if mine is None or not seen or seen[0].shape != mine.shape or not torch.allclose(
+                    seen[0].float(), mine, rtol=2e-2, atol=2e-2):
                 return f"the output layer {lm_head} does not read {type(norm).__name__}(last block's output)"
             self._probe = None
         with torch.no_grad(), self._precision():
