@@ -238,7 +238,7 @@ def test_a_layer_whose_error_is_too_large_falls_back_to_float_activations(tmp_pa
     from qcompiler.passes import activation_quant
 
     monkeypatch.setattr(activation_quant.StaticActivations, "options_from",
-                        classmethod(lambda cls, config: cls.Options(max_error=0.0)))
+                        classmethod(lambda cls, config: cls.Options(max_error=0.0, max_error_output=0.0)))
     result, ref, got = _artifact(tmp_path, "onnx", "int8")
     summary = result.results["activation_quant"].summary
     assert summary["quantized"] == 0 and len(summary["fallback"]) == 15

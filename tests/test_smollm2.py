@@ -229,14 +229,18 @@ def test_w8a8_runs_every_linear_on_integer_kernels_and_stays_close(smollm2, tmp_
     result = compress(smollm2.model, CompressionConfig(quant_mode="int8", dataset=samples, smooth_quant_alpha=0.8),
                       output=tmp_path / "w8a8")
     acts = result.report["activations"]
-    assert acts["marked"] == acts["lowered"] == acts["linear_layers"] == 211  # lm_head included
+    # every Linear but lm_head, whose error with a u8 input is the model's output error (above 1e-4 here)
+    assert acts["marked"] == acts["lowered"] == 210 and acts["linear_layers"] == 211
+    fallback = result.results["activation_quant"].summary["fallback"]
+    assert list(fallback) == ["model.embed_tokens.weight"] and "the model's output layer" in fallback[
+        "model.embed_tokens.weight"]
     applied = result.results["smooth_quant"].summary["applied"]
     assert applied["norm"] == 60 and applied["value"] == 30 and applied["tied_head"] == 1  # found by patterns
     xml = tmp_path / "w8a8" / "openvino_model.xml"
     compiled = ov.Core().compile_model(str(xml), "CPU")
     kinds = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
                     if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
-    assert kinds["u8"] + kinds["i8"] == sum(kinds.values()) == 211  # every Linear apart (not fused on u8 inputs)
+    assert kinds["u8"] + kinds["i8"] == 210 and sum(kinds.values()) == 211  # apart (not fused on u8 inputs)
     ppl = perplexity(OpenVINORunner(xml), text_ids, progress=False)["perplexity"]
     # on WikiText; the repeated sentence used without it is nearly predictable (perplexity about 1.07), so
     # the bound is on the extra loss there: a wrong scale or zero point adds far more than 0.2 nats
