@@ -511,11 +511,16 @@ def test_statistics_cache_is_reused_only_for_the_same_model_and_data(tmp_path):
     assert {p.name for p in cache.iterdir()} == broken
 
 
-def test_frontends_without_a_block_executor_refuse_data_before_loading(tmp_path):
-    model = tmp_path / "model.onnx"
+@pytest.mark.parametrize("name, message", [
+    ("model.xml", "openvino frontend cannot run a model on calibration data"),
+    # the ONNX executor runs the model as it is: statistics only, never with rewritten weights
+    ("model.onnx", "onnx frontend runs a model on calibration data only as it is.*awq_data.* with rewritten weights"),
+])
+def test_frontends_without_a_block_executor_refuse_data_before_loading(tmp_path, name, message):
+    model = tmp_path / name
     model.write_bytes(b"not read: the refusal comes first")
     cfg = CompressionConfig(mode="int4_sym", awq=True, dataset=_samples())
-    with pytest.raises(QCompilerError, match="onnx frontend cannot run a model on calibration data"):
+    with pytest.raises(QCompilerError, match=message):
         compress(model, cfg, output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
