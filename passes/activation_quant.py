@@ -45,7 +45,7 @@ class ActivationOptions:
     # see benchmarks/w8a8.py for the spread of the layers' errors
     max_error: float = 0.05
     # the same for the layer after the blocks (lm_head), whose error is the model's output error: SmolLM2's
-    # lm_head at 4.8e-4 with u8 input cost 0.6% held-out perplexity (21.29 against 21.16, benchmarks/w8a8.py)
+    # lm_head at 4.8e-4 with u8 input cost 0.7% held-out perplexity (21.29 against 21.15, benchmarks/measured/w8a8-head-2026-11-28-s14.json)
     max_error_output: float = 1e-4
     rows: int = 512
 
@@ -96,7 +96,7 @@ def _attention_targets(graph: Graph, ctx: PassContext) -> tuple[dict, dict[str, 
     """{module path: ScaledDotProductAttention node} whose query and key take static i8 quantizers (NNCF
     quantizes the same two inputs; OpenVINO then runs the scores in int8), and {path or "*": why not}
     for the others. Encoders only: in a model with a KV cache the keys of past tokens would be quantized
-    again at every step (NNCF's LLM IR, which does, decodes at 1.06x fp32 against qcompiler's 1.9x:
+    again at every step (NNCF's LLM IR, which does, decodes at 1.06x fp32 against qcompiler's 1.7-2.1x:
     benchmarks/measured/w8a8-2026-11-27-s12.json)."""
     nodes = [n for n in graph.nodes if n.op == "ScaledDotProductAttention"]
     if not nodes:
