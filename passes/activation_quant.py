@@ -45,7 +45,8 @@ class ActivationOptions:
     # see benchmarks/w8a8.py for the spread of the layers' errors
     max_error: float = 0.05
     # the same for the layer after the blocks (lm_head), whose error is the model's output error: SmolLM2's
-    # lm_head at 4.8e-4 with u8 input cost 0.7% held-out perplexity (21.29 against 21.15, benchmarks/measured/w8a8-head-2026-11-28-s14.json)
+    # lm_head at 4.8e-4 with u8 input cost 0.7% held-out perplexity (21.29 against 21.15,
+    # benchmarks/measured/w8a8-head-2026-11-28-s14.json)
     max_error_output: float = 1e-4
     rows: int = 512
 
