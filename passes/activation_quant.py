@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qcompiler.activations import ActivationQuant, linear, set_linear, static_range, symmetric_range
-from qcompiler.engine import ATTENTION_INPUTS, HEAD, attention_tap
+from qcompiler.activations import ActivationQuant, linear, scale_input_channels, static_range, symmetric_range
 from qcompiler.activations import eligible as int8_eligible
 from qcompiler.config import Mode
+from qcompiler.engine import ATTENTION_INPUTS, HEAD, attention_tap
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
@@ -87,7 +87,7 @@ def unsmooth(graph: Graph) -> list[str]:
         const = use.const
         s = const.meta.get("smooth_input")
         if s is not None and "activation" not in const.meta and use.op.op == "MatMul":
-            set_linear(graph, const, use.op, linear(graph, const, use.op) / s[None, :])
+            graph.set_weight(const, scale_input_channels(graph.weight(const), use.op, 1.0 / s))
             del const.meta["smooth_input"]
             undone.append(const.attrs["weight"])
     return undone

@@ -80,10 +80,11 @@ def linear(graph, const, op) -> torch.Tensor:
     return w if op.attrs.get("transpose_b") else w.t()
 
 
-def set_linear(graph, const, op, w: torch.Tensor) -> None:
-    """Store an [out, in] matrix back into the weight, in its own orientation and dtype."""
-    old = graph.weight(const)
-    graph.set_weight(const, (w if op.attrs.get("transpose_b") else w.t().contiguous()).to(old.dtype))
+def scale_input_channels(w: torch.Tensor, op, factor: torch.Tensor) -> torch.Tensor:
+    """MatMul `op`'s weight w with its input channels multiplied by `factor`, in w's own orientation and
+    dtype: w's columns for `x @ W^T` (transpose_b, and batched weights), its rows for `x @ W`."""
+    scale = factor[None, :] if op.attrs.get("transpose_b") or w.dim() != 2 else factor[:, None]
+    return (w.float() * scale).to(w.dtype)
 
 
 def eligible(const, op, users) -> str:

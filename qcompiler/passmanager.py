@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from qcompiler.activations import scale_input_channels
 from qcompiler.config import CompressionConfig
 from qcompiler.errors import PassError, QCompilerError
 from qcompiler.ir import Graph
@@ -187,10 +188,7 @@ def run_block_passes(group: list[BlockPass], graph: Graph, ctx: PassContext, pro
 
     def unsmoothed(n: str, value: torch.Tensor) -> torch.Tensor:
         s = consts[n].meta.get("smooth_input")
-        if s is None:
-            return value
-        scale = s[None, :] if readers[n].attrs.get("transpose_b") else s[:, None]  # input channels
-        return (value.float() / scale).to(value.dtype)
+        return value if s is None else scale_input_channels(value, readers[n], 1.0 / s)
 
     def current(block) -> dict:  # the block's rewritten weights, as the IR holds them now
         return {n: unsmoothed(n, graph.weight(consts[n])) for n in block.weights

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompiler.activations import scale_input_channels
 from qcompiler.ir import Graph
 from qcompiler.pattern import P, Var, Weight, find_matches
 from qcompiler.quant import matrix_view, restore
@@ -129,10 +130,8 @@ def sites(graph: Graph, eligible) -> tuple[list[Site], dict[str, str]]:
 def apply(graph: Graph, site: Site, s: torch.Tensor, mark: str = "awq") -> None:
     """W * s on every target's input channels and 1 / s folded into the site's fold weight (and bias);
     the targets' MatMuls are marked `meta[mark]`."""
-    for op, c in site.targets:  # input channels: W's columns for x @ W^T, its rows for x @ W
-        w = graph.weight(c)
-        scale = s[None, :] if op.attrs.get("transpose_b") or w.dim() != 2 else s[:, None]
-        graph.set_weight(c, (w.float() * scale).to(w.dtype))
+    for op, c in site.targets:
+        graph.set_weight(c, scale_input_channels(graph.weight(c), op, s))
         op.meta[mark] = True
     if site.fold is None:
         return

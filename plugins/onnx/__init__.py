@@ -97,6 +97,33 @@ def session(path: Path):
                              "another file") from None
 
 
+FED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")  # the inputs `feed` fills from token ids
+
+
+def empty_cache(inputs: dict, batch: int) -> dict[str, np.ndarray]:
+    """A zero-length KV cache for the session inputs `inputs` (name -> NodeArg) named past_key_values.*."""
+    cache = {}
+    for name, info in inputs.items():
+        if name.startswith("past_key_values."):
+            shape = info.shape  # [batch, kv_heads, past, head_dim]
+            cache[name] = np.zeros((batch, shape[1], 0, shape[3]), np.float16 if "float16" in info.type else np.float32)
+    return cache
+
+
+def feed(inputs: dict, ids: np.ndarray, cache: dict, past_len: int = 0) -> dict[str, np.ndarray]:
+    """The session's feed for token ids [batch, T] after `past_len` cached tokens: the ids, the cache, and
+    where the model takes them an all-ones attention mask, positions past_len.. and zero token types."""
+    total = past_len + ids.shape[1]
+    out = {"input_ids": ids, **cache}
+    if "attention_mask" in inputs:
+        out["attention_mask"] = np.ones((ids.shape[0], total), np.int64)
+    if "position_ids" in inputs:
+        out["position_ids"] = np.broadcast_to(np.arange(past_len, total), ids.shape).astype(np.int64)
+    if "token_type_ids" in inputs:
+        out["token_type_ids"] = np.zeros_like(ids)
+    return out
+
+
 @dataclass
 class ONNXRunner:
     """Full-sequence logits (an empty cache per call) and token-by-token generation with the KV cache."""
@@ -115,20 +142,10 @@ class ONNXRunner:
         return self._step(ids, self._empty_cache(ids.shape[0]), 0)[0]
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        cache = {}
-        for name in self.past:
-            shape = self.inputs[name].shape  # [batch, kv_heads, past, head_dim]
-            cache[name] = np.zeros((batch, shape[1], 0, shape[3]), np.float32)
-        return cache
+        return empty_cache(self.inputs, batch)
 
     def _step(self, ids: np.ndarray, cache: dict, past_len: int):
-        total = past_len + ids.shape[1]
-        feed = {"input_ids": ids, **cache}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((ids.shape[0], total), np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.broadcast_to(np.arange(past_len, total), ids.shape).astype(np.int64)
-        out = dict(zip(self.outputs, self.sess.run(None, feed)))
+        out = dict(zip(self.outputs, self.sess.run(None, feed(self.inputs, ids, cache, past_len))))
         present = {name: out[name.replace("past_key_values.", "present.")] for name in self.past}
         return out[self.outputs[0]], present
 

@@ -20,6 +20,7 @@ import torch
 
 from qcompiler.engine import Block
 from qcompiler.errors import QCompilerError
+from qcompiler.plugins.onnx import FED, empty_cache, feed, session
 from qcompiler.plugins.onnx.onnxgraph import GraphIndex
 
 MODEL_BLOCK = "model"
@@ -41,7 +42,7 @@ class ONNXExecutor:
                 if use.node.op_type == "MatMul":
                     self.inputs_of.setdefault(name, use.node.input[0])
         self.method = {"executor": "onnx-whole-model-1"}
-        self._sessions: dict[tuple, object] = {}
+        self._session_of: tuple[tuple, object] | None = None  # (output tensors, the session that has them)
 
     def first_inputs(self, samples: list[torch.Tensor]) -> list[np.ndarray]:
         return [np.asarray(s, dtype=np.int64).reshape(1, -1) for s in samples]
@@ -54,9 +55,9 @@ class ONNXExecutor:
         if not tensors:
             return inputs
         sess = self._session(tensors)
-        names = {i.name: i for i in sess.get_inputs()}
+        names = _fillable({i.name: i for i in sess.get_inputs()})
         for ids in inputs:
-            values = dict(zip(tensors, sess.run(list(tensors), _feed(names, ids))))
+            values = dict(zip(tensors, sess.run(list(tensors), feed(names, ids, empty_cache(names, ids.shape[0])))))
             seen = {t: torch.from_numpy(v) for t, v in values.items()}  # one object per tensor: q/k/v share stats
             for name, tap in taps.items():
                 if name in self.inputs_of:
@@ -64,12 +65,10 @@ class ONNXExecutor:
         return inputs
 
     def _session(self, tensors: tuple):
-        if tensors not in self._sessions:
-            from qcompiler.plugins.onnx import session
-
+        if self._session_of is None or self._session_of[0] != tensors:
             model, outputs = self.model, self.model.graph.output
             count, known = len(outputs), {o.name for o in outputs}
-            self._sessions.clear()  # one at a time: each holds the model's weights
+            self._session_of = None  # one at a time: each holds the model's weights
             # the extra outputs go on the model itself while it is written (no second copy of its weights)
             outputs.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
             try:
@@ -82,34 +81,20 @@ class ONNXExecutor:
                         calibration.CopyFrom(model)
                         onnx.save(calibration, str(path), save_as_external_data=True,
                                   location="calibration.onnx.data")
-                    self._sessions[tensors] = session(path)
+                    self._session_of = (tensors, session(path))
             finally:
                 del outputs[count:]
-        return self._sessions[tensors]
+        return self._session_of[1]
 
 
-def _feed(inputs: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The model's inputs for one sample of token ids [1, T]."""
-    batch, length = ids.shape
-    feed = {}
-    for name, info in inputs.items():
-        if name == "input_ids":
-            feed[name] = ids
-        elif name == "attention_mask":
-            feed[name] = np.ones_like(ids)
-        elif name == "position_ids":
-            feed[name] = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
-        elif name == "token_type_ids":
-            feed[name] = np.zeros_like(ids)
-        elif name.startswith("past_key_values."):
-            shape = info.shape  # [batch, kv heads, past, head dim]
-            kind = np.float16 if "float16" in info.type else np.float32
-            feed[name] = np.zeros((batch, shape[1], 0, shape[3]), kind)
-        else:
+def _fillable(inputs: dict) -> dict:
+    """The session inputs, checked to be ones `feed` fills from token ids (and an empty KV cache)."""
+    for name in inputs:
+        if name not in FED and not name.startswith("past_key_values."):
             raise QCompilerError(f"the ONNX model's input {name!r} is not one the calibration run can fill (input_ids, "
                                  "attention_mask, position_ids, token_type_ids, past_key_values.*): start from the "
                                  "transformers model, or use --quant-mode int8-dynamic (no data)")
-    if "input_ids" not in feed:
+    if "input_ids" not in inputs:
         raise QCompilerError("the ONNX model has no input_ids input, so calibration text cannot be fed to it: use "
                              "--quant-mode int8-dynamic (no data)")
-    return feed
+    return inputs

@@ -226,23 +226,28 @@ def insert_activation_quantizers(model: ov.Model, graph: Graph, fused: dict) -> 
         source = op.input_value(0)
         key = (source.get_node().get_friendly_name(), source.get_index(), aq)
         if key not in shared:
-            kind = source.get_element_type().to_dtype()
-            low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
             if aq.smooth is not None:  # SmoothQuant's scale without a fold: x / s, then quantized (NNCF's form)
+                kind = source.get_element_type().to_dtype()
                 inverse = ops.constant((1.0 / np.asarray(aq.smooth, np.float64)).astype(kind))
                 source = ops.multiply(source, inverse, name=f"{names[0]}/activation/smooth").output(0)
-            fq = ops.fake_quantize(source, low, high, low, high, 256, name=f"{names[0]}/activation/fq")
-            shared[key] = fq.output(0)
+            shared[key] = _fake_quantize(source, aq, f"{names[0]}/activation/fq")
         op.input(0).replace_source_output(shared[key])
         done += names
     model.validate_nodes_and_infer_types()
     return done
 
 
+def _fake_quantize(source, aq, name: str):
+    """A FakeQuantize of 256 levels on `aq`'s static range [low, high] (its output, to connect)."""
+    kind = source.get_element_type().to_dtype()
+    low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
+    return ops.fake_quantize(source, low, high, low, high, 256, name=name).output(0)
+
+
 def insert_attention_quantizers(model: ov.Model, graph: Graph) -> list[str]:
-    """A FakeQuantize (256 levels, static u8) on the query and key of each ScaledDotProductAttention
-    whose IR node has `meta["attention_quant"]`; OpenVINO's CPU plugin then computes the scores in
-    int8. The OpenVINO op is the one whose name starts with the IR node's module path (convert_model
+    """A FakeQuantize (256 levels, the static i8 ranges of `meta["attention_quant"]`) on the query and key
+    of each ScaledDotProductAttention whose IR node has them; OpenVINO's CPU plugin then computes the
+    scores in int8. The OpenVINO op is the one whose name starts with the IR node's module path (convert_model
     names ops `__module.<prefix><path>/aten::...`). Returns the IR nodes lowered."""
     wanted = {n.name.split("/")[0]: n for n in graph.nodes if "attention_quant" in n.meta}
     if not wanted:
@@ -264,11 +269,7 @@ def insert_attention_quantizers(model: ov.Model, graph: Graph) -> list[str]:
             while (target.get_source_output().get_node().get_type_name() in ("Reshape", "Transpose")
                    and len(target.get_source_output().get_target_inputs()) == 1):
                 target = target.get_source_output().get_node().input(0)
-            source = target.get_source_output()
-            kind = source.get_element_type().to_dtype()
-            low, high = ops.constant(np.array(aq.low, kind)), ops.constant(np.array(aq.high, kind))
-            fq = ops.fake_quantize(source, low, high, low, high, 256, name=f"{path}/attention/fq{index}")
-            target.replace_source_output(fq.output(0))
+            target.replace_source_output(_fake_quantize(target.get_source_output(), aq, f"{path}/attention/fq{index}"))
         done.append(node.name)
     model.validate_nodes_and_infer_types()
     return done
