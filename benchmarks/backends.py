@@ -151,7 +151,7 @@ def main() -> int:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, default=str))
-    print(f"\n| backend/format | prefill 512 s | decode tok/s | decode x fp32 | size bytes | size x fp32 | ppl | ppl / OV |")
+    print("\n| backend/format | prefill 512 s | decode tok/s | decode x fp32 | size bytes | size x fp32 | ppl | ppl / OV |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in rows.items():
         print(f"| {key} | {r['prefill_seconds']:.3f} | {r['decode_tokens_per_second']:.1f} | "

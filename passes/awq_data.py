@@ -32,7 +32,7 @@ from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.passmanager import BlockPass, PassContext, PassResult
 from qcompiler import scale_sites
-from qcompiler.engine import hessian_blocks_of
+from qcompiler.engine import hessian_blocks_of, native_bf16
 from qcompiler.quant import awq_residual, matrix_view
 from qcompiler.weight_fit import ESTIMATE_MODES, INITIAL_STEPS, SCALE_STEPS, estimate
 
@@ -46,7 +46,9 @@ class AWQOptions:
     # from 22.45 to 22.39 but with GPTQ after it from 21.99 to 22.06 (the latter moves by 0.2 with summation order)
     rows: int = 256
     duo: bool = True  # divide by mean|W|^(1 - alpha) too (AutoAWQ's duo scaling)
-    bf16: bool = True  # the search's MatMuls in bf16 (the losses it compares differ by far more than bf16's error)
+    # the search's MatMuls in bf16 where the CPU has bf16 units (the losses it compares differ by far more than
+    # bf16's error); elsewhere float32: emulated bf16 took 20 of SmolLM2's 74 s with AWQ + SE on an AVX-512 Xeon
+    bf16: bool = True
     refit_top: int = 2  # candidates measured again after scale estimation's refit, when it follows (0: never)
     refit: bool = False  # scale estimation follows (set from its switch)
     refit_steps: tuple[int, int] = (INITIAL_STEPS, SCALE_STEPS)  # its steps (set from its options)
@@ -85,7 +87,7 @@ class DataAwareAWQ(BlockPass):
             mean = st.abs_mean.clamp(min=1e-8)
             w_mean = _weight_magnitude(weights, fmts[0].group_size) if self.options.duo else None
 
-            xb = x.to(torch.bfloat16) if self.options.bf16 else x
+            xb = x.to(torch.bfloat16) if self.options.bf16 and native_bf16() else x
 
             def loss(s: torch.Tensor) -> float:  # X W^T - (X / s) Q(W s)^T = X (W - Q(W s) / s)^T
                 return sum(_output_error(xb, awq_residual(w, s, f.mode, f.group_size)) for w, f in zip(weights, fmts))

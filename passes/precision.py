@@ -94,7 +94,7 @@ class PrecisionAssignment(Pass):
         defining = [c for c in defining if c in group_sizes]
         for c in defining:
             c.meta["ratio_defining"] = True
-        primary = self._select(graph, defining, by_const, ctx) if o.ratio < 1.0 else defining
+        primary = self._select(graph, defining, by_const, ctx, group_sizes) if o.ratio < 1.0 else defining
 
         backup = WeightFormat(o.backup, -1) if o.backup else None
         for c in consts:
@@ -142,7 +142,7 @@ class PrecisionAssignment(Pass):
             )
         return sizes, adjusted, fallen_back
 
-    def _select(self, graph, defining, by_const, ctx) -> list[Node]:
+    def _select(self, graph, defining, by_const, ctx, group_sizes) -> list[Node]:
         o: PrecisionOptions = self.options
         error_mode = o.backup or Mode.INT8_ASYM
         batched = [c.attrs["weight"] for c in defining if len(c.meta.get("shape", ())) > 2
@@ -152,7 +152,10 @@ class PrecisionAssignment(Pass):
                 f"--sensitivity-metric {o.metric.value} needs each weight's input, and the batched MoE expert weights "
                 f"({batched[0]}, ...) have no module input the calibration engine can read yet: use --sensitivity-metric "
                 "weight_quantization_error with --ratio, or --ratio 1.0")
-        activations = _activation_scores(graph, defining, by_const, ctx, o.metric) if o.metric.data_aware else {}
+        # the sweep also collects what the block passes after this one will want of the weights that may
+        # get the primary format, so the float model runs once (`PassContext.statistics_ahead`)
+        ahead = ctx.statistics_ahead(graph, {c.attrs["weight"]: WeightFormat(o.mode, group_sizes[c]) for c in defining})
+        activations = _activation_scores(graph, defining, by_const, ctx, o.metric, ahead) if o.metric.data_aware else {}
         scores = []
         for c in defining:
             axes = by_const[c][0].reduction_axes
@@ -181,8 +184,9 @@ class PrecisionAssignment(Pass):
         return chosen
 
 
-def _activation_scores(graph, defining, by_const, ctx, metric: SensitivityMetric) -> dict[str, float]:
-    """Each defining MatMul weight's activation statistic for `metric`, from one engine sweep."""
+def _activation_scores(graph, defining, by_const, ctx, metric: SensitivityMetric, ahead: dict) -> dict[str, float]:
+    """Each defining MatMul weight's activation statistic for `metric`, from one engine sweep (which keeps
+    the statistics `ahead` for the next sweep)."""
     if ctx.engine is None:
         raise QCompilerError(f"--sensitivity-metric {metric.value} needs calibration data: add --dataset FILE")
     wanted = {c.attrs["weight"]: frozenset({"sequence"}) for c in defining
@@ -197,7 +201,7 @@ def _activation_scores(graph, defining, by_const, ctx, metric: SensitivityMetric
                 value = sum(row[column] for row in st.sequence) / len(st.sequence)
                 out[name] = 2.0 * value if metric is SensitivityMetric.HESSIAN_INPUT_ACTIVATION else value
 
-    ctx.engine.sweep(wanted, on_block)
+    ctx.engine.sweep(wanted, on_block, keep=ahead)
     return out
 
 

@@ -67,16 +67,18 @@ class ScaleEstimation(WeightFitPass):
         return {"by_default": self.options.by_default}
 
     def statistics_for(self, graph):
-        return {name: self.statistics | {f"hessian_blocks:{_group(c, axes, graph)}"}
-                for name, (c, axes) in self.pending.items()}
+        return {name: self.statistics_of(c, axes, c.meta["format"], graph) for name, (c, axes) in self.pending.items()}
+
+    def statistics_of(self, const, axes, fmt, graph) -> frozenset:
+        return self.statistics | {f"hessian_blocks:{_group(const, axes, fmt, graph)}"}
 
     def fit(self, w, st, fmt):
         return estimate(w, st.hessian_blocks / max(st.tokens, 1), st.abs_max, fmt.mode, fmt.group_size,
                         self.options.initial_steps, self.options.scale_steps)
 
 
-def _group(const, axes, graph) -> int:
-    g = const.meta["format"].group_size
+def _group(const, axes, fmt, graph) -> int:
+    g = fmt.group_size
     return matrix_view(graph.tensor(const), axes)[0].shape[1] if g == -1 else g
 
 

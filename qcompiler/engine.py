@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +40,19 @@ log = logging.getLogger("qcompiler")
 HEAD = "head"  # the pseudo-block of the weights read after the blocks (lm_head), see `sweep`
 STATISTICS = frozenset({"abs_mean", "abs_max", "min_max", "hessian", "hessian_blocks", "rows", "sequence"})
 MAX_ROWS = 512
+
+
+def native_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices natively (AMX or AVX512-BF16) and
+    `QCOMPILER_CALIBRATION_FP32=1` does not turn it off. Elsewhere bf16 MatMuls are emulated, several
+    times slower than float32 ones, so calibration keeps float32."""
+    if os.environ.get("QCOMPILER_CALIBRATION_FP32") == "1":
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @dataclass
@@ -178,6 +192,7 @@ class CalibrationEngine:
         self.block_forwards = 0
         self.cache = cache  # statistics_cache.StatisticsCache or None
         self.head_skipped = ""  # why the last sweep that asked for the head's statistics could not give them
+        self._kept = None  # (kinds by weight, stats by block name): what the last float sweep kept for the next
 
     def first_inputs(self):
         if self._first_inputs is None:
@@ -191,7 +206,7 @@ class CalibrationEngine:
     def sweep(self, wanted: dict[str, frozenset], on_block: Callable[[Block, dict[str, InputStats]], None],
               weights: Callable[[Block], dict[str, torch.Tensor]] | None = None,
               propagate: Callable[[Block], dict[str, torch.Tensor]] | None = None, progress=None,
-              head: bool = False) -> None:
+              head: bool = False, keep: dict[str, frozenset] | None = None) -> None:
         """For each block in order: run it on its inputs with taps on the weights in `wanted` (name ->
         statistics), call `on_block(block, stats)`, then make the next block's inputs.
 
@@ -202,26 +217,51 @@ class CalibrationEngine:
 
         `head`: after the last block, the weights the executor reads after the blocks (`head_weights`:
         lm_head) get their statistics too, in a last call `on_block(HEAD, stats)`, when the executor
-        offers `head(outputs, taps)`; where it cannot (why is in `self.head_skipped`), no call."""
-        unknown = {k.split(":")[0] for kinds in wanted.values() for k in kinds} - STATISTICS
+        offers `head(outputs, taps)`; where it cannot (why is in `self.head_skipped`), no call.
+
+        `keep` (name -> statistics), on the float model: collected too and kept for the next sweep, which
+        runs no block when they hold all it wants (the precision pass's sweep keeps what scale estimation
+        will read: one forward of the float model instead of two). Kept statistics last one sweep."""
+        unknown = {k.split(":")[0] for kinds in [*wanted.values(), *(keep or {}).values()] for k in kinds} - STATISTICS
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(STATISTICS)}")
         head_weights = [n for n in getattr(self.executor, "head_weights", ()) if n in wanted] if head else []
         tail = [Block(HEAD, head_weights)] if head_weights and hasattr(self.executor, "head") else []
-        if self.cache is not None and propagate is None and weights is None:
-            cached = self.cache.lookup(wanted, self.max_rows, [b.name for b in self.blocks + tail])
+        float_model = propagate is None and weights is None
+        kept, self._kept = self._kept, None  # good for this sweep only: the passes may change the model after it
+        if float_model and kept is not None and _covers(kept[0], wanted, self.blocks + tail, kept[1]):
+            for block in self.blocks + tail:
+                on_block(block, {n: kept[1][block.name][n] for n in wanted if block.holds(n) or n in block.weights})
+                if progress is not None and block in self.blocks:
+                    progress(block)
+            return
+        collect = dict(wanted)
+        if float_model and keep:
+            for name, kinds in keep.items():
+                collect[name] = collect.get(name, frozenset()) | kinds
+        held: dict[str, dict[str, InputStats]] = {}
+
+        def deliver(block, stats):  # keeps all (when asked to), hands the caller what it asked for
+            if float_model and keep:
+                held[block.name] = stats
+                stats = {n: st for n, st in stats.items() if n in wanted}
+            on_block(block, stats)
+
+        if self.cache is not None and float_model:
+            cached = self.cache.lookup(collect, self.max_rows, [b.name for b in self.blocks + tail])
             if cached is not None:  # float statistics of this model, data and request: no block runs
                 for block in self.blocks + tail:
-                    on_block(block, cached(block.name))
+                    deliver(block, cached(block.name))
                     if progress is not None and block in self.blocks:
                         progress(block)
+                if held:
+                    self._kept = (collect, held)
                 return
-        saving = self.cache.writer(wanted, self.max_rows) if (
-            self.cache is not None and propagate is None and weights is None) else None
+        saving = self.cache.writer(collect, self.max_rows) if self.cache is not None and float_model else None
         inputs = self.first_inputs()
         row_rate = min(1.0, self.max_rows / max(self.data.tokens, 1))
         for block in self.blocks:
-            mine = {name: kinds for name, kinds in wanted.items() if block.holds(name)}
+            mine = {name: kinds for name, kinds in collect.items() if block.holds(name)}
             collector = Collector(mine, row_rate)
             taps = {name: collector.tap(name) for name in mine}
             values = weights(block) if weights is not None else {}
@@ -229,7 +269,7 @@ class CalibrationEngine:
             self.block_forwards += 1
             if saving is not None:
                 saving.save(block.name, collector.stats)
-            on_block(block, collector.stats)
+            deliver(block, collector.stats)
             del collector
             if propagate is not None:
                 outputs = self.executor.run(block, inputs, propagate(block), {})
@@ -238,11 +278,19 @@ class CalibrationEngine:
             if progress is not None:
                 progress(block)
         for block in tail:
-            collector = Collector({name: wanted[name] for name in block.weights}, row_rate)
+            collector = Collector({name: collect[name] for name in block.weights}, row_rate)
             self.head_skipped = self.executor.head(inputs, {name: collector.tap(name) for name in block.weights})
             if not self.head_skipped:
                 if saving is not None:
                     saving.save(block.name, collector.stats)
-                on_block(block, collector.stats)
+                deliver(block, collector.stats)
         if saving is not None:
             saving.close()
+        if held:
+            self._kept = (collect, held)
+
+
+def _covers(kinds: dict[str, frozenset], wanted: dict[str, frozenset], blocks: list[Block], held: dict) -> bool:
+    """The statistics kept by a sweep (`kinds` by weight, `held` by block) hold all of `wanted` for `blocks`."""
+    return all(block.name in held for block in blocks) and all(
+        name in kinds and wanted[name] <= kinds[name] for name in wanted)

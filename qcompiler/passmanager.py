@@ -13,6 +13,7 @@ order (a pass that rescales an input updates the statistics for the passes after
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,19 @@ class PassContext:
     format_policy: Any = None
     stored_weights: Any = None  # --weight-format keep: the input's own codes (frontend.stored_weights)
     task: str | None = None  # the model's task as optimum names it (`qcompiler.tasks`), where the frontend knows it
+    ahead: list = field(default_factory=list)  # the block passes that run next, in one sweep (set by the manager)
+
+    def statistics_ahead(self, graph: Graph, formats: dict) -> dict[str, frozenset]:
+        """What the block passes that run next (`ahead`) will want of the weights in `formats` (name ->
+        the primary format they may get), for a pass that sweeps the float model before them: its sweep
+        collects these too (`CalibrationEngine.sweep(keep=...)`), and theirs then runs no block."""
+        out: dict[str, frozenset] = {}
+        if any(p.propagate_compressed for p in self.ahead):  # their sweep runs compressed blocks: nothing to keep
+            return out
+        for p in self.ahead:
+            for name, kinds in p.prefetch(graph, self, formats).items():
+                out[name] = out.get(name, frozenset()) | kinds
+        return out
 
 
 class Pass:
@@ -99,6 +113,12 @@ class BlockPass(Pass):
         dict name -> statistics where they differ per weight."""
         raise NotImplementedError
 
+    def prefetch(self, graph: Graph, ctx: PassContext, formats: dict) -> dict[str, frozenset]:
+        """The statistics this pass will want if the weights in `formats` (name -> format) get those
+        formats, asked by an earlier pass that sweeps the float model (`PassContext.statistics_ahead`).
+        A guess that turns out short only costs a sweep of its own."""
+        return {}
+
     def start(self, graph: Graph, ctx: PassContext) -> None:
         """Before the sweep."""
 
@@ -126,6 +146,9 @@ class PassManager:
                 ctx.check_formats(graph)  # a pass after precision assignment (a plugin's) changed formats
                 checked = True
             start = time.perf_counter()
+            following = self.passes[i + len(group):]
+            ctx.ahead = [] if isinstance(group[0], BlockPass) else list(
+                itertools.takewhile(lambda p: isinstance(p, BlockPass), following))
             names = " + ".join(p.name for p in group)
             if progress is not None:
                 progress.set_description(f"pass {names}")

@@ -39,6 +39,21 @@ class WeightFitPass(BlockPass):
     def statistics_for(self, graph) -> list[str] | dict[str, frozenset]:
         return list(self.pending)
 
+    def prefetch(self, graph, ctx, formats) -> dict[str, frozenset]:
+        """The statistics of the weights `targets` would take, had they these formats."""
+        consts = {c.attrs["weight"]: (c, uses) for c, uses in graph.uses_by_weight().items()}
+        out = {}
+        for name, fmt in formats.items():
+            const, uses = consts.get(name, (None, []))
+            if (fmt.mode in self.modes and len(uses) == 1 and uses[0].op.op == "MatMul"
+                    and len(const.meta.get("shape", ())) == 2):
+                out[name] = self.statistics_of(const, uses[0].reduction_axes, fmt, graph)
+        return out
+
+    def statistics_of(self, const, axes, fmt, graph) -> frozenset:
+        """What `fit` reads of one weight's input."""
+        return self.statistics
+
     def ready(self, st) -> bool:
         return st.tokens > 0
 

@@ -653,3 +653,33 @@ def test_awq_rewrites_go_in_place_only_into_a_model_qcompiler_loaded(tmp_path):
         assert torch.allclose(graph.weight(c), in_memory.graph.weight(consts[c.attrs["weight"]]), atol=1e-6)
         cw, other = c.meta.get("compressed"), consts[c.attrs["weight"]].meta.get("compressed")
         assert (cw is None) == (other is None) and (cw is None or torch.equal(cw.codes, other.codes))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_ratio_sweep_keeps_what_scale_estimation_reads(cached, monkeypatch, tmp_path):
+    """With --ratio and an activation metric, the precision pass's sweep of the float model also collects
+    scale estimation's statistics for every weight that may get 4 bits, so the float model runs once;
+    the codes are those of two sweeps. With a statistics cache, a second run runs no block."""
+    from qcompiler.passes.scale_estimation import ScaleEstimation
+
+    cfg = CompressionConfig(mode="int4_sym", group_size=32, ratio=0.5, dataset=_samples(),
+                            **({"statistics_path": str(tmp_path / "stats")} if cached else {}))
+    once = compress(tiny_llama(), cfg)
+    assert once.calibration["block_forwards"] == 2  # tiny_llama has 2 blocks
+    assert once.results["scale_estimation"].summary["estimated"] == once.results["precision"].summary["primary"] > 0
+    if cached:
+        again = compress(tiny_llama(), cfg)
+        assert again.calibration["block_forwards"] == 0
+        for a, b in zip(once.graph.weight_constants(), again.graph.weight_constants()):
+            assert (a.meta.get("compressed") is None) == (b.meta.get("compressed") is None)
+            assert a.meta.get("compressed") is None or a.meta["compressed"].same_codes(b.meta["compressed"])
+    monkeypatch.setattr(ScaleEstimation, "prefetch", lambda self, graph, ctx, formats: {})
+    twice = compress(tiny_llama(), cfg.replace(statistics_path=None))
+    assert twice.calibration["block_forwards"] == 4
+    compressed = 0
+    for a, b in zip(once.graph.weight_constants(), twice.graph.weight_constants()):
+        assert (a.meta.get("compressed") is None) == (b.meta.get("compressed") is None)
+        if a.meta.get("compressed") is not None and a.meta["format"].mode is Mode.INT4_SYM:
+            assert a.meta["compressed"].same_codes(b.meta["compressed"])
+            compressed += 1
+    assert compressed == once.results["precision"].summary["primary"]

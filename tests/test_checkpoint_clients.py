@@ -49,7 +49,6 @@ def test_clients_compute_what_the_format_decodes_to(tmp_path, mode):
         result.save(tmp_path / fmt, backend=fmt)
     ids = [5, 17, 80, 3, 200, 9, 41, 66]
     got = run_clients([tmp_path / f for f in formats], ids, 4)
-    registry = build_registry()
     kernels = {"gptq": "gptqmodel", "gptq_v2": "gptqmodel", "awq": "gptqmodel", "auto_round": "auto_round_extension"
                if mode == "int4_sym" else "gptqmodel", "compressed-tensors": "torch.nn"}
     for fmt in formats:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qcompiler.config import CompressionConfig, IgnoredScope, Mode, Subgraph
+from qcompiler.config import CompressionConfig, IgnoredScope, Subgraph
 from qcompiler.errors import QCompilerError
 from qcompiler.ir_text import parse_graph
 from qcompiler.passmanager import PassContext, PassManager

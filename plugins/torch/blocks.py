@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-from qcompiler.engine import Block
+from qcompiler.engine import Block, native_bf16
 from qcompiler.errors import QCompilerError
 
 
@@ -60,17 +59,6 @@ def find_blocks(model: torch.nn.Module, path: str | None = None) -> tuple[str, t
     return best
 
 
-def bf16_matmuls() -> bool:
-    """True where bf16 MatMuls are native (AMX or AVX512-BF16) and not turned off."""
-    if os.environ.get("QCOMPILER_CALIBRATION_FP32") == "1":
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class TorchBlockExecutor:
     """`BlockExecutor` for a transformers causal LM or encoder (see `qcompiler.protocols`)."""
 
@@ -92,7 +80,7 @@ class TorchBlockExecutor:
             self.head_weights = [n for n, p in model.named_parameters(remove_duplicate=False)
                                  if p is weight and n in names][:1]
         self._probe = None  # one sample, to check that norm(last block's output) is what lm_head reads
-        self.bf16 = bf16_matmuls() and next(model.parameters()).dtype == torch.float32
+        self.bf16 = native_bf16() and next(model.parameters()).dtype == torch.float32
         self.attention_taps = True  # `<module>#query` / `#key`: what a module hands to scaled_dot_product_attention
         # how statistics are computed, for the statistics cache's key
         self.method = {"executor": "torch-blocks-1", "bf16_autocast": self.bf16, "batch": BATCH}
