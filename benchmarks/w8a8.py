@@ -14,7 +14,8 @@ Method:
   same float stateful graph qcompiler lowers into, its SmoothQuant on by default; seconds = the
   quantize call alone), `qc_a05` and `qc_auto` (`--quant-mode int8 --smooth-quant-alpha 0.5 / auto`;
   seconds = the whole `qcompiler compress` command from a transformers folder, loading included), and
-  `qc_auto_gptq` (the same with `--gptq`: the int8 weights fitted to the smoothed inputs).
+  `qc_auto_gptq` (the same with `--gptq`: the int8 weights fitted to the smoothed inputs), `qc_auto_pct` (the
+  same with `--activation-range percentile`: ranges at the 0.01 / 99.99 percentiles).
 - onnxruntime: `fp32` (`--weight-format fp32 --backend onnx`), `ort_static` (`quant_pre_process`, then
   `quantize_static` on that model: QDQ, u8 activations, s8 per-channel weights, MinMax, MatMul only, the same samples fed with an
   empty KV cache), `ort_dynamic` (`quant_pre_process`, then `quantize_dynamic`, s8 weights, MatMul only;
@@ -56,6 +57,7 @@ OV_RUNS = {
     "qc_a05": ["--quant-mode", "int8", "--smooth-quant-alpha", "0.5"],
     "qc_auto": ["--quant-mode", "int8", "--smooth-quant-alpha", "auto"],
     "qc_auto_gptq": ["--quant-mode", "int8", "--smooth-quant-alpha", "auto", "--gptq"],
+    "qc_auto_pct": ["--quant-mode", "int8", "--smooth-quant-alpha", "auto", "--activation-range", "percentile"],
 }
 ONNX_RUNS = {
     "fp32": ["--weight-format", "fp32", "--backend", "onnx"],

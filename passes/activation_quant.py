@@ -7,7 +7,8 @@ integer kernels (OpenVINO FakeQuantize, onnxruntime QuantizeLinear / DynamicQuan
 refuses it before any work.
 
 - static (`--quant-mode int8`, a block pass): the range is the min / max over the calibration tokens
-  of the input as it reaches the layer (after SmoothQuant's scaling). The layer's relative output error
+  of the input as it reaches the layer (after SmoothQuant's scaling), or with `--activation-range
+  percentile` its (100 - P)-th and P-th percentiles over all values (`--activation-percentile`, 99.99). The layer's relative output error
   ||X W^T - Qa(X) Qw(W)^T||^2 / ||X W^T||^2 on the calibration rows is measured; above `max_error`
   the layer falls back to int8 weights with float activations, and the report says so (the output
   layer after the blocks, lm_head, whose error is the model's output error: above `max_error_output`). A layer
@@ -49,6 +50,9 @@ class ActivationOptions:
     # benchmarks/measured/w8a8-head-2026-11-28-s14.json)
     max_error_output: float = 1e-4
     rows: int = 512
+    # the range: None, min / max over the calibration tokens; a number P, the (100 - P)-th and P-th percentiles of
+    # all the input's values (NNCF's quantile estimator and onnxruntime's Percentile calibration clip the same way)
+    percentile: float | None = None
 
 
 def eligible(const, op, users) -> str:
@@ -128,7 +132,10 @@ class StaticActivations(BlockPass):
 
     @classmethod
     def options_from(cls, config):
-        return cls.Options() if config.quant_mode == "int8" else None
+        if config.quant_mode != "int8":
+            return None
+        return cls.Options(max_error=cls.Options.max_error if config.activation_max_error is None
+                           else config.activation_max_error, percentile=config.range_percentile)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.targets, self.skipped = _targets(graph)
@@ -136,8 +143,10 @@ class StaticActivations(BlockPass):
         self.attention, self.attention_float = _attention_targets(graph, ctx)
         self.attention_layers: dict[str, dict] = {}
 
-    def wants(self, graph, ctx) -> list[str]:
-        return list(self.targets) + [attention_tap(path, w) for path in self.attention for w in ATTENTION_INPUTS]
+    def wants(self, graph, ctx) -> dict[str, frozenset]:
+        kinds = self.statistics | ({f"extremes:{self.options.percentile}"} if self.options.percentile else set())
+        return {**dict.fromkeys(self.targets, kinds),
+                **{attention_tap(path, w): self.statistics for path in self.attention for w in ATTENTION_INPUTS}}
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
         groups: dict[int, list[str]] = {}  # the layers reading one input (q/k/v) take one range and one decision
@@ -152,10 +161,14 @@ class StaticActivations(BlockPass):
                                      "the model overflows in its dtype there; load it in float32 or ignore the layer "
                                      f"(--ignored-scope-name {names[0]})")
             low, high = float(st.min.min()), float(st.max.max())
+            if self.options.percentile is not None:
+                aq = static_range(*st.percentile_range(self.options.percentile))
+                layers = {n: {"low": aq.low, "high": aq.high, "min": low, "max": high} for n in names}
+            else:
+                aq = static_range(low, high)
+                layers = {n: {"low": aq.low, "high": aq.high} for n in names}
             x = st.rows[: self.options.rows]
             weights = [linear(graph, self.targets[n][1], self.targets[n][0]) for n in names]
-            aq = static_range(low, high)
-            layers = {n: {"low": aq.low, "high": aq.high} for n in names}
             if x.numel():
                 xq = aq.fake(x)
                 for n, w in zip(names, weights):
@@ -217,7 +230,8 @@ class StaticActivations(BlockPass):
         attention = {"quantized": sum(1 for n in self.attention.values() if "attention_quant" in n.meta),
                      "float": self.attention_float, "layers": self.attention_layers}
         return PassResult(quantized > 0, {
-            "scheme": "static u8 per tensor",
+            "scheme": "static u8 per tensor", "range": "min / max" if self.options.percentile is None else
+            f"percentiles {100 - self.options.percentile:g} and {self.options.percentile:g} of all values",
             "quantized": quantized, "fallback": fallback, "float_activations": {**outside, **self.skipped},
             "layers": self.layers, "attention": attention})
 

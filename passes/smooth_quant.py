@@ -21,7 +21,8 @@ lowers).
 alpha: a number in [0, 1], or "auto": per site, each alpha of 0.2, 0.3, ..., 1 and no smoothing at all
 are measured by the output error of the quantized layers on the calibration rows X,
 sum over targets ||X W^T - Qa(X / s) Qw(W s)^T||^2, Qa the static u8 per-tensor quantizer of the
-smoothed input's range and Qw int8_sym per output channel, and the best is kept (INC's auto-alpha,
+smoothed input's range (min / max, or the percentiles of `--activation-range percentile`) and Qw
+int8_sym per output channel, and the best is kept (INC's auto-alpha,
 layer-wise). For a tied lm_head the embedding's relative error ||Qw(W s) / s - W||^2 / ||W||^2 is added,
 weighted as the head's relative output error (SmolLM2: alpha 0.3 takes the head's error from 1.2e-3
 to 5.3e-4 and the embedding's from 1.4e-4 to 1.6e-4; 0.7 would take the embedding's to 1.5e-3). The statistics of the smoothed input are updated (x / s) for activation quantization.
@@ -54,6 +55,7 @@ ROW_BUDGET, MIN_ROWS = 1 << 21, 64  # calibration rows x output channels the aut
 class SmoothQuantOptions:
     alpha: float | str = "auto"
     rows: int = 256  # calibration rows the auto search measures on (512: the same alphas on SmolLM2, twice the time)
+    percentile: float | None = None  # the activation ranges' percentile (`--activation-range percentile`), else min/max
 
 
 class SmoothQuant(BlockPass):
@@ -65,7 +67,7 @@ class SmoothQuant(BlockPass):
     @classmethod
     def options_from(cls, config):
         alpha = config.smoothing
-        return None if alpha is None else cls.Options(alpha=alpha)
+        return None if alpha is None else cls.Options(alpha=alpha, percentile=config.range_percentile)
 
     def start(self, graph: Graph, ctx: PassContext) -> None:
         self.sites, self.skipped = sites(graph, eligible)
@@ -84,8 +86,9 @@ class SmoothQuant(BlockPass):
         self.layers: dict[str, dict] = {}
         self.applied = dict.fromkeys(PATTERNS, 0)
 
-    def wants(self, graph, ctx) -> list[str]:
-        return [c.attrs["weight"] for site in self.sites for _, c in site.targets]
+    def wants(self, graph, ctx) -> dict[str, frozenset]:
+        kinds = self.statistics | ({f"extremes:{self.options.percentile}"} if self.options.percentile else set())
+        return {c.attrs["weight"]: kinds for site in self.sites for _, c in site.targets}
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:
         for site in [s for s in self.sites if s.targets[0][1].attrs["weight"] in stats]:
@@ -111,7 +114,10 @@ class SmoothQuant(BlockPass):
             reference = sum(float(o.pow(2).sum()) for o in outs) if tied else 0.0
 
             def loss(s: torch.Tensor) -> float:
-                aq = static_range(float((st.min / s).min()), float((st.max / s).max()))
+                if self.options.percentile is not None:  # the range activation quantization will take
+                    aq = static_range(*st.percentile_range(self.options.percentile, 1.0 / s))
+                else:
+                    aq = static_range(float((st.min / s).min()), float((st.max / s).max()))
                 xq = aq.fake(x / s)
                 total = 0.0
                 for w, out in zip(weights, outs):

@@ -166,6 +166,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--smooth-quant-alpha", metavar="ALPHA",
                    help="SmoothQuant's migration strength with --quant-mode: a number in [0, 1], auto (searched per "
                         "layer, the default with --dataset) or off")
+    c.add_argument("--activation-range", choices=("minmax", "percentile"),
+                   help="static activation ranges with --quant-mode int8: minmax (default, over the calibration "
+                        "tokens) or percentile (clips the rarest values: see --activation-percentile)")
+    c.add_argument("--activation-percentile", type=float, metavar="P",
+                   help="with --activation-range percentile: the range is the (100 - P)-th to P-th percentile of "
+                        "each input's values (default 99.99)")
+    c.add_argument("--activation-max-error", type=float, metavar="E",
+                   help="with --quant-mode int8: a layer whose relative output error on the calibration data exceeds "
+                        "E keeps float activations (default 0.05)")
     c.add_argument("--quantization-statistics-path", metavar="DIR",
                    help="keep the calibration statistics in DIR and reuse them for the same model and data")
     c.add_argument("--sensitivity-metric", choices=[m.value for m in SensitivityMetric],
@@ -276,6 +285,11 @@ def config_from_args(args):
     if args.smooth_quant_alpha is not None:
         raise QCompilerError("--smooth-quant-alpha smooths activations before they are quantized: add --quant-mode "
                              "int8 (with --dataset), or drop it")
+    ranges = [f"--{n.replace('_', '-')}" for n in ("activation_range", "activation_percentile", "activation_max_error")
+              if getattr(args, n) is not None]
+    if ranges:
+        raise QCompilerError(f"{', '.join(ranges)} set{'s' if len(ranges) == 1 else ''} static activation ranges: add "
+                             f"--quant-mode int8 (with --dataset), or drop {'it' if len(ranges) == 1 else 'them'}")
     # a default turned off (--no-scale-estimation) is not a config of the user's own: the row still applies
     turned_off = [name for name in SWITCHES if getattr(args, f"pass__{name}", None) is False]
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
@@ -341,6 +355,8 @@ def _quant_config(args, scope: IgnoredScope) -> CompressionConfig:
     gptq = pass_options.switches(args, pass_options.installed(), SWITCHES).get("gptq")
     return CompressionConfig(mode=Mode.INT8_SYM, ignored_scope=scope, quant_mode=args.quant_mode, gptq=gptq,
                              smooth_quant_alpha=args.smooth_quant_alpha, dataset=args.dataset,
+                             activation_range=args.activation_range, activation_percentile=args.activation_percentile,
+                             activation_max_error=args.activation_max_error,
                              num_samples=args.num_samples, seqlen=args.seqlen,
                              statistics_path=args.quantization_statistics_path)
 

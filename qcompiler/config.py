@@ -185,7 +185,11 @@ class CompressionConfig:
     needed). Their weights are int8_sym per output channel (NNCF's MIXED preset): the default mode
     int8_asym becomes int8_sym. `smooth_quant_alpha` (a number in [0, 1], "auto" to search it per
     layer on the data, or "off") moves activation outliers into the weights first (SmoothQuant); the
-    default is "auto" with data and "off" without.
+    default is "auto" with data and "off" without. Static ranges: `activation_range` "minmax" (the
+    default: min and max over the calibration tokens) or "percentile" (the (100 - P)-th and P-th
+    percentiles of all the input's values, P = `activation_percentile`, default 99.99, NNCF's quantile
+    estimator); `activation_max_error` (default 0.05) is the relative output error above which a
+    layer keeps float activations.
 
     `backup_scope` matches weights that skip the primary precision and take the backup one (the
     first stage of a two-stage config such as gpt-oss's: attention and router in int8).
@@ -223,6 +227,9 @@ class CompressionConfig:
     keep: bool = False
     quant_mode: str | None = None
     smooth_quant_alpha: float | str | None = None
+    activation_range: str | None = None
+    activation_percentile: float | None = None
+    activation_max_error: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, list):
@@ -331,7 +338,38 @@ class CompressionConfig:
             return "auto" if self.dataset is not None else None
         return self.smooth_quant_alpha
 
+    @property
+    def range_percentile(self) -> float | None:
+        """The percentile of the static activation ranges, or None for min / max."""
+        if self.activation_range != "percentile":
+            return None
+        return DEFAULT_PERCENTILE if self.activation_percentile is None else float(self.activation_percentile)
+
+    def _validate_ranges(self) -> None:
+        given = [f"--{name.replace('_', '-')}" for name in ("activation_range", "activation_percentile",
+                                                             "activation_max_error") if getattr(self, name) is not None]
+        if given and self.quant_mode != "int8":
+            raise QCompilerError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} static activation ranges: "
+                                 "add --quant-mode int8 (with --dataset), or drop "
+                                 f"{'it' if len(given) == 1 else 'them'}" + (
+                                     " (int8-dynamic takes each range per call)" if self.quant_mode else ""))
+        if self.activation_range not in (None, "minmax", "percentile"):
+            raise QCompilerError(f"--activation-range {self.activation_range!r}: choose minmax or percentile")
+        p = self.activation_percentile
+        if p is not None:
+            if self.activation_range != "percentile":
+                raise QCompilerError("--activation-percentile is the percentile of --activation-range percentile: add "
+                                     "--activation-range percentile, or drop it")
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
+                raise QCompilerError(f"--activation-percentile {p!r} is outside (50, 100]: pass a value such as 99.99 "
+                                     "(100 is min / max)")
+        e = self.activation_max_error
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0):
+            raise QCompilerError(f"--activation-max-error {e!r} is not a relative error: pass a number >= 0 such "
+                                 "as 0.05 (0 keeps every layer whose quantized output differs at all in float)")
+
     def _validate_activations(self) -> None:
+        self._validate_ranges()
         alpha = self.smooth_quant_alpha
         if self.quant_mode is None:
             if alpha is not None:
@@ -425,6 +463,7 @@ class CompressionConfig:
 
 SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes with their own config field
 QUANT_MODES = ("int8", "int8-dynamic")  # optimum-cli's --quant-mode int8, and its dynamic variant
+DEFAULT_PERCENTILE = 99.99  # --activation-range percentile: NNCF's quantile estimator clips at 1e-4 and 1 - 1e-4
 
 
 def default_group_size(mode: Mode | None) -> int:

@@ -13,6 +13,10 @@ Statistics of a weight's input x (rows of K channels, reduced over tokens as the
 - "hessian_blocks:g": only H's g x g diagonal blocks [K/g, g, g] (scale estimation's groups), K/g
   times cheaper;
 - "rows": a fixed sub-sample of raw rows (at most `max_rows`), for searches that need X itself;
+- "extremes:P": per channel, the largest and smallest values, as many as the P-th percentile of the whole
+  tensor (all channels, all T tokens of the data) can reach: the (1 - P/100) K T largest (and smallest)
+  of each channel, from which `InputStats.percentile_range` reads the tensor's two-sided percentiles.
+  Kept per channel so that a per-channel rescaling (SmoothQuant's x / s) keeps them exact;
 - "sequence": per sample, the per-channel variance and max |x| over the sequence reduced over
   channels (max and mean of the variance, mean of the magnitude) and sum x^2 / numel (NNCF's
   sensitivity statistics).
@@ -38,7 +42,7 @@ from qcompiler.calibration import CalibrationData
 log = logging.getLogger("qcompiler")
 
 HEAD = "head"  # the pseudo-block of the weights read after the blocks (lm_head), see `sweep`
-STATISTICS = frozenset({"abs_mean", "abs_max", "min_max", "hessian", "hessian_blocks", "rows", "sequence"})
+STATISTICS = frozenset({"abs_mean", "abs_max", "min_max", "hessian", "hessian_blocks", "rows", "sequence", "extremes"})
 MAX_ROWS = 512
 
 
@@ -87,6 +91,8 @@ class InputStats:
     hessian: torch.Tensor | None = None
     hessian_blocks: torch.Tensor | None = None
     row_chunks: list[torch.Tensor] = field(default_factory=list)
+    top: torch.Tensor | None = None  # "extremes": [K, m] each channel's m largest values, and its m smallest
+    bottom: torch.Tensor | None = None
     sequence: list[tuple[float, float, float, float]] = field(default_factory=list)  # var max, var mean, mag, sq
 
     @property
@@ -113,22 +119,55 @@ class InputStats:
             f = factor.reshape(self.hessian_blocks.shape[:2])
             self.hessian_blocks = self.hessian_blocks * f[:, :, None] * f[:, None, :]
         self.row_chunks = [r * factor for r in self.row_chunks]
+        if self.top is not None:
+            f = factor[:, None]
+            high, low = self.top * f, self.bottom * f  # a negative factor swaps them
+            self.top, self.bottom = torch.where(f < 0, low, high), torch.where(f < 0, high, low)
+
+    def percentile_range(self, percentile: float, factor: torch.Tensor | None = None) -> tuple[float, float]:
+        """(low, high): the (100 - P)-th and P-th percentiles of all the values of the input (every channel
+        and token), or of the input times `factor` (positive, per channel), from the "extremes" kept per
+        channel: the k-th smallest and k-th largest value, k = ceil((1 - P/100) * count), at least 1 (P = 100
+        gives min and max)."""
+        top, bottom = (self.top, self.bottom) if factor is None else (self.top * factor[:, None],
+                                                                      self.bottom * factor[:, None])
+        k = min(max(math.ceil((1.0 - percentile / 100.0) * self.tokens * top.shape[0] - 1e-9), 1), top.numel())
+        high = top.reshape(-1).kthvalue(top.numel() - k + 1).values  # the k-th largest
+        return float(bottom.reshape(-1).kthvalue(k).values), float(high)
 
 
 class Collector:
     """Reduces the inputs of the tapped weights as they stream by. Weights that read the same tensor
     one after the other (q, k and v after one norm) share one `InputStats` object."""
 
-    def __init__(self, wanted: dict[str, frozenset], row_rate: float, seed: int = 0) -> None:
+    def __init__(self, wanted: dict[str, frozenset], row_rate: float, seed: int = 0, tokens: int = 0) -> None:
         self.wanted = wanted
+        self.tokens = tokens  # the data's token count: how many extremes a percentile can need
         self.stats = {name: InputStats() for name in wanted}
         self.row_rate = row_rate  # rows kept per token seen
         self.generator = torch.Generator().manual_seed(seed)
         self.alias: dict[str, str] = {}
+        self._extremes: dict[int, tuple] = {}  # id(stats) -> (stats, extremes to keep per channel, pending [K, T] rows)
         self._last: tuple[torch.Tensor, str] | None = None
 
     def tap(self, name: str) -> Callable[[torch.Tensor], None]:
         return lambda x: self.add(name, x)
+
+    def done(self) -> dict[str, InputStats]:
+        """The statistics, complete (the extremes still pending cut back)."""
+        for key in list(self._extremes):
+            self._cut(key)
+        return self.stats
+
+    def _cut(self, key: int) -> None:
+        """Each channel's `keep` largest and smallest of the extremes held and the rows pending."""
+        st, keep, pending = self._extremes.pop(key)
+        top = torch.cat(([st.top] if st.top is not None else []) + pending, 1)
+        bottom = torch.cat(([st.bottom] if st.bottom is not None else []) + pending, 1)
+        if top.shape[1] > keep:
+            top = top.topk(keep, dim=1, sorted=False).values
+            bottom = bottom.topk(keep, dim=1, largest=False, sorted=False).values
+        st.top, st.bottom = top, bottom
 
     def add(self, name: str, x: torch.Tensor) -> None:
         if name in self.alias:
@@ -161,6 +200,13 @@ class Collector:
                 if kind.startswith("hessian_blocks:"):
                     b = hessian_blocks_of(rows, int(kind.split(":")[1]))
                     st.hessian_blocks = b if st.hessian_blocks is None else st.hessian_blocks.add_(b)
+        for kind in kinds:
+            if kind.startswith("extremes:"):
+                keep = math.ceil((1.0 - float(kind.split(":")[1]) / 100.0) * max(self.tokens, st.tokens) * rows.shape[1])
+                pending = self._extremes.setdefault(id(st), (st, max(keep, 1), []))[2]
+                pending.append(rows.t())  # [K, T]: topk along memory is several times faster
+                if sum(c.shape[1] for c in pending) > 2 * keep:  # cut back once twice as many are held
+                    self._cut(id(st))
         if "rows" in kinds and self.row_rate > 0:
             take = min(math.ceil(rows.shape[0] * self.row_rate), rows.shape[0])
             index = torch.randperm(rows.shape[0], generator=self.generator)[:take]
@@ -262,15 +308,16 @@ class CalibrationEngine:
         row_rate = min(1.0, self.max_rows / max(self.data.tokens, 1))
         for block in self.blocks:
             mine = {name: kinds for name, kinds in collect.items() if block.holds(name)}
-            collector = Collector(mine, row_rate)
+            collector = Collector(mine, row_rate, tokens=self.data.tokens)
             taps = {name: collector.tap(name) for name in mine}
             values = weights(block) if weights is not None else {}
             outputs = self.executor.run(block, inputs, values, taps)
             self.block_forwards += 1
+            stats = collector.done()
             if saving is not None:
-                saving.save(block.name, collector.stats)
-            deliver(block, collector.stats)
-            del collector
+                saving.save(block.name, stats)
+            deliver(block, stats)
+            del collector, stats
             if propagate is not None:
                 outputs = self.executor.run(block, inputs, propagate(block), {})
                 self.block_forwards += 1
@@ -278,12 +325,13 @@ class CalibrationEngine:
             if progress is not None:
                 progress(block)
         for block in tail:
-            collector = Collector({name: collect[name] for name in block.weights}, row_rate)
+            collector = Collector({name: collect[name] for name in block.weights}, row_rate, tokens=self.data.tokens)
             self.head_skipped = self.executor.head(inputs, {name: collector.tap(name) for name in block.weights})
             if not self.head_skipped:
+                stats = collector.done()
                 if saving is not None:
-                    saving.save(block.name, collector.stats)
-                deliver(block, collector.stats)
+                    saving.save(block.name, stats)
+                deliver(block, stats)
         if saving is not None:
             saving.close()
         if held:

@@ -19,7 +19,7 @@ import torch
 
 from qcompiler.errors import QCompilerError
 
-FIELDS = ("tokens", "abs_sum", "abs_max", "min", "max", "hessian", "hessian_blocks", "row_chunks", "sequence")
+FIELDS = ("tokens", "abs_sum", "abs_max", "min", "max", "hessian", "hessian_blocks", "row_chunks", "sequence", "top", "bottom")
 
 
 def weights_digest(graph) -> str:

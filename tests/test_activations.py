@@ -10,6 +10,7 @@ import torch
 
 from qcompiler import CompressionConfig, compress
 from qcompiler.activations import ActivationQuant, static_range
+from qcompiler.config import Mode
 from qcompiler.engine import Collector
 from qcompiler.errors import QCompilerError
 from qcompiler.registry import build_registry
@@ -45,6 +46,13 @@ def _outlier_llama():
     ({"quant_mode": "int8-dynamic", "smooth_quant_alpha": 0.5}, "add --dataset"),
     ({"quant_mode": "int8", "dataset": "x.txt", "mode": "int4_sym"}, "int8_sym per channel, not int4_sym"),
     ({"quant_mode": "int4"}, "unknown quant mode"),
+    ({"activation_range": "percentile"}, "add --quant-mode int8"),
+    ({"quant_mode": "int8-dynamic", "activation_max_error": 0.1}, "int8-dynamic takes each range per call"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "activation_range": "kl"}, "choose minmax or percentile"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "activation_percentile": 99.9}, "add --activation-range percentile"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "activation_range": "percentile", "activation_percentile": 40},
+     r"outside \(50, 100\]"),
+    ({"quant_mode": "int8", "dataset": "x.txt", "activation_max_error": -1.0}, "number >= 0"),
 ])
 def test_impossible_activation_options(kwargs, message):
     with pytest.raises(QCompilerError, match=message):
@@ -71,6 +79,13 @@ def test_cli_builds_the_config_and_refuses_weight_options():
         parse("--quant-mode", "int8-dynamic", "--group-size", "64")
     with pytest.raises(QCompilerError, match="add --quant-mode"):
         parse("--weight-format", "int8", "--smooth-quant-alpha", "0.5")
+    config = parse("--quant-mode", "int8", "--dataset", "x.txt", "--activation-range", "percentile",
+                   "--activation-percentile", "99.9", "--activation-max-error", "0.1")
+    assert (config.range_percentile, config.activation_max_error) == (99.9, 0.1)
+    assert parse("--quant-mode", "int8", "--dataset", "x.txt", "--activation-range", "percentile").range_percentile == 99.99
+    assert parse("--quant-mode", "int8", "--dataset", "x.txt").range_percentile is None
+    with pytest.raises(QCompilerError, match="--activation-range sets static activation ranges: add --quant-mode"):
+        parse("--weight-format", "int8", "--activation-range", "percentile")
 
 
 @pytest.mark.parametrize("backend, mode, fix", [("gptq", "int8", "onnx or openvino or torch"),
@@ -98,6 +113,79 @@ def test_min_max_statistic_streams_and_follows_channel_scaling():
     st.scale_channels(factor)
     scaled = rows * factor
     assert torch.allclose(st.min, scaled.amin(0)) and torch.allclose(st.max, scaled.amax(0))
+
+
+def test_percentiles_stream_and_follow_channel_scaling():
+    """The "extremes" statistic gives the tensor's two-sided percentiles (order statistics over every channel and
+    token), across batches, and after a per-channel scaling (SmoothQuant's x / s, a negative factor swapping)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 50, 16, generator=g) for _ in range(3)]
+    batches[1][0, 7, 3], batches[2][1, 9, 12] = 80.0, -60.0  # two outliers the percentiles clip
+    collector = Collector({"w": frozenset({"extremes:99.9", "min_max"})}, row_rate=0.0, tokens=300)
+    for b in batches:
+        collector.add("w", b)
+    st = collector.done()["w"]
+    values = torch.cat([b.reshape(-1, 16) for b in batches])
+    k = 5  # ceil(0.001 * 300 * 16)
+    def expect(v):
+        return float(v.reshape(-1).topk(k, largest=False).values[-1]), float(v.reshape(-1).topk(k).values[-1])
+    assert st.percentile_range(99.9) == expect(values)
+    assert max(abs(v) for v in st.percentile_range(99.9)) < 5 < 60 <= float(values.abs().max())
+    assert st.percentile_range(100.0) == (float(values.min()), float(values.max()))
+    factor = torch.linspace(0.5, 3, 16)
+    assert st.percentile_range(99.9, factor) == pytest.approx(expect(values * factor))
+    factor[3] = -2.0
+    st.scale_channels(factor)
+    assert st.percentile_range(99.9) == pytest.approx(expect(values * factor))
+
+
+def test_percentile_ranges_clip_a_rare_outlier_for_the_other_tokens():
+    """With one token of huge activations in the calibration data, min / max ranges spend their levels on
+    it; the percentile ranges clip it, and the quantized layer is closer to float on text without that
+    token (on the calibration rows, which hold it, the error grows: clipping is the trade-off). The
+    report says which range and keeps the min / max beside it."""
+    from qcompiler.quant import fake_quantize
+
+    data = _samples(16, 32)
+    data = [torch.where(s == 7, 8, s) for s in data]
+    data[0][5] = 7  # token 7 once in all the data
+
+    def outlier_model():  # token 7 puts all of its norm's output into one channel: sqrt(hidden) there
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.embed_tokens.weight[7] = 0.0
+            model.model.embed_tokens.weight[7, 10] = 1.0
+        return model
+
+    def run(**ranges):
+        cfg = CompressionConfig(quant_mode="int8", dataset=data, smooth_quant_alpha="off", **ranges)
+        return compress(outlier_model(), cfg).results["activation_quant"].summary
+
+    minmax, percentile = run(), run(activation_range="percentile")  # 99.99: the 5 most extreme values of 49152
+    assert minmax["range"] == "min / max" and percentile["range"] == "percentiles 0.01 and 99.99 of all values"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    mm, pc = minmax["layers"][name], percentile["layers"][name]
+    assert pc["min"] < pc["low"] <= 0 <= pc["high"] < pc["max"]
+    assert (mm["low"], mm["high"]) == pytest.approx((pc["min"], pc["max"]), rel=1e-2)  # zero made exact
+    model = outlier_model()
+    with torch.no_grad():
+        clean = torch.where(_samples(4, 32, seed=5)[0] == 7, 8, _samples(4, 32, seed=5)[0])[None]
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(clean))[0]
+        w = model.model.layers[0].self_attn.q_proj.weight
+        wq = fake_quantize(w, Mode.INT8_SYM, -1)
+        error = {key: float((x @ w.t() - static_range(v["low"], v["high"]).fake(x) @ wq.t()).pow(2).sum())
+                 for key, v in (("minmax", mm), ("percentile", pc))}
+    assert error["percentile"] < 0.5 * error["minmax"], error
+
+
+def test_activation_max_error_is_the_fallback_limit():
+    cfg = dict(quant_mode="int8", dataset=_samples(), smooth_quant_alpha="off")
+    every = compress(tiny_llama(), CompressionConfig(**cfg, activation_max_error=1.0)).results["activation_quant"].summary
+    none = compress(tiny_llama(), CompressionConfig(**cfg, activation_max_error=0.0)).results["activation_quant"].summary
+    # lm_head, the output layer, has its own limit (`max_error_output`)
+    blocks = lambda fallback: {n: why for n, why in fallback.items() if n != "lm_head.weight"}  # noqa: E731
+    assert every["quantized"] >= 14 and not blocks(every["fallback"])  # 7 Linears in each of 2 blocks
+    assert len(blocks(none["fallback"])) == 14 and all("> 0.0" in why for why in blocks(none["fallback"]).values())
 
 
 def test_static_range_represents_zero_and_matches_onnxruntime():
