@@ -163,6 +163,27 @@ CLONES double int_error(const float *w, int64_t rows, int64_t k, int bits, int a
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
 
+static inline float hsum8(const float *p) { return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7])); }
+
+/* err[r] += d_r^T H d_r over the TILE rows of d [TILE][g], LANES columns of H d at a time in vectors VT */
+#define QUADRATIC_LANES(VT, LANES)                                                                          \
+    for (int64_t c = 0; c < g; c += LANES) {                                                                \
+        VT acc[TILE];                                                                                       \
+        for (int r = 0; r < TILE; r++) acc[r] = (VT){0};                                                    \
+        for (int64_t j = 0; j < g; j++) {                                                                   \
+            VT hv;                                                                                          \
+            memcpy(&hv, h + j * g + c, sizeof hv);                                                          \
+            for (int r = 0; r < TILE; r++) acc[r] += d[r * g + j] * hv;                                     \
+        }                                                                                                   \
+        for (int r = 0; r < TILE; r++) {                                                                    \
+            VT dv;                                                                                          \
+            memcpy(&dv, d + r * g + c, sizeof dv);                                                          \
+            VT prod = acc[r] * dv;                                                                          \
+            const float *q = (const float *)&prod;                                                          \
+            err[r] += LANES == 16 ? hsum8(q) + hsum8(q + 8) : hsum8(q);                                     \
+        }                                                                                                   \
+    }
+
 /* err[r] = d_r^T H d_r for the TILE rows of d [TILE][g] */
 static inline void quadratic_tile(const float *d, const float *h, int64_t g, float *err) {
     for (int r = 0; r < TILE; r++) err[r] = 0.0f;
@@ -173,41 +194,10 @@ static inline void quadratic_tile(const float *d, const float *h, int64_t g, flo
                 for (int64_t j = 0; j < g; j++) hd += h[i * g + j] * d[r * g + j]; /* H symmetric: rows read along */
                 err[r] += hd * d[r * g + i];
             }
-        return;
-    }
-    if (g % 16 == 0) { /* 16 lanes: one AVX-512 register per row (two AVX2 ones elsewhere) */
-        for (int64_t c = 0; c < g; c += 16) {
-            v16f acc[TILE];
-            for (int r = 0; r < TILE; r++) acc[r] = (v16f){0};
-            for (int64_t j = 0; j < g; j++) {
-                v16f hv;
-                memcpy(&hv, h + j * g + c, sizeof hv);
-                for (int r = 0; r < TILE; r++) acc[r] += d[r * g + j] * hv;
-            }
-            for (int r = 0; r < TILE; r++) {
-                v16f dv;
-                memcpy(&dv, d + r * g + c, sizeof dv);
-                v16f p = acc[r] * dv;
-                err[r] += (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) +
-                          (((p[8] + p[9]) + (p[10] + p[11])) + ((p[12] + p[13]) + (p[14] + p[15])));
-            }
-        }
-        return;
-    }
-    for (int64_t c = 0; c < g; c += 8) {
-        v8f acc[TILE];
-        for (int r = 0; r < TILE; r++) acc[r] = (v8f){0};
-        for (int64_t j = 0; j < g; j++) {
-            v8f hv;
-            memcpy(&hv, h + j * g + c, sizeof hv);
-            for (int r = 0; r < TILE; r++) acc[r] += d[r * g + j] * hv;
-        }
-        for (int r = 0; r < TILE; r++) {
-            v8f dv;
-            memcpy(&dv, d + r * g + c, sizeof dv);
-            v8f p = acc[r] * dv;
-            err[r] += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-        }
+    } else if (g % 16 == 0) { /* 16 lanes: one AVX-512 register per row (two AVX2 ones elsewhere) */
+        QUADRATIC_LANES(v16f, 16)
+    } else {
+        QUADRATIC_LANES(v8f, 8)
     }
 }
 
