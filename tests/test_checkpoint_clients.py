@@ -95,10 +95,9 @@ def test_smollm2_checkpoints_generate_the_openvino_artifacts_text(smollm2_folder
     assert "Paris" in tokenizer.decode(expected[:same])
 
 
-@pytest.mark.parametrize("scheme", ["sym", "asym"])
-def test_checkpoints_auto_round_writes_are_read_back_to_the_same_logits(tmp_path, scheme):
-    """auto-round 0.16.1 itself writes auto_round, auto_gptq, auto_awq and llm_compressor folders; qcompiler's
-    reader decodes each to the logits transformers computes with the writer's own loaders."""
+def test_checkpoints_auto_round_writes_are_read_back_to_the_same_logits(tmp_path):
+    """auto-round 0.16.1 itself writes auto_round, auto_gptq, auto_awq and llm_compressor folders, symmetric and
+    asymmetric; qcompiler's reader decodes each to the logits transformers computes with the writer's own loaders."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qcompiler.plugins.checkpoints.read import scheme_of
@@ -113,17 +112,17 @@ def test_checkpoints_auto_round_writes_are_read_back_to_the_same_logits(tmp_path
         pytest.fail("the checkpoint clients' environment is missing: `make test` creates .venv-clients")
     ids = [5, 17, 80, 3, 200, 9, 41, 66]
     run = subprocess.run([str(python), str(ROOT / "tests" / "clients" / "autoround_export.py"), str(folder),
-                          str(tmp_path), scheme, json.dumps(ids)], capture_output=True, text=True, timeout=900)
+                          str(tmp_path), "sym,asym", json.dumps(ids)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     expected_formats = {"auto_round": "auto_round", "auto_gptq": "gptq", "auto_awq": "awq",
                         "llm_compressor": "compressed-tensors"}
-    assert [r["format"] for r in results] == list(expected_formats)
+    assert [(r["scheme"], r["format"]) for r in results] == [(s, f) for s in ("sym", "asym") for f in expected_formats]
     for r in results:
-        path = tmp_path / r["format"]
+        path = tmp_path / r["scheme"] / r["format"]
         assert scheme_of(path).format == expected_formats[r["format"]]
         assert build_registry().backend_for_artifact(path).name == expected_formats[r["format"]]
         with torch.no_grad():
             want = np.array(r["logits"])
             got = load_decoded(path)(input_ids=torch.tensor([ids])).logits[0].numpy()
-        assert np.abs(got - want).max() < 1e-2 * np.abs(want).max(), (r["format"], np.abs(got - want).max())
+        assert np.abs(got - want).max() < 1e-2 * np.abs(want).max(), (r["scheme"], r["format"], np.abs(got - want).max())

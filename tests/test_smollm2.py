@@ -96,12 +96,10 @@ def test_saved_tokenizer_round_trips(example_artifact):
     assert tokenizer.decode(ids) == text and 0 not in ids
 
 
-def test_cli_eval_and_generate(example_artifact):
+def test_cli_eval(example_artifact):
+    """`qcompiler eval` scores the artifact against the original (`qcompiler generate` is checked against
+    openvino-genai below)."""
     out = example_artifact[0]
-    run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "generate", str(out), "--prompt",
-                          "The capital of France is", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.startswith("The capital of France is") and "Paris" in run.stdout
     if WIKITEXT.is_file():
         run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "eval", str(out), "--text", str(WIKITEXT),
                               "--max-windows", "1"], capture_output=True, text=True, timeout=600)
@@ -119,6 +117,7 @@ def test_openvino_genai_generates_what_qcompiler_generates(example_artifact):
     text = str(pipe.generate("The capital of France is", config))
     run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "generate", str(out), "--prompt",
                           "The capital of France is", "--max-new-tokens", "10"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
     assert "Paris" in text and run.stdout.rstrip("\n") == "The capital of France is" + text.rstrip("\n")
 
 
