@@ -31,7 +31,7 @@ import torch
 from qcompiler.activations import ActivationQuant, linear, scale_input_channels, static_range, symmetric_range
 from qcompiler.activations import eligible as int8_eligible
 from qcompiler.config import Mode
-from qcompiler.engine import ATTENTION_INPUTS, HEAD, attention_tap
+from qcompiler.engine import ATTENTION_INPUTS, HEAD, attention_tap, extremes
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
@@ -144,7 +144,7 @@ class StaticActivations(BlockPass):
         self.attention_layers: dict[str, dict] = {}
 
     def wants(self, graph, ctx) -> dict[str, frozenset]:
-        kinds = self.statistics | ({f"extremes:{self.options.percentile}"} if self.options.percentile else set())
+        kinds = self.statistics | extremes(self.options.percentile)
         return {**dict.fromkeys(self.targets, kinds),
                 **{attention_tap(path, w): self.statistics for path in self.attention for w in ATTENTION_INPUTS}}
 

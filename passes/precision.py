@@ -152,10 +152,12 @@ class PrecisionAssignment(Pass):
                 f"--sensitivity-metric {o.metric.value} needs each weight's input, and the batched MoE expert weights "
                 f"({batched[0]}, ...) have no module input the calibration engine can read yet: use --sensitivity-metric "
                 "weight_quantization_error with --ratio, or --ratio 1.0")
-        # the sweep also collects what the block passes after this one will want of the weights that may
-        # get the primary format, so the float model runs once (`PassContext.statistics_ahead`)
-        ahead = ctx.statistics_ahead(graph, {c.attrs["weight"]: WeightFormat(o.mode, group_sizes[c]) for c in defining})
-        activations = _activation_scores(graph, defining, by_const, ctx, o.metric, ahead) if o.metric.data_aware else {}
+        activations = {}
+        if o.metric.data_aware:
+            # the sweep also collects what the block passes after this one will want of the weights that may
+            # get the primary format, so the float model runs once (`PassContext.statistics_ahead`)
+            ahead = ctx.statistics_ahead(graph, {c.attrs["weight"]: WeightFormat(o.mode, group_sizes[c]) for c in defining})
+            activations = _activation_scores(graph, defining, by_const, ctx, o.metric, ahead)
         scores = []
         for c in defining:
             axes = by_const[c][0].reduction_axes

@@ -41,7 +41,7 @@ class ScaleEstimationOptions:
 class ScaleEstimation(WeightFitPass):
     name = "scale_estimation"
     Options = ScaleEstimationOptions
-    statistics = frozenset({"abs_max"})  # and each weight's "hessian_blocks:<group size>" (see statistics_for)
+    statistics = frozenset({"abs_max"})  # and each weight's "hessian_blocks:<group size>" (see statistics_of)
     modes = MODES
     modes_reason = "scale estimation refits 4-bit scales (NNCF refuses it on other modes too)"
     flag = "--scale-estimation"
@@ -65,9 +65,6 @@ class ScaleEstimation(WeightFitPass):
 
     def extra_summary(self) -> dict:
         return {"by_default": self.options.by_default}
-
-    def statistics_for(self, graph):
-        return {name: self.statistics_of(c, axes, c.meta["format"], graph) for name, (c, axes) in self.pending.items()}
 
     def statistics_of(self, const, axes, fmt, graph) -> frozenset:
         return self.statistics | {f"hessian_blocks:{_group(const, axes, fmt, graph)}"}

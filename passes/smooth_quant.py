@@ -37,6 +37,7 @@ import torch
 
 from qcompiler.activations import eligible, linear, static_range
 from qcompiler.config import Mode
+from qcompiler.engine import extremes
 from qcompiler.hookspecs import hookimpl
 from qcompiler.ir import Graph
 from qcompiler.pattern import P, Var, Weight, find_matches
@@ -87,7 +88,7 @@ class SmoothQuant(BlockPass):
         self.applied = dict.fromkeys(PATTERNS, 0)
 
     def wants(self, graph, ctx) -> dict[str, frozenset]:
-        kinds = self.statistics | ({f"extremes:{self.options.percentile}"} if self.options.percentile else set())
+        kinds = self.statistics | extremes(self.options.percentile)
         return {c.attrs["weight"]: kinds for site in self.sites for _, c in site.targets}
 
     def run_block(self, graph: Graph, block, stats, ctx) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from qcompiler import memory, output
 from qcompiler import pass_options
 from qcompiler.output import _signals_held
-from qcompiler.config import (QUANT_MODES, CompressionConfig, IgnoredScope, LoadOptions, Mode, SensitivityMetric,
-                              parse_enum)
+from qcompiler.config import (QUANT_MODES, RANGE_OPTIONS, CompressionConfig, IgnoredScope, LoadOptions, Mode,
+                              SensitivityMetric, parse_enum, refuse_range_options)
 from qcompiler.errors import QCompilerError
 from qcompiler.optimum_flags import add_optimum_flags, apply_optimum_flags
 
@@ -285,11 +285,7 @@ def config_from_args(args):
     if args.smooth_quant_alpha is not None:
         raise QCompilerError("--smooth-quant-alpha smooths activations before they are quantized: add --quant-mode "
                              "int8 (with --dataset), or drop it")
-    ranges = [f"--{n.replace('_', '-')}" for n in ("activation_range", "activation_percentile", "activation_max_error")
-              if getattr(args, n) is not None]
-    if ranges:
-        raise QCompilerError(f"{', '.join(ranges)} set{'s' if len(ranges) == 1 else ''} static activation ranges: add "
-                             f"--quant-mode int8 (with --dataset), or drop {'it' if len(ranges) == 1 else 'them'}")
+    refuse_range_options({name: getattr(args, name) for name in RANGE_OPTIONS}, None)
     # a default turned off (--no-scale-estimation) is not a config of the user's own: the row still applies
     turned_off = [name for name in SWITCHES if getattr(args, f"pass__{name}", None) is False]
     explicit = any(getattr(args, name) is not None and getattr(args, name) is not False
@@ -355,8 +351,7 @@ def _quant_config(args, scope: IgnoredScope) -> CompressionConfig:
     gptq = pass_options.switches(args, pass_options.installed(), SWITCHES).get("gptq")
     return CompressionConfig(mode=Mode.INT8_SYM, ignored_scope=scope, quant_mode=args.quant_mode, gptq=gptq,
                              smooth_quant_alpha=args.smooth_quant_alpha, dataset=args.dataset,
-                             activation_range=args.activation_range, activation_percentile=args.activation_percentile,
-                             activation_max_error=args.activation_max_error,
+                             **{name: getattr(args, name) for name in RANGE_OPTIONS},
                              num_samples=args.num_samples, seqlen=args.seqlen,
                              statistics_path=args.quantization_statistics_path)
 

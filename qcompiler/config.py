@@ -346,13 +346,7 @@ class CompressionConfig:
         return DEFAULT_PERCENTILE if self.activation_percentile is None else float(self.activation_percentile)
 
     def _validate_ranges(self) -> None:
-        given = [f"--{name.replace('_', '-')}" for name in ("activation_range", "activation_percentile",
-                                                             "activation_max_error") if getattr(self, name) is not None]
-        if given and self.quant_mode != "int8":
-            raise QCompilerError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} static activation ranges: "
-                                 "add --quant-mode int8 (with --dataset), or drop "
-                                 f"{'it' if len(given) == 1 else 'them'}" + (
-                                     " (int8-dynamic takes each range per call)" if self.quant_mode else ""))
+        refuse_range_options({name: getattr(self, name) for name in RANGE_OPTIONS}, self.quant_mode)
         if self.activation_range not in (None, "minmax", "percentile"):
             raise QCompilerError(f"--activation-range {self.activation_range!r}: choose minmax or percentile")
         p = self.activation_percentile
@@ -464,6 +458,17 @@ class CompressionConfig:
 SWITCHES = ("scale_estimation", "gptq", "lora_correction")  # built-in passes with their own config field
 QUANT_MODES = ("int8", "int8-dynamic")  # optimum-cli's --quant-mode int8, and its dynamic variant
 DEFAULT_PERCENTILE = 99.99  # --activation-range percentile: NNCF's quantile estimator clips at 1e-4 and 1 - 1e-4
+RANGE_OPTIONS = ("activation_range", "activation_percentile", "activation_max_error")  # static ranges' options
+
+
+def refuse_range_options(values: dict, quant_mode: str | None) -> None:
+    """The one-line error for static range options (`values`: option -> value, None if not given) without
+    --quant-mode int8."""
+    given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
+    if given and quant_mode != "int8":
+        raise QCompilerError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} static activation ranges: add "
+                             f"--quant-mode int8 (with --dataset), or drop {'it' if len(given) == 1 else 'them'}" + (
+                                 " (int8-dynamic takes each range per call)" if quant_mode else ""))
 
 
 def default_group_size(mode: Mode | None) -> int:

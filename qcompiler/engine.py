@@ -29,6 +29,7 @@ them when it says so (`attention_taps = True`). They belong to the block whose p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -52,11 +53,22 @@ def native_bf16() -> bool:
     times slower than float32 ones, so calibration keeps float32."""
     if os.environ.get("QCOMPILER_CALIBRATION_FP32") == "1":
         return False
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once (empty where /proc/cpuinfo cannot be read)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return frozenset()
+
+
+def extremes(percentile: float | None) -> frozenset:
+    """The statistic a percentile range needs ("extremes:P"), none for min / max (None)."""
+    return frozenset() if percentile is None else frozenset({f"extremes:{percentile}"})
 
 
 @dataclass
@@ -277,7 +289,7 @@ class CalibrationEngine:
         kept, self._kept = self._kept, None  # good for this sweep only: the passes may change the model after it
         if float_model and kept is not None and _covers(kept[0], wanted, self.blocks + tail, kept[1]):
             for block in self.blocks + tail:
-                on_block(block, {n: kept[1][block.name][n] for n in wanted if block.holds(n) or n in block.weights})
+                on_block(block, {n: kept[1][block.name][n] for n in wanted if block.holds(n)})
                 if progress is not None and block in self.blocks:
                     progress(block)
             return

@@ -34,20 +34,15 @@ class WeightFitPass(BlockPass):
         self.not_targets = {c.attrs["weight"]: "not a 2-D weight read by one MatMul in a mode this pass takes: rounded "
                             "to nearest" for c in graph.weight_constants() if c.meta.get("role") == "primary"
                             and "compressed" not in c.meta and c.attrs["weight"] not in self.pending}
-        return self.statistics_for(graph)
-
-    def statistics_for(self, graph) -> list[str] | dict[str, frozenset]:
-        return list(self.pending)
+        return {name: self.statistics_of(c, axes, c.meta["format"], graph) for name, (c, axes) in self.pending.items()}
 
     def prefetch(self, graph, ctx, formats) -> dict[str, frozenset]:
         """The statistics of the weights `targets` would take, had they these formats."""
-        consts = {c.attrs["weight"]: (c, uses) for c, uses in graph.uses_by_weight().items()}
         out = {}
-        for name, fmt in formats.items():
-            const, uses = consts.get(name, (None, []))
-            if (fmt.mode in self.modes and len(uses) == 1 and uses[0].op.op == "MatMul"
-                    and len(const.meta.get("shape", ())) == 2):
-                out[name] = self.statistics_of(const, uses[0].reduction_axes, fmt, graph)
+        for const, uses in graph.uses_by_weight().items():
+            fmt = formats.get(const.attrs["weight"])
+            if _fits(const, uses, fmt, self.modes):
+                out[const.attrs["weight"]] = self.statistics_of(const, uses[0].reduction_axes, fmt, graph)
         return out
 
     def statistics_of(self, const, axes, fmt, graph) -> frozenset:
@@ -85,14 +80,15 @@ class WeightFitPass(BlockPass):
 def targets(graph: Graph, modes, compressed: bool = False) -> list:
     """(weight Constant, reduction axes) of the primary 2-D weights in `modes` read by one MatMul, not
     yet compressed (unless `compressed`)."""
-    out = []
-    for const, uses in graph.uses_by_weight().items():
-        fmt = const.meta.get("format")
-        if (const.meta.get("role") == "primary" and fmt is not None and fmt.mode in modes
-                and (compressed or "compressed" not in const.meta) and len(uses) == 1 and uses[0].op.op == "MatMul"
-                and len(const.meta.get("shape", ())) == 2):
-            out.append((const, uses[0].reduction_axes))
-    return out
+    return [(const, uses[0].reduction_axes) for const, uses in graph.uses_by_weight().items()
+            if const.meta.get("role") == "primary" and (compressed or "compressed" not in const.meta)
+            and _fits(const, uses, const.meta.get("format"), modes)]
+
+
+def _fits(const, uses, fmt, modes) -> bool:
+    """A 2-D weight read by one MatMul, in format `fmt` of one of `modes`: what a weight-fit pass takes."""
+    return (fmt is not None and fmt.mode in modes and len(uses) == 1 and uses[0].op.op == "MatMul"
+            and len(const.meta.get("shape", ())) == 2)
 
 
 def _error_by_group(diff: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
