@@ -273,7 +273,15 @@ class _Tuner:
         return s + (s.half().float() - s).detach(), lo  # the f16 scale it is stored as, straight through
 
     def qdq(self) -> torch.Tensor:
-        """The decoded weight in the model's layout, differentiable in V, alpha and beta."""
+        """The decoded weight in the model's layout, differentiable in V, alpha and beta (`_QDQ`: the
+        gradients of `qdq_reference` in one fused forward and backward)."""
+        mode = self.fmt.mode
+        w = _QDQ.apply(self.wg, self.v, self.alpha, self.beta, self.lo, self.hi, mode.bits, mode.asymmetric,
+                       mode.spec.code_range).reshape(self.w.shape)
+        return w.t() if self.transposed else w
+
+    def qdq_reference(self) -> torch.Tensor:
+        """`qdq` through autograd's own graph of the straight-through formulas (the definition `_QDQ` follows)."""
         mode = self.fmt.mode
         s, lo = self._scale()
         low, high = mode.spec.code_range
@@ -313,6 +321,68 @@ class _Tuner:
         """Codes that differ from plain round to nearest (V = 0, alpha = beta = 1)."""
         rtn = quantize(self.w, (1,), self.fmt.mode, self.fmt.group_size)
         return float((rtn.codes.reshape(-1) != cw.codes.reshape(-1)).float().mean())
+
+
+class _QDQ(torch.autograd.Function):
+    """Quantize-dequantize of weight groups `wg` [N, G, g] with offsets V and clipping factors alpha, beta
+    [N, G, 1], as `_Tuner.qdq_reference` defines it (rounding straight through, the scale rounded to f16
+    straight through, no gradient where a clamp holds), with a hand-written backward: a few passes over
+    the weights instead of autograd's graph of some twenty, which was a tenth of each tuning step."""
+
+    @staticmethod
+    def forward(ctx, wg, v, alpha, beta, lo, hi, bits, asymmetric, code_range):
+        low, high = code_range
+        lo_a, hi_b = lo * alpha, hi * beta
+        if asymmetric:
+            pick = None
+            raw = (hi_b - lo_a) / (2**bits - 1)
+        else:
+            pick = -lo_a >= hi_b
+            raw = torch.where(pick, -lo_a, -hi_b) / 2 ** (bits - 1)
+        live = raw.abs() >= 1e-5  # where the scale is not held at its floor
+        s = torch.where(live, raw, torch.full_like(raw, 1e-5)).half().float()
+        x = wg / s + v
+        r = x.round_()
+        if asymmetric:
+            z_raw = (-lo_a / s).round()
+            z = z_raw.clamp(0, high)
+            u = r + z
+            inside = (u >= low) & (u <= high)
+            w = (u.clamp_(low, high) - z).mul_(s)  # u now holds the clamped code
+            ctx.save_for_backward(wg, s, lo, hi, lo_a, inside, u, z, (z_raw >= 0) & (z_raw <= high), live)
+        else:
+            inside = (r >= low) & (r <= high)
+            qc = r.clamp_(low, high)
+            w = qc * s
+            ctx.save_for_backward(wg, s, lo, hi, pick, inside, qc, live)
+        ctx.bits, ctx.asymmetric = bits, asymmetric
+        return w
+
+    @staticmethod
+    def backward(ctx, g):
+        bits = ctx.bits
+        if ctx.asymmetric:
+            wg, s, lo, hi, lo_a, inside, u, z, z_inside, live = ctx.saved_tensors
+            gq = torch.where(inside, g * s, 0.0)  # dL/dq, q = wg / s + V straight through
+            dv = gq
+            dz = (gq - g * s).sum(-1, keepdim=True)  # w = s * (clamp(q + z) - z)
+            ds = (g * (u - z)).sum(-1, keepdim=True) - (gq * wg).sum(-1, keepdim=True) / s.square()
+            ds = ds + torch.where(z_inside, dz * lo_a / s.square(), 0.0)  # z = round(-lo_a / s) straight through
+            dlo_a = torch.where(z_inside, -dz / s, 0.0)
+            ds = torch.where(live, ds, 0.0) / (2**bits - 1)
+            d_alpha = (dlo_a - ds) * lo
+            d_beta = ds * hi
+        else:
+            wg, s, lo, hi, pick, inside, qc, live = ctx.saved_tensors
+            gs = g * s
+            dv = torch.where(inside, gs, 0.0)
+            # w = s * clamp(q): dw/ds = clamp(q) - [inside] * wg / s
+            ds = (g * qc).sum(-1, keepdim=True) - (dv * wg).sum(-1, keepdim=True) / s.square()
+            ds = torch.where(live, ds, 0.0) / 2 ** (bits - 1)
+            d_alpha = torch.where(pick, -ds * lo, 0.0)
+            d_beta = torch.where(pick, 0.0, -ds * hi)
+        return (None, dv, d_alpha if ctx.needs_input_grad[2] else None,
+                d_beta if ctx.needs_input_grad[3] else None, None, None, None, None, None)
 
 
 @hookimpl

@@ -41,6 +41,34 @@ def test_compressed_form_is_what_the_loss_saw(mode, group):
     assert cw.codes.min() >= lo and cw.codes.max() <= hi
 
 
+@pytest.mark.parametrize("mode,group", FORMATS, ids=[f"{m}-g{g}" for m, g in FORMATS])
+def test_fused_qdq_has_the_straight_through_gradients(mode, group):
+    """The fused quantize-dequantize gives the values and the gradients in V, alpha and beta of autograd
+    run over the straight-through formulas, with groups at the scale floor and at both ends of the grid."""
+    torch.manual_seed(3)
+    w = torch.randn(48, 128)
+    w[0, :] = 0.0  # a group whose scale is held at its floor
+    w[1, :8] = 9.0  # codes clamped at the grid's ends once V moves them
+    tuner = _Tuner(w.t().contiguous(), (0,), WeightFormat(mode, group), minmax=True)
+    with torch.no_grad():
+        tuner.v.uniform_(-0.5, 0.5)
+        tuner.alpha.uniform_(0.5, 1.0)
+        tuner.beta.uniform_(0.5, 1.0)
+    upstream = torch.randn(128, 48)
+    grads = []
+    for qdq in (tuner.qdq, tuner.qdq_reference):
+        for p in tuner.parameters():
+            p.grad = None
+        out = qdq()
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in tuner.parameters()]))
+    (fused, fused_grads), (reference, reference_grads) = grads
+    assert torch.equal(fused, reference)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in fused_grads)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("ar") / "model"
