@@ -381,14 +381,23 @@ def _compress(args) -> int:
     gguf_type = None
     if args.backend is not None and args.backend.split(":")[0] == "gguf":  # gguf:TYPE names every weight's type
         args.backend, _, gguf_type = args.backend.partition(":")
-        given = [f"--{name.replace('_', '-')}" for name in ("weight_format", *COMPRESSION_OPTIONS)
-                 if getattr(args, name, None) not in (None, False)]
-        if given or pass_options.any_given(args):
-            raise QCompilerError(f"--format gguf:{gguf_type or 'TYPE'} chooses every tensor's type as llama.cpp does, "
-                                 f"without data: drop {', '.join(given) or 'the pass options'}")
+        # the data-aware options stay: they tune the blocks' codes (the format's `configure` says which)
+        data = ("awq", "dataset", "num_samples", "seqlen", "quantization_statistics_path")
+        given = [f"--{name.replace('_', '-')}" for name in ("weight_format", "quant_mode", "smooth_quant_alpha",
+                                                            *COMPRESSION_OPTIONS, *RANGE_OPTIONS)
+                 if name not in data and getattr(args, name, None) not in (None, False)]
+        if given:
+            raise QCompilerError(f"--format gguf:{gguf_type or 'TYPE'} chooses every tensor's type as llama.cpp does: "
+                                 f"drop {', '.join(given)}")
         scope = IgnoredScope(names=tuple(args.ignored_scope_name), patterns=tuple(args.ignored_scope_pattern),
                              types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored)
-        config, defaults = CompressionConfig(ignored_scope=scope), None  # the format's own choice (configure)
+        # the format's own choice of types (configure), with the data-aware passes asked for; their mode until
+        # then is a 4-bit grid, which configure replaces by the one the file type's blocks hold
+        data_aware = _data_aware(args)
+        tuned = args.awq or args.dataset is not None or pass_options.any_given(args)
+        config = CompressionConfig(mode=Mode.INT4_SYM if tuned else CompressionConfig.mode, ignored_scope=scope,
+                                   awq=args.awq, **data_aware)
+        defaults = None
     else:
         config, defaults = config_from_args(args)
     output = args.output if args.output is not None else _default_output(args.model, config, defaults)

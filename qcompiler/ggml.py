@@ -287,6 +287,20 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
 _QUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "q5_0": _q5_0, "q5_1": _q5_1, "q4_k": _q4_k, "q6_k": _q6_k}
 
 
+def pack(type_name: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """Blocks [R, size] of q4_0, q4_1 or q8_0 holding R groups of 32 given codes as the blocks store them
+    (q4_0: 0..15 with offset 8; q4_1: 0..15; q8_0: int8), scales `d` [R] and, for q4_1, minimums `m` [R]
+    (both stored as f16): the inverse of `fields`, for codes a data-aware pass chose."""
+    codes = np.asarray(codes).reshape(-1, 32)
+    if type_name == "q8_0":
+        return np.concatenate([_half_bytes(d), codes.astype(np.int8).view(np.uint8)], axis=1)
+    if type_name == "q4_0":
+        return np.concatenate([_half_bytes(d), _nibbles(codes)], axis=1)
+    if type_name == "q4_1":
+        return np.concatenate([_half_bytes(d), _half_bytes(m), _nibbles(codes)], axis=1)
+    raise ValueError(f"{type_name} blocks are not built from one integer grid per group of 32")
+
+
 def fields(data: np.ndarray, type_name: str) -> dict[str, np.ndarray]:
     """The parts of blocks [R, size] of an integer-grid type, per row of blocks (R, groups per block, ...):
     "codes" uint8 [R, G, g], "d" f16 [R, G] and, for the types with a minimum, "m" f16 [R, G], with

@@ -208,7 +208,7 @@ def compress(
         policy = getattr(lowering, "format_policy", None)
         ctx = PassContext(config, check_formats=None if check is None else
                           lambda g: check(g, dict(backend_options or {})),
-                          format_policy=None if policy is None else policy(dict(backend_options or {})),
+                          format_policy=None if policy is None else policy(dict(backend_options or {}), config),
                           task=getattr(source, "task", None))
         if config.keep:
             stored = getattr(frontend, "stored_weights", None)

@@ -161,6 +161,34 @@ def integer_form(cw: BlockWeight) -> tuple[CompressedWeight, bool] | None:
     return CompressedWeight(Mode.INT4_ASYM, 32, codes, scale, zero, cw.shape, cw.transposed), False
 
 
+# the GGUF block type that holds an integer grid of groups of 32 (the inverse of `integer_form`)
+GGUF_BLOCKS = {(Mode.INT4_SYM, 32): "q4_0", (Mode.INT8_SYM, 32): "q8_0", (Mode.INT4_ASYM, 32): "q4_1"}
+
+
+def block_form(cw: CompressedWeight) -> tuple[BlockWeight, float] | None:
+    """`cw`'s codes and scales as the GGUF blocks that hold them, and the largest difference between
+    what the blocks and `cw` decode to; None when no block type holds `cw`'s grid (see `GGUF_BLOCKS`).
+    - int4_sym g32 -> q4_0 (codes + 8, scale d) and int8_sym g32 -> q8_0 (codes, scale d): exact, 0.
+    - int4_asym g32 -> q4_1 (codes, scale d, minimum m = -d z in f16): the f16 rounding of m, close
+      but not exact."""
+    from qcompiler import ggml
+
+    name = GGUF_BLOCKS.get((cw.mode, cw.group_size))
+    if name is None or isinstance(cw, BlockWeight) or cw.transposed or len(cw.shape) != 2 or cw.shape[1] % 32:
+        return None
+    n, k = cw.shape
+    codes = cw.codes.reshape(-1, 32)
+    if name == "q4_0":
+        codes = (codes.to(torch.int16) + 8).to(torch.uint8)
+    scale = cw.scale.float().reshape(-1)
+    m = None if name != "q4_1" else (-scale * cw.zero_point.float().reshape(-1)).numpy()
+    blocks = ggml.pack(name, codes.numpy(), scale.numpy(), m)
+    bw = BlockWeight(Mode(name), 32, torch.from_numpy(blocks).reshape(n, k // 32, -1), torch.empty(0), None,
+                     tuple(cw.shape), False)
+    error = 0.0 if m is None else float((bw.dequantize() - cw.dequantize()).abs().max())
+    return bw, error
+
+
 def scale_values(cw: CompressedWeight) -> torch.Tensor:
     return _scale_float(cw.mode, cw.scale)
 

@@ -228,3 +228,36 @@ def test_integer_form_of_constant_and_nearly_constant_groups_stays_finite_and_cl
         decoded, file = lowered.dequantize(), cw.dequantize()
         assert not exact and bool(torch.isfinite(decoded).all()), name
         assert float((decoded - file).abs().max()) < 1e-3, name
+
+
+@pytest.mark.parametrize("mode, block", [("int4_sym", "q4_0"), ("int8_sym", "q8_0"), ("int4_asym", "q4_1")])
+def test_block_form_packs_an_integer_grid_and_integer_form_reads_it_back(mode, block):
+    """Codes and scales a pass chose (here moved off round to nearest) go into the GGUF blocks as they
+    are: q4_0 and q8_0 decode to exactly the same values, q4_1 to within its f16 minimum's rounding,
+    and `integer_form` gives the same codes and scales back."""
+    import dataclasses
+
+    import torch
+
+    from qcompiler.config import Mode
+    from qcompiler.quant import block_form, integer_form, quantize
+
+    torch.manual_seed(0)
+    cw = quantize(torch.randn(8, 96), (1,), Mode(mode), 32)
+    low, high = Mode(mode).spec.code_range
+    moved = (cw.codes.to(torch.int16) + torch.randint(-1, 2, cw.codes.shape)).clamp(low, high).to(cw.codes.dtype)
+    cw = dataclasses.replace(cw, codes=moved)
+    bw, error = block_form(cw)
+    assert bw.mode.value == block and bw.codes.dtype == torch.uint8 and bw.matrix_shape == (8, 96)
+    expected = ggml.TYPES[block].size * 3
+    assert bw.codes.reshape(8, -1).shape[1] == expected
+    gguf_py = quants.dequantize(bw.codes.reshape(8, -1).numpy(), GGMLQuantizationType[block.upper()])
+    assert np.array_equal(gguf_py.reshape(8, 96), bw.dequantize().numpy())  # gguf-py decodes what we decode
+    back, exact = integer_form(bw)
+    assert torch.equal(back.codes.to(torch.int16), cw.codes.to(torch.int16)) and torch.equal(back.scale, cw.scale)
+    difference = float((bw.dequantize() - cw.dequantize()).abs().max())
+    if block == "q4_1":
+        assert not exact and difference == error and 0 < error < 1e-3 * float(cw.dequantize().abs().max())
+    else:
+        assert exact and error == 0.0 and difference == 0.0
+    assert block_form(dataclasses.replace(cw, group_size=64)) is None  # no block type holds groups of 64

@@ -167,7 +167,15 @@ def test_float_files(tied, tmp_path, file_type):
     (CompressionConfig(), {}, "name the GGUF type"),
     (CompressionConfig(), {"type": "q3_k_xl"}, "unknown GGUF type 'q3_k_xl'"),
     (CompressionConfig(mode="int4_sym", group_size=64), {"type": "q4_0"}, "drop --group-size"),
-    (CompressionConfig(mode="int4_sym", dataset="auto"), {"type": "q4_0"}, "data-aware"),
+    (CompressionConfig(mode="int4_sym", dataset="auto", scale_estimation=False), {"type": "q4_0"},
+     "nothing reads the data"),
+    (CompressionConfig(mode="int4_sym", dataset="auto", scale_estimation=True), {"type": "q4_k_m"},
+     "q4_k blocks have none here"),
+    (CompressionConfig(mode="int4_sym", dataset="auto", scale_estimation=True), {"type": "q5_0"}, "pick one of those"),
+    (CompressionConfig(mode="int4_sym", dataset="auto", lora_correction=True), {"type": "q4_0"},
+     "holds no LoRA adapters"),
+    (CompressionConfig(mode="int4_sym", dataset="auto", scale_estimation=True), {"type": "q8_0"},
+     "q8_0 blocks have none here"),
 ])
 def test_bad_gguf_options_are_refused_before_any_work(tied, tmp_path, config, options, message):
     with pytest.raises(QCompilerError, match=message):
@@ -199,9 +207,68 @@ def test_cli_gguf_type(tied, tmp_path, capsys):
     assert main(["compress", str(tied), "--format", "gguf:q4_0", "--weight-format", "int4", "-o",
                  str(tmp_path / "x")]) == 2
     assert "drop --weight-format" in capsys.readouterr().err
-    assert main(["compress", str(tied), "--format", "gguf:q4_0", "--dataset", "auto", "-o", str(tmp_path / "x")]) == 2
-    assert "drop --dataset" in capsys.readouterr().err
+    assert main(["compress", str(tied), "--format", "gguf:q8_0", "--dataset", "auto", "-o", str(tmp_path / "x")]) == 2
+    assert "q8_0 blocks have none here: pick one of those, or drop them" in capsys.readouterr().err
+    assert main(["compress", str(tied), "--format", "gguf:q4_0", "--group-size", "32", "--dataset", "auto",
+                 "--scale-estimation", "-o", str(tmp_path / "x")]) == 2
+    assert "drop --group-size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    out = tmp_path / "tuned"
+    assert main(["compress", str(tied), "--format", "gguf:q4_0", "--dataset", str(WIKITEXT), "--num-samples", "4",
+                 "--seqlen", "32", "--scale-estimation", "-o", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "GGUF blocks packed from the passes' codes and scales, not quantized again: q4_0 14 (exact)" in printed
+
+
+def _tuned(folder, tmp_path, file_type, **config):
+    out = tmp_path / f"tuned-{file_type}-{len(config)}"
+    result = compress(folder, CompressionConfig(dataset=str(WIKITEXT), num_samples=4, seqlen=32, **config), output=out,
+                      backend="gguf", backend_options={"type": file_type})
+    return out / "model.gguf", result
+
+
+@pytest.mark.parametrize("file_type, config", [
+    ("q4_0", {"mode": "int4_sym", "scale_estimation": True}),
+    ("q4_1", {"mode": "int4_asym", "passes": {"autoround": {"iters": 3}}}),
+    ("q4_0", {"mode": "int4_sym", "gptq": True, "scale_estimation": False}),
+], ids=["q4_0-scale-estimation", "q4_1-autoround", "q4_0-gptq"])
+def test_data_aware_codes_are_packed_into_the_blocks(tied, tmp_path, file_type, config):
+    """The passes tune the grid a block type holds; the file's blocks carry their codes and scales (not
+    llama.cpp's rounding of the float weights), transformers reads back what the IR decodes to, and the
+    weights outside the blocks keep llama.cpp's type and quantizer."""
+    from transformers import AutoModelForCausalLM
+
+    path, result = _tuned(tied, tmp_path, file_type, **config)
+    source = compress(tied, CompressionConfig(mode=None)).source.model
+    state, names = source.state_dict(), {t.name: t for t in GGUFReader(str(path)).tensors}
+    consts = {c.attrs["weight"]: c for c in result.graph.weight_constants()}
+    kind = GGMLQuantizationType[file_type.upper()]
+    differs = 0
+    for key, const in consts.items():
+        name, role, layer = llama.tensor_name(key)
+        t = names[name]
+        if layer is None:  # the tied embedding: llama.cpp's own type and bytes
+            assert t.tensor_type == GGMLQuantizationType.Q8_0
+            expected = quants.quantize(state[key].float().numpy(), t.tensor_type)
+            assert np.array_equal(np.asarray(t.data).reshape(expected.shape), expected)
+            continue
+        assert t.tensor_type == kind, name
+        values = quants.dequantize(np.asarray(t.data), kind).reshape(const.meta["compressed"].shape)
+        decoded = const.meta["compressed"].dequantize().numpy()
+        if role in ("attn_q", "attn_k"):  # the file holds GGML's row order
+            heads = source.config.num_attention_heads if role == "attn_q" else source.config.num_key_value_heads
+            decoded_rows = llama.permute_rows(decoded, heads)
+        else:
+            decoded_rows = decoded
+        tolerance = 0.0 if file_type != "q4_1" else 1e-3 * np.abs(decoded).max()
+        assert np.abs(values - decoded_rows).max() <= tolerance, name
+        w = state[key].float().numpy()
+        differs += not np.array_equal(quants.quantize(w, kind), quants.quantize(decoded, kind))
+    assert differs > 0  # the passes moved codes away from round to nearest
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = [5, 17, 99, 3, 250, 42, 257, 8]
+    tol = 1e-4 if file_type != "q4_1" else 2e-2
+    torch.testing.assert_close(_logits(loaded, ids), _logits(_decoded_model(result), ids), atol=tol, rtol=tol)
 
 
 def test_header_reader_refuses_a_truncated_file(tied, tmp_path):

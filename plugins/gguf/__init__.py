@@ -5,7 +5,14 @@ TYPE is llama.cpp's file type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q6_
 every tensor's GGML type as llama.cpp's quantizer does (`policy`), in the precision pass, so the
 report lists the types and the round-to-nearest pass fills each weight with llama.cpp's reference
 quantizer (`qcompiler.ggml`); this backend then writes those blocks as they are, with the LLaMA
-metadata and tokenizer (`llama`). Data-aware passes do not target GGUF types yet: they are refused.
+metadata and tokenizer (`llama`).
+
+With data-aware passes (AWQ, scale estimation, GPTQ, AutoRound) the block tensors of a q4_0 or q4_1
+file take the integer grid those blocks hold (int4_sym, int4_asym in groups of 32), the passes choose
+their codes and scales, and the writer packs them into the blocks without quantizing again
+(`quant.block_form`: exact for q4_0; q4_1 stores the zero point as an f16 minimum, and the report gives
+the largest difference). Weights outside the blocks keep llama.cpp's type and quantizer. Other files
+(8-bit, 5-bit, K-quants) have no grid the passes tune here: data-aware passes are refused for them.
 """
 
 from __future__ import annotations
@@ -21,11 +28,15 @@ from qcompiler.config import Mode, WeightFormat
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
 from qcompiler.plugins.gguf import llama, policy, read
-from qcompiler.quant import BlockWeight, matrix_view
+from qcompiler.quant import GGUF_BLOCKS, BlockWeight, block_form, matrix_view
 from qcompiler.runners import TransformersRunner
 
 FILE = "model.gguf"
 TYPES_HELP = ", ".join(policy.FILE_TYPES)
+TUNED = ("awq", "scale_estimation", "gptq", "autoround")  # data-aware passes whose result is codes and scales
+# the 4-bit block types whose grid the data-aware passes tune (in groups of 32); 8-bit weights are rounded to
+# nearest, as everywhere in qcompiler (and NNCF)
+GRIDS = {block: mode for (mode, _), block in GGUF_BLOCKS.items() if mode.low_bit}
 
 
 class GGUFBackend:
@@ -50,24 +61,38 @@ class GGUFBackend:
         if config.keep:
             raise QCompilerError("writing an input's kept codes as GGUF is not supported yet: re-quantize with "
                                  f"--format gguf:{file_type} (without --weight-format keep)")
-        data_aware = [name for name, on in config.passes.items() if on] + (["awq"] if config.awq else [])
-        if config.dataset is not None or data_aware:
-            raise QCompilerError("GGUF types are filled by llama.cpp's data-free quantizers here; the data-aware "
-                                 f"passes ({', '.join(data_aware) or '--dataset'}) do not target them yet: drop them, "
-                                 "or use --format openvino, gptq or auto_round")
         if config.group_size is not None or config.ratio != 1.0:
             raise QCompilerError(f"gguf:{file_type} sets every tensor's type and block as llama.cpp does: drop "
                                  "--group-size and --ratio")
         base = policy.FILE_TYPES[file_type][0]
         mode = None if ggml.TYPES[base].float else Mode(base)
+        if base in GRIDS:  # the grid the passes would tune: which of them run (and may run) is read on it
+            config = config.replace(mode=GRIDS[base], int8_above=None)
+        on = [name for name in config.switched_on() if name in TUNED or name == "lora_correction"]
+        on += ["awq"] if config.awq and "awq" not in on else []
+        if "lora_correction" in on:
+            raise QCompilerError("a GGUF file holds no LoRA adapters: drop --lora-correction (--scale-estimation, "
+                                 "--gptq and AutoRound's --recipe tune the blocks' codes instead)")
+        if config.dataset is not None and not on:
+            raise QCompilerError(f"gguf:{file_type} with --dataset: nothing reads the data; add --awq, "
+                                 "--scale-estimation, --gptq or an AutoRound --recipe, or drop --dataset")
+        if on and base not in GRIDS:
+            raise QCompilerError(f"the data-aware passes ({', '.join(on)}) tune the 4-bit grids of gguf:q4_0 and "
+                                 f"q4_1 blocks; gguf:{file_type}'s {base} blocks have none here: pick one of those, "
+                                 "or drop them")
+        if on:  # the passes see the grid the blocks hold; the writer packs their codes (`format_policy`, `lower`)
+            mode = GRIDS[base]
         return config.replace(mode=mode, int8_above=None)
 
     def check(self, config, options: dict) -> None:
         self._file_type(options)
 
-    def format_policy(self, options: dict):
-        """The precision pass's rule for this file type: {weight Constant: WeightFormat or None}."""
+    def format_policy(self, options: dict, config=None):
+        """The precision pass's rule for this file type: {weight Constant: WeightFormat or None}. With
+        data-aware passes (`configure` set the config's mode to a block type's grid), a block tensor whose
+        llama.cpp type holds an integer grid takes that grid, for the passes to tune."""
         file_type = self._file_type(options)
+        tuned = config is not None and config.mode in GRIDS.values()
 
         def assign(graph, uses_by_const) -> dict:
             roles = {}
@@ -81,7 +106,10 @@ class GGUFBackend:
             out = {}
             for const, (role, layer, row) in roles.items():
                 t = policy.tensor_type(file_type, role, layer, layers, row)
-                out[const] = None if ggml.TYPES[t].float else WeightFormat(Mode(t), ggml.TYPES[t].block)
+                if tuned and layer is not None and t in GRIDS:
+                    out[const] = WeightFormat(GRIDS[t], 32)
+                else:
+                    out[const] = None if ggml.TYPES[t].float else WeightFormat(Mode(t), ggml.TYPES[t].block)
             return out
 
         return assign
@@ -108,7 +136,7 @@ class GGUFBackend:
                 raise QCompilerError("the gguf format embeds the tokenizer, and this model has none: compress a "
                                      "folder with its tokenizer")
             llama.add_tokenizer(writer, source.tokenizer, config.vocab_size)
-        weight_bytes, types = {}, Counter()
+        weight_bytes, types, packed, approximate = {}, Counter(), Counter(), {}
         consts = {c.attrs["weight"]: c for c in graph.parameter_constants()}
         base = policy.FILE_TYPES[file_type][0]
         float_type = base if ggml.TYPES[base].float else "f32"  # 2-D weights left float: the file's float type
@@ -117,8 +145,14 @@ class GGUFBackend:
             const = consts.get(ir_name)
             cw = const.meta.get("compressed") if const is not None else None
             if cw is not None and not isinstance(cw, BlockWeight):
-                raise QCompilerError(f"{ir_name} was compressed as {cw.mode}, which is not a GGUF type: compress "
-                                     "with --format gguf:TYPE from the start")
+                blocks = block_form(cw)
+                if blocks is None:
+                    raise QCompilerError(f"{ir_name} was compressed as {cw.mode} group {cw.group_size}, which no GGUF "
+                                         "block type holds: compress with --format gguf:TYPE from the start")
+                cw, error = blocks
+                packed[cw.mode.value] += 1
+                if error:
+                    approximate[ir_name] = error
             if cw is not None:
                 if cw.transposed or len(cw.shape) != 2:
                     raise QCompilerError(f"{ir_name} is not a [out, in] matrix: the gguf writer cannot store it")
@@ -143,7 +177,9 @@ class GGUFBackend:
         writer.close()
         return {"files": [FILE], "weight_bytes": weight_bytes,
                 "gguf": {"file_type": file_type, "tensor_types": dict(types),
-                         "tokenizer": "copied from the input GGUF" if reader is not None else "converted (BPE)"}}
+                         "tokenizer": "copied from the input GGUF" if reader is not None else "converted (BPE)",
+                         "packed_from_codes": dict(packed),
+                         "packed_largest_difference": max(approximate.values(), default=0.0)}}
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / FILE).is_file()
