@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from qcompiler import _kernels
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
@@ -326,8 +327,9 @@ class _Tuner:
 class _QDQ(torch.autograd.Function):
     """Quantize-dequantize of weight groups `wg` [N, G, g] with offsets V and clipping factors alpha, beta
     [N, G, 1], as `_Tuner.qdq_reference` defines it (rounding straight through, the scale rounded to f16
-    straight through, no gradient where a clamp holds), with a hand-written backward: a few passes over
-    the weights instead of autograd's graph of some twenty, which was a tenth of each tuning step."""
+    straight through, no gradient where a clamp holds), with a hand-written backward: one pass over the
+    weights each way (in C where the kernels are built, `_kernels.autoround_qdq`; the torch path here
+    otherwise) instead of autograd's graph of some twenty, which was a tenth of each tuning step."""
 
     @staticmethod
     def forward(ctx, wg, v, alpha, beta, lo, hi, bits, asymmetric, code_range):
@@ -341,43 +343,47 @@ class _QDQ(torch.autograd.Function):
             raw = torch.where(pick, -lo_a, -hi_b) / 2 ** (bits - 1)
         live = raw.abs() >= 1e-5  # where the scale is not held at its floor
         s = torch.where(live, raw, torch.full_like(raw, 1e-5)).half().float()
-        x = wg / s + v
-        r = x.round_()
+        z = z_inside = None
         if asymmetric:
             z_raw = (-lo_a / s).round()
             z = z_raw.clamp(0, high)
-            u = r + z
-            inside = (u >= low) & (u <= high)
-            w = (u.clamp_(low, high) - z).mul_(s)  # u now holds the clamped code
-            ctx.save_for_backward(wg, s, lo, hi, lo_a, inside, u, z, (z_raw >= 0) & (z_raw <= high), live)
+            z_inside = (z_raw >= 0) & (z_raw <= high)
+        kernels = _kernels.get()
+        if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous():
+            w, code, inside = kernels.autoround_qdq(wg, v.detach().contiguous(), s, z, low, high)
         else:
+            r = (wg / s + v).round_()
+            if z is not None:
+                r = r + z
             inside = (r >= low) & (r <= high)
-            qc = r.clamp_(low, high)
-            w = qc * s
-            ctx.save_for_backward(wg, s, lo, hi, pick, inside, qc, live)
+            code = r.clamp_(low, high)
+            w = code * s if z is None else (code - z) * s
+        ctx.save_for_backward(wg, s, z, lo, hi, lo_a, pick, live, z_inside, code, inside)
         ctx.bits, ctx.asymmetric = bits, asymmetric
         return w
 
     @staticmethod
     def backward(ctx, g):
+        wg, s, z, lo, hi, lo_a, pick, live, z_inside, code, inside = ctx.saved_tensors
         bits = ctx.bits
-        if ctx.asymmetric:
-            wg, s, lo, hi, lo_a, inside, u, z, z_inside, live = ctx.saved_tensors
-            gq = torch.where(inside, g * s, 0.0)  # dL/dq, q = wg / s + V straight through
-            dv = gq
-            dz = (gq - g * s).sum(-1, keepdim=True)  # w = s * (clamp(q + z) - z)
-            ds = (g * (u - z)).sum(-1, keepdim=True) - (gq * wg).sum(-1, keepdim=True) / s.square()
-            ds = ds + torch.where(z_inside, dz * lo_a / s.square(), 0.0)  # z = round(-lo_a / s) straight through
-            dlo_a = torch.where(z_inside, -dz / s, 0.0)
-            ds = torch.where(live, ds, 0.0) / (2**bits - 1)
-            d_alpha = (dlo_a - ds) * lo
-            d_beta = ds * hi
+        g = g.contiguous()
+        kernels = _kernels.get()
+        if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous():
+            dv, direct, through, shift = kernels.autoround_qdq_backward(g, wg, s, z, code, inside)
         else:
-            wg, s, lo, hi, pick, inside, qc, live = ctx.saved_tensors
             gs = g * s
-            dv = torch.where(inside, gs, 0.0)
-            # w = s * clamp(q): dw/ds = clamp(q) - [inside] * wg / s
-            ds = (g * qc).sum(-1, keepdim=True) - (dv * wg).sum(-1, keepdim=True) / s.square()
+            dv = torch.where(inside, gs, 0.0)  # dL/dq for q = wg / s + V straight through: [inside] g s
+            direct = (g * (code if z is None else code - z)).sum(-1, keepdim=True)
+            through = (dv * wg).sum(-1, keepdim=True)
+            shift = (dv - gs).sum(-1, keepdim=True)
+        # w = s (clamp(q + z) - z): dw/ds = (clamp(q + z) - z) - [inside] wg / s; dw/dz = s ([inside] - 1)
+        ds = direct - through / s.square()
+        if ctx.asymmetric:  # z = round(-lo_a / s) straight through, clamped to the grid
+            ds = ds + torch.where(z_inside, shift * lo_a / s.square(), 0.0)
+            dlo_a = torch.where(z_inside, -shift / s, 0.0)
+            ds = torch.where(live, ds, 0.0) / (2**bits - 1)
+            d_alpha, d_beta = (dlo_a - ds) * lo, ds * hi
+        else:
             ds = torch.where(live, ds, 0.0) / 2 ** (bits - 1)
             d_alpha = torch.where(pick, -ds * lo, 0.0)
             d_beta = torch.where(pick, 0.0, -ds * hi)
