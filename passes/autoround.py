@@ -265,12 +265,9 @@ class _Tuner:
 
     def _scale(self):
         mode = self.fmt.mode
-        lo, hi = self.lo * self.alpha, self.hi * self.beta
-        if mode.asymmetric:
-            s = (hi - lo) / (2**mode.bits - 1)
-        else:  # full range: the extreme value maps to -2^(b-1) (the scale is negative when it is the maximum)
-            s = torch.where(-lo >= hi, -lo, -hi) / 2 ** (mode.bits - 1)
-        s = torch.where(s.abs() < 1e-5, torch.full_like(s, 1e-5), s)
+        lo = self.lo * self.alpha
+        s = _raw_scale(lo, self.hi * self.beta, mode.bits, mode.asymmetric)[0]
+        s = torch.where(s.abs() < SCALE_FLOOR, torch.full_like(s, SCALE_FLOOR), s)
         return s + (s.half().float() - s).detach(), lo  # the f16 scale it is stored as, straight through
 
     def qdq(self) -> torch.Tensor:
@@ -324,6 +321,19 @@ class _Tuner:
         return float((rtn.codes.reshape(-1) != cw.codes.reshape(-1)).float().mean())
 
 
+SCALE_FLOOR = 1e-5  # the smallest scale magnitude (AutoRound's clamp)
+
+
+def _raw_scale(lo_a, hi_b, bits: int, asymmetric: bool):
+    """(scale before its floor and f16 rounding, and for a symmetric grid where the group's clipped min
+    sets it): asymmetric (max - min) / (2^b - 1); full-range symmetric, the extreme value maps to
+    -2^(b-1), so the scale is negative when it is the max."""
+    if asymmetric:
+        return (hi_b - lo_a) / (2**bits - 1), None
+    pick = -lo_a >= hi_b
+    return torch.where(pick, -lo_a, -hi_b) / 2 ** (bits - 1), pick
+
+
 class _QDQ(torch.autograd.Function):
     """Quantize-dequantize of weight groups `wg` [N, G, g] with offsets V and clipping factors alpha, beta
     [N, G, 1], as `_Tuner.qdq_reference` defines it (rounding straight through, the scale rounded to f16
@@ -334,23 +344,19 @@ class _QDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wg, v, alpha, beta, lo, hi, bits, asymmetric, code_range):
         low, high = code_range
-        lo_a, hi_b = lo * alpha, hi * beta
-        if asymmetric:
-            pick = None
-            raw = (hi_b - lo_a) / (2**bits - 1)
-        else:
-            pick = -lo_a >= hi_b
-            raw = torch.where(pick, -lo_a, -hi_b) / 2 ** (bits - 1)
-        live = raw.abs() >= 1e-5  # where the scale is not held at its floor
-        s = torch.where(live, raw, torch.full_like(raw, 1e-5)).half().float()
+        lo_a = lo * alpha
+        raw, pick = _raw_scale(lo_a, hi * beta, bits, asymmetric)
+        live = raw.abs() >= SCALE_FLOOR  # where the scale is not held at its floor
+        s = torch.where(live, raw, torch.full_like(raw, SCALE_FLOOR)).half().float()
         z = z_inside = None
         if asymmetric:
             z_raw = (-lo_a / s).round()
             z = z_raw.clamp(0, high)
             z_inside = (z_raw >= 0) & (z_raw <= high)
         kernels = _kernels.get()
-        if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous():
-            w, code, inside = kernels.autoround_qdq(wg, v.detach().contiguous(), s, z, low, high)
+        ctx.kernels = kernels if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous() else None
+        if ctx.kernels is not None:
+            w, code, inside = ctx.kernels.autoround_qdq(wg, v.detach().contiguous(), s, z, low, high)
         else:
             r = (wg / s + v).round_()
             if z is not None:
@@ -367,9 +373,8 @@ class _QDQ(torch.autograd.Function):
         wg, s, z, lo, hi, lo_a, pick, live, z_inside, code, inside = ctx.saved_tensors
         bits = ctx.bits
         g = g.contiguous()
-        kernels = _kernels.get()
-        if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous():
-            dv, direct, through, shift = kernels.autoround_qdq_backward(g, wg, s, z, code, inside)
+        if ctx.kernels is not None:  # the path the forward took
+            dv, direct, through, shift = ctx.kernels.autoround_qdq_backward(g, wg, s, z, code, inside)
         else:
             gs = g * s
             dv = torch.where(inside, gs, 0.0)  # dL/dq for q = wg / s + V straight through: [inside] g s

@@ -75,11 +75,13 @@ class PrecisionAssignment(Pass):
             _assign(c, None, "ignored")
         if ctx.format_policy is not None:  # the backend's own rule (GGUF: llama.cpp's type choice)
             formats = ctx.format_policy(graph, {c: by_const[c] for c in consts})
+            roles = Counter()
             for c in consts:  # an integer grid is one the data-aware passes tune (GGUF blocks' grids with data)
-                _assign(c, formats[c], "primary" if formats[c] is not None and formats[c].mode.integer
-                        else "format_policy")
+                role = "primary" if formats[c] is not None and formats[c].mode.integer else "format_policy"
+                _assign(c, formats[c], role)
+                roles[role] += 1
             chosen = Counter(str(f.mode) if f else "float" for f in formats.values())
-            primary = sum(1 for c in consts if c.meta["role"] == "primary")
+            primary = roles["primary"]
             return PassResult(True, {"primary": primary, "backup": 0,
                                      "float": len(float_consts) + chosen.pop("float", 0), "format_policy": dict(chosen)})
 

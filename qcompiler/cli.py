@@ -393,10 +393,7 @@ def _compress(args) -> int:
                              types=tuple(args.ignored_scope_type), validate=not args.no_validate_ignored)
         # the format's own choice of types (configure), with the data-aware passes asked for; their mode until
         # then is a 4-bit grid, which configure replaces by the one the file type's blocks hold
-        data_aware = _data_aware(args)
-        tuned = args.awq or args.dataset is not None or pass_options.any_given(args)
-        config = CompressionConfig(mode=Mode.INT4_SYM if tuned else CompressionConfig.mode, ignored_scope=scope,
-                                   awq=args.awq, **data_aware)
+        config = CompressionConfig(mode=Mode.INT4_SYM, ignored_scope=scope, awq=args.awq, **_data_aware(args))
         defaults = None
     else:
         config, defaults = config_from_args(args)

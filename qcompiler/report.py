@@ -91,7 +91,7 @@ def build_report(compressed, lowered: dict, out_dir: Path, backend: str) -> dict
         "model_spec": spec.as_dict() if (spec := getattr(compressed.source, "spec", None)) is not None else None,
         "calibration": compressed.calibration,
         "activations": _activations(graph, compressed.config, lowered),
-        "gguf": lowered.get("gguf"),
+        "backend_notes": lowered.get("notes") or None,  # lines the backend adds about what it wrote
         "passes": {name: r.summary for name, r in compressed.results.items()},
         "seconds": {k: round(v, 3) for k, v in compressed.seconds.items()},
         "backend_seconds": {k: round(v, 3) for k, v in lowered.get("seconds", {}).items()},
@@ -166,12 +166,7 @@ def format_report(report: dict) -> str:
     if policy:
         lines.append(f"types chosen by the {report['backend']} format's rule: "
                      + ", ".join(f"{k} {v}" for k, v in sorted(policy.items())))
-    packed = (report.get("gguf") or {}).get("packed_from_codes")
-    if packed:
-        difference = report["gguf"].get("packed_largest_difference") or 0.0
-        lines.append("GGUF blocks packed from the passes' codes and scales, not quantized again: "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(packed.items()))
-                     + (f" (q4_1's minimum in f16: largest difference {difference:.2g})" if difference else " (exact)"))
+    lines += report.get("backend_notes") or []
     lines += _data_aware_lines(report)
     lines += _activation_lines(report)
     adjusted = report["passes"].get("precision", {}).get("adjusted_group_size") or {}

@@ -175,11 +175,17 @@ class GGUFBackend:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        return {"files": [FILE], "weight_bytes": weight_bytes,
+        notes = []
+        if packed:
+            difference = max(approximate.values(), default=0.0)
+            notes.append("GGUF blocks packed from the passes' codes and scales, not quantized again: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(packed.items()))
+                         + (f" (q4_1's minimum in f16: largest difference {difference:.2g})" if difference else
+                            " (exact)"))
+        return {"files": [FILE], "weight_bytes": weight_bytes, "notes": notes,
                 "gguf": {"file_type": file_type, "tensor_types": dict(types),
                          "tokenizer": "copied from the input GGUF" if reader is not None else "converted (BPE)",
-                         "packed_from_codes": dict(packed),
-                         "packed_largest_difference": max(approximate.values(), default=0.0)}}
+                         "packed_from_codes": dict(packed)}}
 
     def can_load(self, path: Path) -> bool:
         return (Path(path) / FILE).is_file()
