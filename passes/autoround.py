@@ -146,6 +146,7 @@ class AutoRound(Pass):
             engine.block_forwards += 1
             fp_inputs = fp_outputs
             summary_blocks[block.name] = record
+            engine.release(block)  # freed activations and tuning state, the float weights' pages
             if steps <= 0:
                 bar.update(1)
         bar.close()

@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from qcompiler import memory
 from qcompiler.calibration import CalibrationData
 
 log = logging.getLogger("qcompiler")
@@ -257,6 +258,15 @@ class CalibrationEngine:
             self._first_inputs = self.executor.first_inputs(self.data.samples)
         return self._first_inputs
 
+    def release(self, block: Block) -> None:
+        """After a block's last run in a sweep: its freed activations go back to the system rather than
+        into a heap that only grows (`memory.trim`), and the executor may drop its weights' resident
+        pages where a file holds them (`BlockExecutor.release`)."""
+        memory.trim()
+        release = getattr(self.executor, "release", None)
+        if release is not None:
+            release(block)
+
     def release_first_inputs(self) -> None:
         """Drop the cached first-block inputs (a pass that holds them itself); computed again if asked."""
         self._first_inputs = None
@@ -334,6 +344,7 @@ class CalibrationEngine:
                 outputs = self.executor.run(block, inputs, propagate(block), {})
                 self.block_forwards += 1
             inputs = outputs
+            self.release(block)
             if progress is not None:
                 progress(block)
         for block in tail:

@@ -4,12 +4,15 @@ A compressed model is built from many blocks of a few MB (a weight's codes, its 
 float values read for one pass): glibc serves blocks under its mmap threshold from the heap and keeps
 them when they are freed, so the resident set grows by what was freed. `trim()` returns the free
 pages (`malloc_trim`); `fixed_mmap_threshold()` stops glibc from raising the threshold as large
-blocks are freed, so blocks of 16 MB or more always go back at once. Both do nothing elsewhere.
+blocks are freed, so blocks of 16 MB or more always go back at once. `page_out()` lets the system
+drop the resident pages of weights a file backs once a pass is done with them (a memory-mapped
+safetensors file: read back on the next touch). All three do nothing elsewhere.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 from functools import cache
 
 M_MMAP_THRESHOLD = -3
@@ -35,3 +38,43 @@ def fixed_mmap_threshold(nbytes: int = 16 << 20) -> None:
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; their content stays (file pages are read back on touch)
+
+
+def page_out(regions) -> int:
+    """Hand back the resident pages of `regions` ((address, bytes) pairs) that a file backs, such as
+    weights read from a memory-mapped safetensors file: the content never changes, the system reads
+    it back from the file (its page cache) on the next touch. Anonymous memory is left alone (without
+    swap it could not go anywhere; with swap it would be written out). Returns the bytes advised; 0 where
+    the system cannot say which memory a file backs or cannot page out (not Linux, an old kernel)."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    try:
+        with open("/proc/self/maps") as f:
+            files = [_span(line) for line in f if _file_backed(line)]
+    except OSError:
+        return 0
+    page, done = mmap.PAGESIZE, 0
+    files.sort()
+    for address, nbytes in regions:
+        for start, end in files:
+            lo, hi = max(start, address), min(end, address + nbytes)
+            lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the region only
+            if hi > lo:
+                if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_PAGEOUT) != 0:
+                    return done  # the kernel does not know MADV_PAGEOUT
+                done += hi - lo
+    return done
+
+
+def _file_backed(line: str) -> bool:
+    fields = line.split(maxsplit=5)
+    return len(fields) == 6 and fields[5].startswith("/")
+
+
+def _span(line: str) -> tuple[int, int]:
+    start, end = line.split(maxsplit=1)[0].split("-")
+    return int(start, 16), int(end, 16)

@@ -97,6 +97,10 @@ class BlockExecutor(Protocol):
     def select(self, inputs: list, indices: list[int]) -> list:
         """Optional, with `hidden`: the entries of samples `indices` of `inputs` (a mini-batch)."""
 
+    def release(self, block) -> None:
+        """Optional: the engine will not run `block` again before the next sweep; the executor may let
+        the system drop what it can read back (weights mapped from a file). Never changes a value."""
+
     def generate(self, num_samples: int, seqlen: int, seed: int) -> list:
         """Optional: `num_samples` token sequences of `seqlen` the model writes itself (`--dataset auto`)."""
 

@@ -21,6 +21,7 @@ import inspect
 import torch
 from torch.utils._pytree import tree_flatten
 
+from qcompiler import memory
 from qcompiler.engine import Block, native_bf16
 from qcompiler.errors import QCompilerError
 
@@ -175,6 +176,12 @@ class TorchBlockExecutor:
             for p in frozen:
                 p.requires_grad_(True)
         return outputs
+
+    def release(self, block: Block) -> None:
+        """See `BlockExecutor.release`: the layer's parameters that a file backs (a memory-mapped
+        safetensors file) leave the resident set; they are read back from the file if touched again."""
+        layer = self.layers[self.blocks.index(block)]
+        memory.page_out([(p.data_ptr(), p.numel() * p.element_size()) for p in layer.parameters()])
 
     def head(self, inputs, taps: dict) -> str:
         """The input of the output layer (lm_head) for the last block's outputs `inputs`: the final norm
