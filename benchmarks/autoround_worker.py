@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 folder, samples_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
 bits, iters, batch, lr = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
+seed = int(sys.argv[8]) if len(sys.argv) > 8 else 42
 start = time.perf_counter()
 from auto_round import AutoRound  # noqa: E402
 
@@ -28,7 +29,7 @@ dataset = [torch.from_numpy(row.astype(np.int64))[None] for row in samples]  # t
 loaded = time.perf_counter()
 kwargs = {"lr": lr} if lr > 0 else {}
 ar = AutoRound(model, tokenizer=tokenizer, bits=bits, group_size=64, sym=True, iters=iters, nsamples=len(samples),
-               seqlen=samples.shape[1], batch_size=batch, dataset=dataset, device_map="cpu", seed=42, **kwargs)
+               seqlen=samples.shape[1], batch_size=batch, dataset=dataset, device_map="cpu", seed=seed, **kwargs)
 begin = time.perf_counter()
 ar.quantize()
 quantized = time.perf_counter()
