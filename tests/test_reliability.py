@@ -242,7 +242,8 @@ def test_a_kill_at_any_step_of_the_swap_leaves_a_complete_artifact_and_the_next_
     old = snapshot(work / "out")
     argv = ["compress", "M", "-o", "out", "--overwrite", *TINY]
     script = KILL_SCRIPT.format(portable=portable, step=step, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_sigint_default)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if (work / "out").exists():
         assert is_complete_artifact(work / "out")
@@ -273,7 +274,8 @@ def test_a_signal_during_the_swap_waits_for_it_and_says_what_was_written(signum,
     assert run(["compress", "M", "-o", "out", "--backend", "torch", "--weight-format", "int8", "--quiet"], capsys)[0] == 0
     argv = ["compress", "M", "-o", "out", "--overwrite", *TINY]
     script = SIGNAL_SCRIPT.format(portable=portable, signum=int(signum), step=step, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_sigint_default)
     assert proc.returncode == 128 + signum
     assert one_line(proc.stderr.strip()).endswith(f"interrupted by {signal.Signals(signum).name}: after writing "
                                                   f"{work / 'out'}")
@@ -361,9 +363,15 @@ def test_sigterm_ends_the_run_with_143_and_nothing_written(work):
     assert not (work / "new").exists() and leftovers(work) == []
 
 
+def _sigint_default() -> None:
+    """The child takes Ctrl-C as a terminal's foreground process does, whatever this process inherited: a
+    shell's background job starts with SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.4, 1.5])
 def test_ctrl_c_during_start_up_is_one_line_and_130(work, delay):
-    proc = subprocess.Popen([QCOMPILER, "compress", "M", "-o", "out", *TINY], cwd=work,
+    proc = subprocess.Popen([QCOMPILER, "compress", "M", "-o", "out", *TINY], cwd=work, preexec_fn=_sigint_default,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
