@@ -53,12 +53,10 @@ def page_out(regions) -> int:
     if libc is None:
         return 0
     try:
-        with open("/proc/self/maps") as f:
-            files = [_span(line) for line in f if _file_backed(line)]
+        files = _file_spans()
     except OSError:
         return 0
     page, done = mmap.PAGESIZE, 0
-    files.sort()
     for address, nbytes in regions:
         for start, end in files:
             lo, hi = max(start, address), min(end, address + nbytes)
@@ -70,11 +68,13 @@ def page_out(regions) -> int:
     return done
 
 
-def _file_backed(line: str) -> bool:
-    fields = line.split(maxsplit=5)
-    return len(fields) == 6 and fields[5].startswith("/")
-
-
-def _span(line: str) -> tuple[int, int]:
-    start, end = line.split(maxsplit=1)[0].split("-")
-    return int(start, 16), int(end, 16)
+def _file_spans() -> list[tuple[int, int]]:
+    """The address ranges of this process's mappings of files (`/proc/self/maps` lines naming a path)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = fields[0].split("-")
+                spans.append((int(start, 16), int(end, 16)))
+    return spans

@@ -242,8 +242,7 @@ def test_a_kill_at_any_step_of_the_swap_leaves_a_complete_artifact_and_the_next_
     old = snapshot(work / "out")
     argv = ["compress", "M", "-o", "out", "--overwrite", *TINY]
     script = KILL_SCRIPT.format(portable=portable, step=step, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_sigint_default)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if (work / "out").exists():
         assert is_complete_artifact(work / "out")
