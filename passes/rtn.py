@@ -27,7 +27,8 @@ class RoundToNearest(Pass):
             fmt = const.meta.get("format")
             if fmt is None or "compressed" in const.meta:
                 continue
-            const.meta["compressed"] = quantize(graph.weight(const), reduction_axes, fmt.mode, fmt.group_size)
+            # as stored (bf16 / f16 checkpoints: half the bytes); quantize widens it exactly, or converts it
+            const.meta["compressed"] = quantize(graph.stored_weight(const), reduction_axes, fmt.mode, fmt.group_size)
             done[str(fmt)] += 1
         return PassResult(bool(done), {"compressed": dict(done)})
 

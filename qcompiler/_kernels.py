@@ -18,6 +18,7 @@ from qcompiler.config import Mode
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
+HALF = (torch.bfloat16, torch.float16)  # what quantize() takes besides float32 for the integer modes
 TILE = 8  # rows of a group the scale-estimation kernel refits together (TILE in _quant_kernels.c)
 
 
@@ -25,6 +26,8 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.quantize_int.argtypes = [_P, _I64, _I64, _INT, _INT, _P, _P, _P, _INT]
         lib.quantize_int.restype = None
+        lib.quantize_int_half.argtypes = [_P, _INT, _I64, _I64, _INT, _INT, _P, _P, _P, _INT]
+        lib.quantize_int_half.restype = _INT
         lib.quantize_table.argtypes = [_P, _I64, _I64, _INT, ctypes.c_float, ctypes.c_float, _INT, _P, _P, _P, _P,
                                        _P, _INT]
         lib.quantize_table.restype = None
@@ -73,7 +76,8 @@ class Kernels:
         return out
 
     def quantize(self, w: torch.Tensor, mode: Mode, table=None, code_of=None):
-        """(codes, scale, zero point) of float32 groups `w` [..., g] (contiguous), shaped like quant.py's."""
+        """(codes, scale, zero point) of float32 groups `w` [..., g] (contiguous), shaped like quant.py's;
+        for the integer modes (no table) `w` may also be bf16 or f16, widened exactly group by group."""
         g = w.shape[-1]
         groups = w.numel() // g
         stat_shape = (*w.shape[:-1], 1)
@@ -82,8 +86,14 @@ class Kernels:
             codes = torch.empty(w.shape, dtype=torch.uint8 if mode.asymmetric else torch.int8)
             scale = torch.empty(stat_shape, dtype=torch.float16)
             zero_point = torch.empty(stat_shape, dtype=torch.uint8) if mode.asymmetric else None
+            zp = zero_point.data_ptr() if zero_point is not None else None
+            if w.dtype in HALF:
+                if self.lib.quantize_int_half(w.data_ptr(), int(w.dtype == torch.bfloat16), groups, g, mode.bits,
+                                              int(mode.asymmetric), codes.data_ptr(), scale.data_ptr(), zp, threads):
+                    raise MemoryError("no memory for a group's float32 buffer in quantize_int_half")
+                return codes, scale, zero_point
             self.lib.quantize_int(w.data_ptr(), groups, g, mode.bits, int(mode.asymmetric), codes.data_ptr(),
-                                  scale.data_ptr(), zero_point.data_ptr() if zero_point is not None else None, threads)
+                                  scale.data_ptr(), zp, threads)
             return codes, scale, zero_point
         codes = torch.empty(w.shape, dtype=torch.uint8)
         mx = mode.spec.levels == "e2m1"  # E8M0 scales of amax / 6

@@ -11,6 +11,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 #include <string.h>
 
@@ -35,8 +36,12 @@ static inline _Float16 f16_scale(float scale) {
 
 static inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+/* Vector lanes of running minima and maxima, then combined (an OpenMP simd reduction): the same values
+ * as one running pair, since min and max do not depend on the order (only a zero's sign might, which
+ * no caller reads). */
 static inline void min_max(const float *x, int64_t n, float *lo, float *hi) {
     float a = x[0], b = x[0];
+#pragma omp simd reduction(min : a) reduction(max : b)
     for (int64_t j = 1; j < n; j++) {
         a = x[j] < a ? x[j] : a;
         b = x[j] > b ? x[j] : b;
@@ -62,27 +67,66 @@ static inline _Float16 rtn_scale(const float *x, int64_t g, int asym, float leve
     return f16_scale((a >= hi ? a : -hi) / half_range);
 }
 
+/* Integer modes: one group's codes, scale and zero point. */
+static inline void quantize_int_group(const float *x, int64_t i, int64_t g, int asym, float levels, float half_range,
+                                      void *codes, uint16_t *scale, uint8_t *zero_point) {
+    float zp;
+    const _Float16 s16 = rtn_scale(x, g, asym, levels, half_range, &zp);
+    const float s = (float)s16;
+    if (asym) {
+        zero_point[i] = (uint8_t)zp;
+        uint8_t *q = (uint8_t *)codes + i * g;
+        for (int64_t j = 0; j < g; j++) q[j] = (uint8_t)clampf(nearbyintf(x[j] / s) + zp, 0.0f, levels);
+    } else {
+        int8_t *q = (int8_t *)codes + i * g;
+        for (int64_t j = 0; j < g; j++) q[j] = (int8_t)clampf(nearbyintf(x[j] / s), -half_range, half_range - 1.0f);
+    }
+    memcpy(scale + i, &s16, sizeof s16);
+}
+
 /* Integer modes. codes: int8 (symmetric) or uint8 (asymmetric) [groups * g]; scale: f16 bits
  * [groups]; zero_point: uint8 [groups] or NULL for symmetric. */
 CLONES void quantize_int(const float *w, int64_t groups, int64_t g, int bits, int asym, void *codes,
                   uint16_t *scale, uint8_t *zero_point, int threads) {
     const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < groups; i++) {
-        const float *x = w + i * g;
-        float zp;
-        const _Float16 s16 = rtn_scale(x, g, asym, levels, half_range, &zp);
-        const float s = (float)s16;
-        if (asym) {
-            zero_point[i] = (uint8_t)zp;
-            uint8_t *q = (uint8_t *)codes + i * g;
-            for (int64_t j = 0; j < g; j++) q[j] = (uint8_t)clampf(nearbyintf(x[j] / s) + zp, 0.0f, levels);
-        } else {
-            int8_t *q = (int8_t *)codes + i * g;
-            for (int64_t j = 0; j < g; j++) q[j] = (int8_t)clampf(nearbyintf(x[j] / s), -half_range, half_range - 1.0f);
+    for (int64_t i = 0; i < groups; i++)
+        quantize_int_group(w + i * g, i, g, asym, levels, half_range, codes, scale, zero_point);
+}
+
+/* The same from bf16 (bf16 = 1) or f16 (0) weights: each group is widened to float32 (exactly) into a
+ * buffer of the thread's, then quantized as above, so the codes equal those of the float32 copy
+ * without one being made (a half-precision checkpoint's weights are read as stored). Returns 0, or -1
+ * when a buffer could not be allocated (nothing is then valid). */
+CLONES int quantize_int_half(const uint16_t *w, int bf16, int64_t groups, int64_t g, int bits, int asym,
+                              void *codes, uint16_t *scale, uint8_t *zero_point, int threads) {
+    const float levels = (float)((1 << bits) - 1), half_range = (float)(1 << (bits - 1));
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *x = (float *)malloc((size_t)g * sizeof(float));
+        failed = x == NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < groups; i++) {
+            if (x == NULL) continue;
+            const uint16_t *h = w + i * g;
+            if (bf16) {
+                for (int64_t j = 0; j < g; j++) {
+                    const uint32_t bits32 = (uint32_t)h[j] << 16;
+                    memcpy(x + j, &bits32, sizeof bits32);
+                }
+            } else {
+                for (int64_t j = 0; j < g; j++) {
+                    _Float16 v;
+                    memcpy(&v, h + j, sizeof v);
+                    x[j] = (float)v;
+                }
+            }
+            quantize_int_group(x, i, g, asym, levels, half_range, codes, scale, zero_point);
         }
-        memcpy(scale + i, &s16, sizeof s16);
+        free(x);
     }
+    return failed ? -1 : 0;
 }
 
 /* Nearest level of a sorted table through a uniform grid of bins (quant.py's _LevelTable). */

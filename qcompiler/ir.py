@@ -61,6 +61,7 @@ class Graph:
         # dtype (zeros), `weight_source(name)` reads the values (see `weight`)
         self.placeholders: set[str] = set()
         self.weight_source = None
+        self.stored_source = None  # optional: the same in the source's own float dtype (`stored_weight`)
         self.released: str | None = None  # why compressed weights' codes are gone (written, then dropped)
         # the weights are the frontend's own copy (a model it loaded, nobody else holds): a rewrite of the
         # same shape and dtype is written into them, instead of keeping a second copy
@@ -146,6 +147,15 @@ class Graph:
         if name in self.placeholders:
             return self.weight_source(name)
         return self.weights[name]
+
+    def stored_weight(self, const: Node) -> torch.Tensor:
+        """The weight's values in the float dtype its source stores them in (a half-precision
+        checkpoint's placeholder reads as f16 / bf16, half the bytes), for consumers that widen it
+        exactly themselves (round to nearest); `weight` gives float32 where the source does."""
+        name = const.attrs["weight"]
+        if name in self.placeholders and self.stored_source is not None:
+            return self.stored_source(name)
+        return self.weight(const)
 
     def tensor(self, const: Node) -> torch.Tensor:
         """The stored tensor, for its shape and dtype only: a placeholder holds zeros."""

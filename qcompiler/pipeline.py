@@ -56,8 +56,9 @@ class CompressedModel:
             return self.write(folder, backend, progress, backend_options)
 
     def write(self, folder: OutputFolder, backend: str | None = None, progress=None,
-              backend_options: dict | None = None) -> Path:
-        """Lower into the locked `folder`'s staging folder, write the report, swap it in."""
+              backend_options: dict | None = None, prepared=None) -> Path:
+        """Lower into the locked `folder`'s staging folder, write the report, swap it in. `prepared`: what
+        the backend's `prepare` started before the passes (compress() passes it)."""
         backend = backend or self.frontend.default_backend
         lowering = self.registry.backend(backend)
         if self.graph.released:
@@ -78,7 +79,8 @@ class CompressedModel:
             start = time.perf_counter()
             if progress is not None:
                 progress.set_description(f"lower to {backend}")
-            lowered = lowering.lower(self.graph, self.source, staging, options)
+            lowered = (lowering.lower(self.graph, self.source, staging, options) if prepared is None else
+                       lowering.lower(self.graph, self.source, staging, options, prepared=prepared))
             self.seconds["lower"] = time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
@@ -216,6 +218,11 @@ def compress(
                 raise QCompilerError(f"the {frontend.name} frontend reads no stored codes: --weight-format keep needs a "
                                      "GGUF or a GPTQ / AWQ / auto_round / compressed-tensors checkpoint")
             ctx.stored_weights = stored(source)
+        prepared = None
+        if lowering is not None and hasattr(lowering, "prepare") and config.dataset is None:
+            # lowering's pass-independent work (OpenVINO: the float graph's conversion) beside the passes;
+            # not with calibration data, whose passes run the same model's blocks
+            prepared = stack.enter_context(lowering.prepare(graph, source, folder.staging, dict(backend_options or {})))
         if config.dataset is not None:
             steps.set_description("calibration data")
             ctx.engine = calibration_engine(frontend, source, graph, config)
@@ -234,7 +241,7 @@ def compress(
             gc.collect()
             memory.trim()
         if folder is not None:
-            compressed.write(folder, backend, progress=steps, backend_options=backend_options)
+            compressed.write(folder, backend, progress=steps, backend_options=backend_options, prepared=prepared)
     return compressed
 
 

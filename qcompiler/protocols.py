@@ -137,6 +137,12 @@ class Backend(Protocol):
         (at least `files` and `weight_bytes`: weight name -> bytes stored). `options` are the
         backend's own (for ONNX: format, accuracy_level); refuse ones it does not know."""
 
+    def prepare(self, graph: Graph, source: Source, out_dir: Path, options: dict):
+        """Optional: a context manager that starts, beside the passes, the part of lowering that does not
+        depend on them (OpenVINO: the float graph's conversion, the tokenizer's); `lower` then gets it
+        as `prepared=` and must check it is still valid for what the passes did. Called only when no
+        pass runs the model (no calibration data); leaving it waits for whatever it started."""
+
     def can_load(self, path: Path) -> bool:
         """True if `path` is an artifact folder this backend wrote."""
 

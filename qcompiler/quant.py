@@ -238,12 +238,14 @@ def quantize(tensor: torch.Tensor, reduction_axes: tuple[int, ...], mode: Mode, 
         blocks = torch.from_numpy(ggml.quantize(matrix.float().numpy(), mode.value))
         codes = blocks.reshape(matrix.shape[0], matrix.shape[1] // mode.spec.block, -1)
         return BlockWeight(mode, mode.spec.block, codes, torch.empty(0), None, tuple(tensor.shape), transposed)
-    w = grouped(matrix.float(), group_size)
     c = _kernels.get()
     if c is not None:  # the same formulas in C, one pass over memory, multithreaded
         table = _LEVEL_SEARCH.get(mode.spec.levels, (None, None))
+        half = table[0] is None and matrix.dtype in _kernels.HALF  # widened in the kernel, group by group
+        w = grouped(matrix if half else matrix.float(), group_size)
         codes, scale, zero_point = c.quantize(w.contiguous(), mode, *table)
         return CompressedWeight(mode, group_size, codes, scale, zero_point, tuple(tensor.shape), transposed)
+    w = grouped(matrix.float(), group_size)
     rows = max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
     if rows >= w.shape[0]:
         codes, scale, zero_point = _quantizer(mode)(w, mode)

@@ -39,6 +39,28 @@ def test_c_kernels_equal_the_torch_path(monkeypatch, mode, group_size, transpose
         assert (c.zero_point is None and t.zero_point is None) or torch.equal(c.zero_point, t.zero_point)
 
 
+@pytest.mark.parametrize("mode,group_size", [(Mode.INT8_ASYM, -1), (Mode.INT8_SYM, -1), (Mode.INT4_SYM, 64),
+                                             (Mode.INT4_ASYM, 32), (Mode.INT2_ASYM, 64), (Mode.NF4, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_half_weights_quantize_as_their_float32_copy(monkeypatch, mode, group_size, dtype, transposed):
+    """A bf16 / f16 weight (a half-precision checkpoint read as stored) gets the codes, scales and zero
+    points of its exact float32 copy, on the C path (widened group by group) and the torch path."""
+    for seed in range(3):
+        w = weights(seed).clamp(-1e4, 1e4).to(dtype)  # finite in f16 too
+        w[5, :32] = torch.finfo(dtype).tiny / 4  # subnormal halves widen exactly too
+        tensor, axes = (w.t().contiguous(), (0,)) if transposed else (w, (1,))
+        for torch_path in (False, True):
+            if torch_path:
+                monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
+            half, full = quantize(tensor, axes, mode, group_size), quantize(tensor.float(), axes, mode, group_size)
+            monkeypatch.delenv("QCOMPILER_TORCH_KERNELS", raising=False)
+            assert half.codes.dtype == full.codes.dtype and torch.equal(half.codes, full.codes)
+            assert torch.equal(half.scale, full.scale)
+            assert (half.zero_point is None and full.zero_point is None) or torch.equal(half.zero_point,
+                                                                                     full.zero_point)
+
+
 @pytest.mark.parametrize("mode", [Mode.INT8_ASYM, Mode.INT8_SYM])
 def test_c_error_equals_the_torch_error(monkeypatch, mode):
     w = weights(0)

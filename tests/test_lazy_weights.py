@@ -1,6 +1,7 @@
 """Weights left on disk until a pass needs them (plugins/torch/lazy.py): the OpenVINO artifact of a
 safetensors folder is the one the eagerly loaded model gives, bit for bit."""
 
+import copy
 import json
 
 import numpy as np
@@ -46,6 +47,23 @@ def test_lazy_artifact_equals_the_eager_one(tmp_path, name, tie):
     assert a["table"] == b["table"] and a["parameters"] == b["parameters"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["int4_sym", "int4_ratio_awq", "int8"])
+def test_a_half_precision_folder_gives_the_artifact_of_its_float32_copy(tmp_path, name, dtype):
+    """Round to nearest reads a bf16 / f16 checkpoint's weights as stored (half the bytes) and
+    widens them in the kernel: the artifact is the eagerly loaded float32 model's, bit for bit."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype))  # values a half checkpoint holds; the rotary buffer stays float32, as loaded
+    folder = tmp_path / "model"
+    copy.deepcopy(model).to(dtype).save_pretrained(folder)
+    lazy = compress(folder, CONFIGS[name], output=tmp_path / "lazy", backend="openvino")
+    assert lazy.graph.placeholders and lazy.graph.stored_source is not None
+    compress(model, CONFIGS[name], output=tmp_path / "eager", backend="openvino")
+    assert _bin(tmp_path / "lazy") == _bin(tmp_path / "eager")
+
+
 def test_placeholders_stay_unread_and_values_come_from_the_files(tmp_path):
     model = tiny_llama()
     folder = tmp_path / "model"
@@ -56,6 +74,7 @@ def test_placeholders_stay_unread_and_values_come_from_the_files(tmp_path):
     q = next(c for c in graph.weight_constants() if c.attrs["weight"].endswith("layers.0.self_attn.q_proj.weight"))
     assert q.attrs["weight"] in graph.placeholders
     assert torch.equal(graph.weight(q), model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(graph.stored_weight(q), graph.weight(q))  # a float32 file: the same values
     held = graph.tensor(q).view(-1)
     assert held[1:].abs().sum() == 0  # a zero placeholder (its first element marks it distinct)
     norm = dict(source.model.named_parameters())["model.norm.weight"]
@@ -117,6 +136,7 @@ def test_only_the_files_transformers_reads_are_read(tmp_path):
     graph = TorchFrontend().trace(source)
     q = next(c for c in graph.weight_constants() if c.attrs["weight"].endswith("layers.0.self_attn.q_proj.weight"))
     assert torch.equal(graph.weight(q), model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(graph.stored_weight(q), graph.weight(q))  # a float32 file: the same values
     assert torch.equal(dict(source.model.named_parameters())["model.norm.weight"], model.model.norm.weight)
 
 
@@ -155,3 +175,30 @@ def test_a_placeholder_also_read_by_another_op_gets_its_values(tmp_path):
     graph = TorchFrontend().trace(source)
     assert not graph.placeholders
     assert torch.equal(held.emb.weight, real.emb.weight)
+
+
+def test_stored_reads_map_the_file_or_read_what_cannot_be_mapped(tmp_path):
+    """`read_stored` gives each tensor in its file dtype: mapped where its offset suits the dtype, read
+    otherwise (an f32 tensor after an odd number of f16 values, which safetensors' own writer never
+    lays out, another writer may), equal to safetensors' own load."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3).half(), "b": torch.randn(40, 50), "c": torch.randn(64, 33).to(torch.bfloat16)}
+    names = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+    header, data = {}, b""
+    for key, t in tensors.items():  # in this order, unaligned
+        raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+    reader = lazy.SafetensorsReader(tmp_path)
+    assert reader.entries["b"][3] % 4 == 2  # the f32 tensor cannot be viewed in place
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    for key in tensors:
+        got = reader.read_stored(key)
+        assert got.dtype == expected[key].dtype and torch.equal(got, expected[key])
+        assert torch.equal(reader.read(key), expected[key].float())

@@ -57,6 +57,8 @@ def test_artifact_decodes_exactly_and_fuses(tmp_path, config, precision):
     fused = [p for t, p in runtime_layers(tmp_path / "out" / "openvino_model.xml") if t == "FullyConnected"]
     # per layer q/k/v run as one FullyConnected, gate/up as one, o and down alone; then lm_head
     assert len(fused) == 9 and fused.count(precision) >= 8  # every compressed MatMul runs compressed
+    # the float graph was converted beside the passes (they rewrote no parameter it reads)
+    assert "convert_beside_passes" in result.report["backend_seconds"]
 
 
 def test_report_sizes_match_theory(tmp_path):

@@ -114,10 +114,10 @@ def test_data_free_awq_keeps_the_product_and_equalizes_down_proj():
     assert results["awq"].summary["matched"] == 1 and results["awq"].summary["applied"] == 1
     up0, down0 = plain.weights["l0.up.weight"], plain.weights["l0.down.weight"]
     up1, down1 = graph.weights["l0.up.weight"], graph.weights["l0.down.weight"]
-    h = torch.randn(5, 96)
+    h = torch.randn(5, 96, generator=torch.Generator().manual_seed(0))
     before = (h @ up0.t()) @ down0.t()
     after = (h @ up1.t()) @ down1.t()
-    assert torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-4)  # outputs up to ~400: float32 rounding is relative
     assert torch.allclose(down1.abs().mean(0), torch.ones(192), atol=1e-5)  # s = 1 / mean|W2| per column
     assert graph.node("l0.down").meta.get("awq")
 

@@ -20,6 +20,7 @@ from qcompiler.formats import LOW_BIT_FIX, refuse_modes
 from qcompiler.hookspecs import hookimpl
 
 MODEL_XML = "openvino_model.xml"
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while lowering's threads run beside the passes
 log = logging.getLogger("qcompiler")
 
 # OpenVINO's converter starts usage telemetry when `openvino.tools.ovc` is imported (unless CI=true or
@@ -53,9 +54,18 @@ class OpenVINOBackend:
             if not isinstance(options.get(name, True), bool):
                 raise QCompilerError(f"the openvino backend's option {name} is True or False, not {options[name]!r}")
 
-    def lower(self, graph, source, out_dir: Path, options: dict | None = None) -> dict:
+    def prepare(self, graph, source, out_dir: Path, options: dict) -> Prepared:
+        """The tokenizer's conversion and the float model's, each on a thread of its own, while the passes
+        run on the main one (see `Prepared`)."""
+        return Prepared(source, out_dir, options)
+
+    def lower(self, graph, source, out_dir: Path, options: dict | None = None, prepared: Prepared | None = None) -> dict:
         options = options or {}
         self.check(None, options)
+        if prepared is not None:
+            result = self._lower_model(graph, source, out_dir, options, prepared)
+            result["files"] += prepared.tokenizer_files()
+            return result
         tokenizer = getattr(source, "tokenizer", None) if options.get("convert_tokenizer", True) else None
         if tokenizer is None:
             return self._lower_model(graph, source, out_dir, options)
@@ -65,7 +75,7 @@ class OpenVINOBackend:
             result["files"] += job.result()
         return result
 
-    def _lower_model(self, graph, source, out_dir: Path, options: dict) -> dict:
+    def _lower_model(self, graph, source, out_dir: Path, options: dict, prepared: Prepared | None = None) -> dict:
         import openvino as ov
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
@@ -75,7 +85,10 @@ class OpenVINOBackend:
 
         start = time.perf_counter()
         converted_with = set()
-        if isinstance(source, OpenVINOSource):
+        early = prepared.model(graph) if prepared is not None else None
+        if early is not None:
+            ((model, prefix), early_seconds), consts = early, None
+        elif isinstance(source, OpenVINOSource):
             model, prefix, consts = source.model, "", source.constants
             from qcompiler.rewrites import epilogues
 
@@ -100,6 +113,8 @@ class OpenVINOBackend:
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
         seconds = {"convert": converted - start, "apply_weights": applied - converted,
                    "save": time.perf_counter() - applied}
+        if early is not None:  # converted beside the passes: "convert" is only the wait for it
+            seconds["convert_beside_passes"] = early_seconds
         files = [MODEL_XML, MODEL_XML.replace(".xml", ".bin")]
         facts = {"files": files, "weight_bytes": weight_bytes, "seconds": seconds}
         if quantized:
@@ -113,6 +128,67 @@ class OpenVINOBackend:
 
     def runner(self, path: Path):
         return OpenVINORunner(Path(path) / MODEL_XML)
+
+
+class Prepared:
+    """Lowering's work that no pass result changes, started before the passes on threads of its own:
+    the tokenizer's conversion, and the float model's (`lower.convert`: tracing, OpenVINO's
+    conversion, 2-3 s), which on two cores overlap the passes' quantization. The float model stays
+    valid when the passes rewrote no parameter the conversion reads and inserted no node (the rewritten
+    weights of weight-bearing ops are replaced when lowering, as always); otherwise `model()` says so and
+    the model is converted again with the passes' changes. Leaving the context waits for both threads."""
+
+    def __init__(self, source, out_dir: Path, options: dict) -> None:
+        from qcompiler.plugins.openvino.frontend import OpenVINOSource
+
+        self._jobs = []
+        self._conversion = None
+        if not isinstance(source, OpenVINOSource) and hasattr(source.model, "forward"):
+            self._conversion = Background(_convert_early, source, options.get("stateful", True))
+            self._jobs.append(self._conversion)
+        tokenizer = getattr(source, "tokenizer", None) if options.get("convert_tokenizer", True) else None
+        self._tokenizer = Background(write_tokenizer_models, tokenizer, out_dir) if tokenizer is not None else None
+        if self._tokenizer is not None:
+            self._jobs.append(self._tokenizer)
+
+    def __enter__(self) -> Prepared:
+        # the passes' thread takes the GIL back after each kernel call; with the default 5 ms switch
+        # interval it waits that long for the converter's thread each time
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL))
+        for job in self._jobs:
+            job.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for job in self._jobs:
+                job.__exit__(*exc)
+        finally:
+            sys.setswitchinterval(self._interval)
+
+    def model(self, graph):
+        """((float ov.Model, weight prefix), seconds it took) converted early, or None when the passes'
+        changes need a new conversion (or none was started). Waits for the conversion; raises its error."""
+        from qcompiler.rewrites import epilogues, rewritten_params
+
+        if self._conversion is None:
+            return None
+        if rewritten_params(graph) or epilogues(graph):
+            self._conversion.wait()  # done with the module before it is converted again (its error is moot)
+            log.debug("the passes rewrote parameters the float graph reads: converting it again")
+            return None
+        return self._conversion.result()
+
+    def tokenizer_files(self) -> list[str]:
+        return self._tokenizer.result() if self._tokenizer is not None else []
+
+
+def _convert_early(source, stateful: bool):
+    from qcompiler.plugins.openvino.lower import convert
+
+    start = time.perf_counter()
+    return convert(source, stateful), time.perf_counter() - start
 
 
 class Background:
@@ -143,6 +219,9 @@ class Background:
                 interrupted = caught
         if interrupted is not None:
             raise interrupted
+
+    def wait(self) -> None:
+        self._thread.join()
 
     def result(self):
         self._thread.join()

@@ -166,6 +166,7 @@ def _lazy_weights(graph: Graph, source: TorchSource) -> None:
                if set(readers[const]) == {use.op for use in uses}}  # read as a weight and in no other way
     graph.placeholders = {name for name in placeholders if name in bearing}
     graph.weight_source = lambda name: reader.read(placeholders[name])
+    graph.stored_source = lambda name: reader.read_stored(placeholders[name])
     params = dict(source.model.named_parameters(remove_duplicate=False))
     in_ir = {id(params[name]) for name in graph.placeholders}
     rest = [name for name in placeholders if id(params[name]) not in in_ir]

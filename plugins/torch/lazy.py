@@ -63,24 +63,41 @@ class SafetensorsReader:
     def floating(self) -> bool:
         return all(dtype in DTYPES for _, dtype, _, _, _ in self.entries.values())
 
+    def read_stored(self, key: str) -> torch.Tensor:
+        """The tensor in the float dtype the file stores it in (f32, f16 or bf16), for a reader that
+        drops it soon (round to nearest): a private mapping of the file's bytes, so nothing is copied
+        and the page cache's pages count in the resident set only while the tensor lives."""
+        path, dtype, shape, start, end = self.entries[key]
+        width = DTYPES[dtype].itemsize
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        if end == start or (start - base) % width:  # nothing to map, or bytes the dtype cannot view in place
+            out = torch.empty((end - start) // width, dtype=DTYPES[dtype])
+            with open(path, "rb", buffering=0) as f:
+                _pread_into(f.fileno(), memoryview(out.view(torch.uint8).numpy()), start, path, key)
+            return out.reshape(shape)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < end:
+                raise OSError(f"{path} ended while reading {key}")
+            mapped = mmap.mmap(f.fileno(), end - base, flags=mmap.MAP_PRIVATE, offset=base)  # copy on a write
+        raw = np.frombuffer(mapped, dtype=np.uint8, count=end - start, offset=start - base)
+        return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(shape)  # holds the mapping until dropped
+
     def read(self, key: str) -> torch.Tensor:
         """The tensor as float32, read straight into its own memory (f16 / bf16 through a small
         buffer, so a large weight costs its float32 size and no more)."""
         path, dtype, shape, start, end = self.entries[key]
+        if dtype == "F32":
+            return self.read_stored(key)
         width = DTYPES[dtype].itemsize
         out = torch.empty((end - start) // width, dtype=torch.float32)
+        step = READ_CHUNK // width * width
+        buffer = bytearray(min(step, end - start))
         with open(path, "rb", buffering=0) as f:
-            if dtype == "F32":
-                _pread_into(f.fileno(), memoryview(out.numpy()).cast("B"), start, path, key)
-            else:
-                step = READ_CHUNK // width * width
-                buffer = bytearray(min(step, end - start))
-                for offset in range(start, end, step):
-                    size = min(step, end - offset)
-                    _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
-                    first = (offset - start) // width
-                    out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype],
-                                                                        count=size // width)
+            for offset in range(start, end, step):
+                size = min(step, end - offset)
+                _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
+                first = (offset - start) // width
+                out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype], count=size // width)
         return out.reshape(shape)
 
 
