@@ -202,3 +202,18 @@ def test_stored_reads_map_the_file_or_read_what_cannot_be_mapped(tmp_path):
         got = reader.read_stored(key)
         assert got.dtype == expected[key].dtype and torch.equal(got, expected[key])
         assert torch.equal(reader.read(key), expected[key].float())
+
+
+def test_placeholders_cost_no_memory_when_marked_and_read():
+    """Placeholders are zero pages: their marker write costs one small page, reading them (huge zero
+    pages where the kernel has transparent huge pages) costs nothing resident."""
+    def rss_anon() -> int:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return int(status["RssAnon"].split()[0]) * 1024
+
+    before = rss_anon()
+    held = [lazy._zeros((1024, 2048)) for _ in range(20)]  # 8 MB each, 160 MB in all
+    for i, t in enumerate(held):
+        t.view(-1)[0] = float(i + 1)
+    assert sum(float(t.sum()) for t in held) == sum(range(1, 21))
+    assert rss_anon() - before < 16 << 20  # a huge page per marker would be 40 MB
