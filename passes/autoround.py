@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from qcompiler import _kernels
 from qcompiler.config import Mode
 from qcompiler.errors import QCompilerError
 from qcompiler.hookspecs import hookimpl
@@ -338,9 +337,10 @@ def _raw_scale(lo_a, hi_b, bits: int, asymmetric: bool):
 class _QDQ(torch.autograd.Function):
     """Quantize-dequantize of weight groups `wg` [N, G, g] with offsets V and clipping factors alpha, beta
     [N, G, 1], as `_Tuner.qdq_reference` defines it (rounding straight through, the scale rounded to f16
-    straight through, no gradient where a clamp holds), with a hand-written backward: one pass over the
-    weights each way (in C where the kernels are built, `_kernels.autoround_qdq`; the torch path here
-    otherwise) instead of autograd's graph of some twenty, which was a tenth of each tuning step."""
+    straight through, no gradient where a clamp holds), with a hand-written backward: a few torch ops
+    each way instead of autograd's graph of some twenty, which was a tenth of each tuning step. (A C
+    kernel for both passes, sessions 16-17, gave the same values and gradients up to float rounding but
+    no measured speed-up on the whole tuning, 938 s against 939 s; it was removed.)"""
 
     @staticmethod
     def forward(ctx, wg, v, alpha, beta, lo, hi, bits, asymmetric, code_range):
@@ -354,17 +354,12 @@ class _QDQ(torch.autograd.Function):
             z_raw = (-lo_a / s).round()
             z = z_raw.clamp(0, high)
             z_inside = (z_raw >= 0) & (z_raw <= high)
-        kernels = _kernels.get()
-        ctx.kernels = kernels if kernels is not None and wg.dtype == torch.float32 and wg.is_contiguous() else None
-        if ctx.kernels is not None:
-            w, code, inside = ctx.kernels.autoround_qdq(wg, v.detach().contiguous(), s, z, low, high)
-        else:
-            r = (wg / s + v).round_()
-            if z is not None:
-                r = r + z
-            inside = (r >= low) & (r <= high)
-            code = r.clamp_(low, high)
-            w = code * s if z is None else (code - z) * s
+        r = (wg / s + v).round_()
+        if z is not None:
+            r = r + z
+        inside = (r >= low) & (r <= high)
+        code = r.clamp_(low, high)
+        w = code * s if z is None else (code - z) * s
         ctx.save_for_backward(wg, s, z, lo, hi, lo_a, pick, live, z_inside, code, inside)
         ctx.bits, ctx.asymmetric = bits, asymmetric
         return w
@@ -373,15 +368,11 @@ class _QDQ(torch.autograd.Function):
     def backward(ctx, g):
         wg, s, z, lo, hi, lo_a, pick, live, z_inside, code, inside = ctx.saved_tensors
         bits = ctx.bits
-        g = g.contiguous()
-        if ctx.kernels is not None:  # the path the forward took
-            dv, direct, through, shift = ctx.kernels.autoround_qdq_backward(g, wg, s, z, code, inside)
-        else:
-            gs = g * s
-            dv = torch.where(inside, gs, 0.0)  # dL/dq for q = wg / s + V straight through: [inside] g s
-            direct = (g * (code if z is None else code - z)).sum(-1, keepdim=True)
-            through = (dv * wg).sum(-1, keepdim=True)
-            shift = (dv - gs).sum(-1, keepdim=True)
+        gs = g * s
+        dv = torch.where(inside, gs, 0.0)  # dL/dq for q = wg / s + V straight through: [inside] g s
+        direct = (g * (code if z is None else code - z)).sum(-1, keepdim=True)
+        through = (dv * wg).sum(-1, keepdim=True)
+        shift = (dv - gs).sum(-1, keepdim=True)
         # w = s (clamp(q + z) - z): dw/ds = (clamp(q + z) - z) - [inside] wg / s; dw/dz = s ([inside] - 1)
         ds = direct - through / s.square()
         if ctx.asymmetric:  # z = round(-lo_a / s) straight through, clamped to the grid

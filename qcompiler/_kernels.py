@@ -40,34 +40,7 @@ class Kernels:
         lib.awq_residual_int.restype = None
         lib.pack_nibbles.argtypes = [_P, _I64, _P, _INT]
         lib.pack_nibbles.restype = None
-        lib.autoround_qdq.argtypes = [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_float, _P, _P, _P, _INT]
-        lib.autoround_qdq.restype = None
-        lib.autoround_qdq_backward.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P, _INT]
-        lib.autoround_qdq_backward.restype = None
         self.lib = lib
-
-    def autoround_qdq(self, w: torch.Tensor, v: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, low: int,
-                      high: int):
-        """AutoRound's quantize-dequantize of float32 groups `w`, `v` [..., g] (contiguous) with scales `s`
-        and zero points `z` [..., 1] (None: symmetric): (decoded, codes, inside the grid before clamping)."""
-        g = w.shape[-1]
-        out, code = torch.empty_like(w), torch.empty_like(w)
-        inside = torch.empty(w.shape, dtype=torch.bool)
-        self.lib.autoround_qdq(w.data_ptr(), v.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
-                               w.numel() // g, g, float(low), float(high), out.data_ptr(), code.data_ptr(),
-                               inside.data_ptr(), torch.get_num_threads())
-        return out, code, inside
-
-    def autoround_qdq_backward(self, grad, w, s, z, code, inside):
-        """dv [..., g] and the per-group sums direct, through, shift [..., 1] of `_QDQ.backward`."""
-        g = w.shape[-1]
-        dv = torch.empty_like(w)
-        direct, through, shift = (torch.empty(s.shape, dtype=torch.float32) for _ in range(3))
-        self.lib.autoround_qdq_backward(grad.data_ptr(), w.data_ptr(), s.data_ptr(),
-                                        None if z is None else z.data_ptr(), code.data_ptr(), inside.data_ptr(),
-                                        w.numel() // g, g, dv.data_ptr(), direct.data_ptr(), through.data_ptr(),
-                                        shift.data_ptr(), torch.get_num_threads())
-        return dv, direct, through, shift
 
     def pack_nibbles(self, values: torch.Tensor) -> torch.Tensor:
         """uint8 [ceil(n / 2)] of the n one-byte 4-bit codes in `values` (contiguous), two per byte."""

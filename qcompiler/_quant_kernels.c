@@ -358,55 +358,6 @@ CLONES void awq_residual_int(const float *w, const float *s, int64_t rows, int64
     }
 }
 
-/* AutoRound's quantize-dequantize of weight groups (passes/autoround.py `_QDQ`, whose torch path is the
- * reference): per group j of g weights w with rounding offsets v, scale s[j] and zero point z[j] (NULL:
- * symmetric), the code c = clamp(round(w / s + v) + z, low, high), whether the clamp left it as it was,
- * and the decoded value (c - z) * s: the same operations in the same order as the torch path. */
-CLONES void autoround_qdq(const float *w, const float *v, const float *s, const float *z, int64_t groups, int64_t g,
-                          float low, float high, float *out, float *code, uint8_t *inside, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < groups; j++) {
-        const float sj = s[j], zj = z ? z[j] : 0.0f;
-        const float *wj = w + j * g, *vj = v + j * g;
-        float *oj = out + j * g, *cj = code + j * g;
-        uint8_t *ij = inside + j * g;
-        for (int64_t i = 0; i < g; i++) {
-            const float r = rintf(wj[i] / sj + vj[i]) + zj;
-            const float c = clampf(r, low, high);
-            ij[i] = (uint8_t)((r >= low) & (r <= high)); /* no branch: the loop vectorizes */
-            cj[i] = c;
-            oj[i] = (c - zj) * sj;
-        }
-    }
-}
-
-/* Its backward's passes over the weights, for upstream gradients `grad`: the offsets' gradient
- * dv = [inside] grad s, and per group the sums the scale's and zero point's gradients are made of:
- * direct = sum grad (c - z), through = sum dv w, shift = sum (dv - grad s). */
-CLONES void autoround_qdq_backward(const float *grad, const float *w, const float *s, const float *z,
-                                   const float *code, const uint8_t *inside, int64_t groups, int64_t g, float *dv,
-                                   float *direct, float *through, float *shift, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < groups; j++) {
-        const float sj = s[j], zj = z ? z[j] : 0.0f;
-        const float *gj = grad + j * g, *wj = w + j * g, *cj = code + j * g;
-        const uint8_t *ij = inside + j * g;
-        float *dj = dv + j * g;
-        float a = 0.0f, b = 0.0f, c = 0.0f;
-        for (int64_t i = 0; i < g; i++) {
-            const float gs = gj[i] * sj;
-            const float d = ij[i] != 0 ? gs : 0.0f;
-            dj[i] = d;
-            a += gj[i] * (cj[i] - zj);
-            b += d * wj[i];
-            c += d - gs;
-        }
-        direct[j] = a;
-        through[j] = b;
-        shift[j] = c;
-    }
-}
-
 /* 4-bit codes (one per byte, low nibble used) packed two per byte, element 2i in the low nibble: the
  * layout of OpenVINO's u4/i4/nf4/f4e2m1 constants and of the torch backend's packed weights. */
 void pack_nibbles(const uint8_t *src, int64_t n, uint8_t *dst, int threads) {

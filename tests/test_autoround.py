@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import WIKITEXT, tiny_llama, tiny_tokenizer
-from qcompiler import _kernels
 from qcompiler.config import CompressionConfig, Mode, WeightFormat
 from qcompiler.errors import QCompilerError
 from qcompiler.passes.autoround import _Tuner
@@ -42,16 +41,10 @@ def test_compressed_form_is_what_the_loss_saw(mode, group):
     assert cw.codes.min() >= lo and cw.codes.max() <= hi
 
 
-@pytest.mark.parametrize("kernels", ["c", "torch"])
 @pytest.mark.parametrize("mode,group", FORMATS, ids=[f"{m}-g{g}" for m, g in FORMATS])
-def test_fused_qdq_has_the_straight_through_gradients(mode, group, kernels, monkeypatch):
+def test_fused_qdq_has_the_straight_through_gradients(mode, group):
     """The fused quantize-dequantize gives the values and the gradients in V, alpha and beta of autograd
-    run over the straight-through formulas, with groups at the scale floor and at both ends of the grid,
-    in C and in torch."""
-    if kernels == "torch":
-        monkeypatch.setenv("QCOMPILER_TORCH_KERNELS", "1")
-    elif _kernels.get() is None:
-        pytest.skip("the C kernels are not built")
+    run over the straight-through formulas, with groups at the scale floor and at both ends of the grid."""
     torch.manual_seed(3)
     w = torch.randn(48, 128)
     w[0, :] = 0.0  # a group whose scale is held at its floor
