@@ -87,18 +87,20 @@ class SafetensorsReader:
         """The tensor as float32, read straight into its own memory (f16 / bf16 through a small
         buffer, so a large weight costs its float32 size and no more)."""
         path, dtype, shape, start, end = self.entries[key]
-        if dtype == "F32":
-            return self.read_stored(key)
         width = DTYPES[dtype].itemsize
         out = torch.empty((end - start) // width, dtype=torch.float32)
-        step = READ_CHUNK // width * width
-        buffer = bytearray(min(step, end - start))
         with open(path, "rb", buffering=0) as f:
-            for offset in range(start, end, step):
-                size = min(step, end - offset)
-                _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
-                first = (offset - start) // width
-                out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype], count=size // width)
+            if dtype == "F32":
+                _pread_into(f.fileno(), memoryview(out.numpy()).cast("B"), start, path, key)
+            else:
+                step = READ_CHUNK // width * width
+                buffer = bytearray(min(step, end - start))
+                for offset in range(start, end, step):
+                    size = min(step, end - offset)
+                    _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
+                    first = (offset - start) // width
+                    out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype],
+                                                                        count=size // width)
         return out.reshape(shape)
 
 
@@ -168,7 +170,7 @@ def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
     buffer = mmap.mmap(-1, max(4 * count, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared ones fill on read
     if hasattr(mmap, "MADV_HUGEPAGE") and 4 * count > HUGE:
         # the traces read every placeholder: with transparent huge pages a read maps the kernel's 2 MB zero
-        # page (still no memory) instead of 512 4 kB ones, a quarter of the time per read. Not the first
+        # page (still no memory) instead of 512 4 kB ones, a third of the time per read. Not the first
         # 2 MB, where the marker is written: a write there would take a whole huge page.
         try:
             buffer.madvise(mmap.MADV_HUGEPAGE, HUGE, 4 * count - HUGE)
