@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,20 +63,15 @@ class OpenVINOBackend:
     def lower(self, graph, source, out_dir: Path, options: dict | None = None, prepared: Prepared | None = None) -> dict:
         options = options or {}
         self.check(None, options)
-        if prepared is not None:
+        # not prepared (a model lowered after its passes): the tokenizer's conversion (1.5 s for SmolLM2's)
+        # still runs beside the model's, on the second core
+        jobs = nullcontext(prepared) if prepared is not None else Prepared(source, out_dir, options, convert=False)
+        with jobs as prepared:
             result = self._lower_model(graph, source, out_dir, options, prepared)
             result["files"] += prepared.tokenizer_files()
-            return result
-        tokenizer = getattr(source, "tokenizer", None) if options.get("convert_tokenizer", True) else None
-        if tokenizer is None:
-            return self._lower_model(graph, source, out_dir, options)
-        # the tokenizer's conversion (1.5 s for SmolLM2's) runs beside the model's on the second core
-        with Background(write_tokenizer_models, tokenizer, out_dir) as job:
-            result = self._lower_model(graph, source, out_dir, options)
-            result["files"] += job.result()
         return result
 
-    def _lower_model(self, graph, source, out_dir: Path, options: dict, prepared: Prepared | None = None) -> dict:
+    def _lower_model(self, graph, source, out_dir: Path, options: dict, prepared: Prepared) -> dict:
         import openvino as ov
 
         from qcompiler.plugins.openvino.frontend import OpenVINOSource
@@ -85,9 +81,9 @@ class OpenVINOBackend:
 
         start = time.perf_counter()
         converted_with = set()
-        early = prepared.model(graph) if prepared is not None else None
+        early = prepared.model(graph)
         if early is not None:
-            ((model, prefix), early_seconds), consts = early, None
+            (model, prefix, early_seconds), consts = early, None
         elif isinstance(source, OpenVINOSource):
             model, prefix, consts = source.model, "", source.constants
             from qcompiler.rewrites import epilogues
@@ -95,7 +91,7 @@ class OpenVINOBackend:
             if epilogues(graph):
                 raise QCompilerError("a pass inserted nodes (e.g. LoRA correction's adapters), which reach an imported "
                                      "OpenVINO model not yet: compress the transformers model instead, or drop that option")
-        elif hasattr(source.model, "forward"):
+        elif _converted(source):
             with in_module(source.model, graph) as converted_with:
                 (model, prefix), consts = convert(source, options.get("stateful", True)), None
         else:
@@ -136,14 +132,13 @@ class Prepared:
     conversion, 2-3 s), which on two cores overlap the passes' quantization. The float model stays
     valid when the passes rewrote no parameter the conversion reads and inserted no node (the rewritten
     weights of weight-bearing ops are replaced when lowering, as always); otherwise `model()` says so and
-    the model is converted again with the passes' changes. Leaving the context waits for both threads."""
+    the model is converted again with the passes' changes. Leaving the context waits for both threads.
+    With `convert=False` only the tokenizer's conversion runs (a model lowered after its passes)."""
 
-    def __init__(self, source, out_dir: Path, options: dict) -> None:
-        from qcompiler.plugins.openvino.frontend import OpenVINOSource
-
+    def __init__(self, source, out_dir: Path, options: dict, convert: bool = True) -> None:
         self._jobs = []
         self._conversion = None
-        if not isinstance(source, OpenVINOSource) and hasattr(source.model, "forward"):
+        if convert and _converted(source):
             self._conversion = Background(_convert_early, source, options.get("stateful", True))
             self._jobs.append(self._conversion)
         tokenizer = getattr(source, "tokenizer", None) if options.get("convert_tokenizer", True) else None
@@ -168,7 +163,7 @@ class Prepared:
             sys.setswitchinterval(self._interval)
 
     def model(self, graph):
-        """((float ov.Model, weight prefix), seconds it took) converted early, or None when the passes'
+        """(float ov.Model, weight prefix, seconds it took) converted early, or None when the passes'
         changes need a new conversion (or none was started). Waits for the conversion; raises its error."""
         from qcompiler.rewrites import epilogues, rewritten_params
 
@@ -184,11 +179,20 @@ class Prepared:
         return self._tokenizer.result() if self._tokenizer is not None else []
 
 
+def _converted(source) -> bool:
+    """True for a source whose float graph OpenVINO's converter makes (a torch module); an imported
+    OpenVINO model is lowered into as it is."""
+    from qcompiler.plugins.openvino.frontend import OpenVINOSource
+
+    return not isinstance(source, OpenVINOSource) and hasattr(source.model, "forward")
+
+
 def _convert_early(source, stateful: bool):
     from qcompiler.plugins.openvino.lower import convert
 
     start = time.perf_counter()
-    return convert(source, stateful), time.perf_counter() - start
+    model, prefix = convert(source, stateful)
+    return model, prefix, time.perf_counter() - start
 
 
 class Background:
@@ -224,7 +228,7 @@ class Background:
         self._thread.join()
 
     def result(self):
-        self._thread.join()
+        self.wait()
         if self._error is not None:
             raise self._error
         return self._value

@@ -69,13 +69,9 @@ class SafetensorsReader:
         drops it soon (round to nearest): a private mapping of the file's bytes, so nothing is copied
         and the page cache's pages count in the resident set only while the tensor lives."""
         path, dtype, shape, start, end = self.entries[key]
-        width = DTYPES[dtype].itemsize
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        if end == start or (start - base) % width:  # nothing to map, or bytes the dtype cannot view in place
-            out = torch.empty((end - start) // width, dtype=DTYPES[dtype])
-            with open(path, "rb", buffering=0) as f:
-                _pread_into(f.fileno(), memoryview(out.view(torch.uint8).numpy()), start, path, key)
-            return out.reshape(shape)
+        if end == start or (start - base) % DTYPES[dtype].itemsize:  # nothing to map, or not viewable in place
+            return self._read_owned(key)
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size < end:
                 raise OSError(f"{path} ended while reading {key}")
@@ -87,20 +83,26 @@ class SafetensorsReader:
         """The tensor as float32, read straight into its own memory (f16 / bf16 through a small
         buffer, so a large weight costs its float32 size and no more)."""
         path, dtype, shape, start, end = self.entries[key]
+        if dtype == "F32":
+            return self._read_owned(key)
         width = DTYPES[dtype].itemsize
         out = torch.empty((end - start) // width, dtype=torch.float32)
+        step = READ_CHUNK // width * width
+        buffer = bytearray(min(step, end - start))
         with open(path, "rb", buffering=0) as f:
-            if dtype == "F32":
-                _pread_into(f.fileno(), memoryview(out.numpy()).cast("B"), start, path, key)
-            else:
-                step = READ_CHUNK // width * width
-                buffer = bytearray(min(step, end - start))
-                for offset in range(start, end, step):
-                    size = min(step, end - offset)
-                    _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
-                    first = (offset - start) // width
-                    out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype],
-                                                                        count=size // width)
+            for offset in range(start, end, step):
+                size = min(step, end - offset)
+                _pread_into(f.fileno(), memoryview(buffer)[:size], offset, path, key)
+                first = (offset - start) // width
+                out[first:first + size // width] = torch.frombuffer(buffer, dtype=DTYPES[dtype], count=size // width)
+        return out.reshape(shape)
+
+    def _read_owned(self, key: str) -> torch.Tensor:
+        """The tensor as stored, read (`pread`) into its own memory: a snapshot of the file."""
+        path, dtype, shape, start, end = self.entries[key]
+        out = torch.empty((end - start) // DTYPES[dtype].itemsize, dtype=DTYPES[dtype])
+        with open(path, "rb", buffering=0) as f:
+            _pread_into(f.fileno(), memoryview(out.view(torch.uint8).numpy()), start, path, key)
         return out.reshape(shape)
 
 
